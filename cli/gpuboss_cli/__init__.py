@@ -1,0 +1,1 @@
+"""gpuboss CLI."""

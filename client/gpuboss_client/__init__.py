@@ -1,0 +1,63 @@
+"""gpuboss client: lease GPU memory through Redis from any Python process.
+
+>>> boss = Boss.from_url("redis://localhost:6379/0", holder="tts")
+>>> with boss.lease(vram="8GiB", priority="high", timeout=30) as lease:
+...     os.environ.update(lease.env)
+"""
+
+from ._core import DeviceInfo, Lease, LeaseInfo, PoolStatus
+from .aio import AsyncBoss, AsyncLeaseContext
+from .errors import (
+    ERRORS,
+    AcquireTimeout,
+    BackendUnavailable,
+    BadRequest,
+    DeviceBusy,
+    DeviceNotFound,
+    GpubossError,
+    InsufficientVram,
+    LeaseLost,
+    LeaseNotFound,
+    LeaseNotHeld,
+    NotFound,
+    PoolNotFound,
+    ProtocolError,
+    RequestConflict,
+)
+from .keys import PoolKeys
+from .scripts import script_shas
+from .sync import Boss, LeaseContext
+from .units import PRIORITIES, parse_mib, parse_priority
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ERRORS",
+    "PRIORITIES",
+    "AcquireTimeout",
+    "AsyncBoss",
+    "AsyncLeaseContext",
+    "BackendUnavailable",
+    "BadRequest",
+    "Boss",
+    "DeviceBusy",
+    "DeviceInfo",
+    "DeviceNotFound",
+    "GpubossError",
+    "InsufficientVram",
+    "Lease",
+    "LeaseContext",
+    "LeaseInfo",
+    "LeaseLost",
+    "LeaseNotFound",
+    "LeaseNotHeld",
+    "NotFound",
+    "PoolKeys",
+    "PoolNotFound",
+    "PoolStatus",
+    "ProtocolError",
+    "RequestConflict",
+    "parse_mib",
+    "parse_priority",
+    "script_shas",
+]

@@ -1,0 +1,602 @@
+"""The logic of every operation, once, free of I/O.
+
+Each operation is a generator that yields :class:`Call` (run a script) or :class:`Command` (one
+plain Redis command), receives the reply, and finally returns its result. The sync and async
+clients are small loops that drive these generators with blocking or awaited I/O, so acquire's
+wait loop, the reply parsing and the self-fencing deadlines exist once.
+
+Time is a parameter (``clock``, monotonic seconds) so tests can step it; inside the scripts time
+is Redis ``TIME``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
+
+from .errors import (
+    AcquireTimeout,
+    BadRequest,
+    LeaseLost,
+    LeaseNotFound,
+    LeaseNotHeld,
+    ProtocolError,
+    error_for,
+)
+from .keys import POOLS, PoolKeys, valid_name, valid_pool
+from .units import parse_mib, parse_priority, parse_ttl_ms
+
+__all__ = [
+    "Call",
+    "Command",
+    "DeviceInfo",
+    "Lease",
+    "LeaseInfo",
+    "PoolStatus",
+]
+
+T = TypeVar("T")
+Clock: TypeAlias = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Run the Lua script ``script`` with the pool's keys and ``args``."""
+
+    script: str
+    keys: list[str]
+    args: list[str | int]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Run one plain Redis command (e.g. ``BLPOP`` on a wake list)."""
+
+    args: tuple[str | int | float, ...]
+
+
+Step: TypeAlias = Call | Command
+Op: TypeAlias = Generator[Step, Any, T]
+
+DEFAULT_TTL = 10.0
+DEFAULT_POOL = "default"
+_LIST_PAGE = 1000
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_reply(reply: Any, expected: frozenset[str]) -> tuple[str, dict[str, Any]]:
+    """Split ``{code, field, value, ...}``; raise the error a code names, or ProtocolError."""
+    if not isinstance(reply, list) or len(reply) % 2 != 1:
+        raise ProtocolError(f"malformed script reply: {reply!r}")
+    code = _text(reply[0])
+    fields = {
+        _text(k): v if isinstance(v, list | int) else _text(v)
+        for k, v in zip(reply[1::2], reply[2::2], strict=False)
+    }
+    if code in expected:
+        return code, fields
+    raise error_for(code, _text(fields.get("message", f"unexpected reply {code!r}")))
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=False)}
+
+
+def _opt_int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """A lease or a waiting request as Redis holds it (times in Redis ms)."""
+
+    id: str
+    pool: str
+    state: str
+    holder: str
+    holder_host: str
+    holder_pid: int
+    mib: int
+    priority: int
+    device: str | None
+    token: int | None
+    cuda_index: int | None
+    device_host: str | None
+    ttl_ms: int
+    expires_at_ms: int | None
+    requested_at_ms: int | None
+    granted_at_ms: int | None
+    ended_at_ms: int | None
+    reason: str | None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_fields(cls, pool: str, f: Mapping[str, str]) -> LeaseInfo:
+        try:
+            labels = json.loads(f.get("labels") or "{}")
+            return cls(
+                id=f["id"],
+                pool=pool,
+                state=f["state"],
+                holder=f["holder"],
+                holder_host=f.get("holder_host", ""),
+                holder_pid=int(f.get("holder_pid", 0)),
+                mib=int(f["mib"]),
+                priority=int(f["priority"]),
+                device=f.get("device") or f.get("want") or None,
+                token=_opt_int(f.get("token")),
+                cuda_index=_opt_int(f.get("cuda_index")),
+                device_host=f.get("device_host") or None,
+                ttl_ms=int(f["ttl_ms"]),
+                expires_at_ms=_opt_int(f.get("expires_at")),
+                requested_at_ms=_opt_int(f.get("requested_at")),
+                granted_at_ms=_opt_int(f.get("granted_at")),
+                ended_at_ms=_opt_int(f.get("ended_at")),
+                reason=f.get("reason") or None,
+                labels=labels if isinstance(labels, dict) else {},
+            )
+        except (KeyError, ValueError) as exc:
+            raise ProtocolError(f"malformed lease record: {dict(f)!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """A device and its memory accounting, in MiB."""
+
+    name: str
+    pool: str
+    host: str
+    cuda_index: int | None
+    total_mib: int
+    reserved_mib: int
+    unmanaged_mib: int
+    used_mib: int
+    leases: int
+
+    @property
+    def budget_mib(self) -> int:
+        """What may be leased: total - reserved - unmanaged."""
+        return self.total_mib - self.reserved_mib - self.unmanaged_mib
+
+    @property
+    def free_mib(self) -> int:
+        """Budget not leased now (negative when unmanaged use grew past it)."""
+        return self.budget_mib - self.used_mib
+
+    @classmethod
+    def from_fields(cls, pool: str, f: Mapping[str, str]) -> DeviceInfo:
+        try:
+            return cls(
+                name=f["name"],
+                pool=pool,
+                host=f.get("host", ""),
+                cuda_index=_opt_int(f.get("cuda_index")),
+                total_mib=int(f["total_mib"]),
+                reserved_mib=int(f["reserved_mib"]),
+                unmanaged_mib=int(f.get("unmanaged_mib", 0)),
+                used_mib=int(f.get("used_mib", 0)),
+                leases=int(f.get("leases", 0)),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ProtocolError(f"malformed device record: {dict(f)!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """One pool at one moment: its devices, and how many leases are granted and waiting."""
+
+    pool: str
+    now_ms: int
+    devices: list[DeviceInfo]
+    granted: int
+    queued: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pool": self.pool,
+            "now_ms": self.now_ms,
+            "granted": self.granted,
+            "queued": self.queued,
+            "devices": [
+                {
+                    "name": d.name,
+                    "host": d.host,
+                    "cuda_index": d.cuda_index,
+                    "total_mib": d.total_mib,
+                    "reserved_mib": d.reserved_mib,
+                    "unmanaged_mib": d.unmanaged_mib,
+                    "budget_mib": d.budget_mib,
+                    "used_mib": d.used_mib,
+                    "free_mib": d.free_mib,
+                    "leases": d.leases,
+                }
+                for d in self.devices
+            ],
+        }
+
+
+def fence_margin(ttl_s: float) -> float:
+    """How long before the server-side expiry a holder gives its lease up as lost."""
+    return min(0.2 * ttl_s, 2.0)
+
+
+def beat_interval(ttl_s: float) -> float:
+    """Seconds between heartbeats: three chances to renew before the local deadline."""
+    return ttl_s / 3
+
+
+class Lease:
+    """A lease this process holds.
+
+    ``token`` is the fencing token: it strictly increases per device, so a resource that can
+    check it can refuse a holder whose lease was taken over. ``lost`` turns true as soon as the
+    lease could not be renewed before its local deadline (shorter than the TTL), or Redis said it
+    ended; from then on, stop using the memory. :meth:`check` raises :class:`LeaseLost`.
+    """
+
+    def __init__(self, info: LeaseInfo, *, deadline: float, clock: Clock) -> None:
+        if info.device is None or info.token is None:
+            raise ProtocolError(f"lease {info.id} was granted without a device or token")
+        self.info = info
+        self.id = info.id
+        self.pool = info.pool
+        self.device: str = info.device
+        self.mib = info.mib
+        self.token: int = info.token
+        self.cuda_index = info.cuda_index
+        self.priority = info.priority
+        self.labels = info.labels
+        self.ttl_ms = info.ttl_ms
+        self._clock = clock
+        self._deadline = deadline
+        self._lost_reason: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.id} {self.mib} MiB on {self.pool}/{self.device} token={self.token}>"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a process using this lease: ``CUDA_VISIBLE_DEVICES`` and the lease."""
+        env = {"GPUBOSS_LEASE_ID": self.id, "GPUBOSS_LEASE_TOKEN": str(self.token)}
+        env["GPUBOSS_DEVICE"] = self.device
+        if self.cuda_index is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.cuda_index)
+        return env
+
+    @property
+    def deadline(self) -> float:
+        """Local (clock) time after which the lease counts as lost unless renewed."""
+        return self._deadline
+
+    @property
+    def lost(self) -> bool:
+        """Whether the lease is lost (or may be): stop using its memory."""
+        return self._lost_reason is not None or self._clock() >= self._deadline
+
+    @property
+    def lost_reason(self) -> str | None:
+        if self._lost_reason is None and self._clock() >= self._deadline:
+            return "not renewed before the local deadline"
+        return self._lost_reason
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the lease is lost."""
+        reason = self.lost_reason
+        if reason is not None:
+            raise LeaseLost(f"lease {self.id} is lost: {reason}", lease=self.id)
+
+    def _renewed(self, sent_at: float, info: LeaseInfo, now_ms: int) -> None:
+        # The server's expiry is at least (sent_at + its remaining lifetime) on our clock, since
+        # the script ran after we sent it; give up a margin before that.
+        remaining = ((info.expires_at_ms or now_ms) - now_ms) / 1000
+        self._deadline = sent_at + remaining - fence_margin(info.ttl_ms / 1000)
+        self.info = info
+
+    def _mark_lost(self, reason: str) -> None:
+        if self._lost_reason is None:
+            self._lost_reason = reason
+
+
+def _granted(pool: str, fields: Mapping[str, Any], sent_at: float, clock: Clock) -> Lease:
+    info = LeaseInfo.from_fields(pool, fields)
+    lease = Lease(info, deadline=0.0, clock=clock)
+    lease._renewed(sent_at, info, int(fields["now"]))
+    return lease
+
+
+def _lost(pool: str, fields: Mapping[str, Any]) -> LeaseLost:
+    info = LeaseInfo.from_fields(pool, fields)
+    why = info.state + (f" ({info.reason})" if info.reason else "")
+    return LeaseLost(f"lease {info.id} has ended: {why}", lease=info.id, state=info.state)
+
+
+def _check_pool(pool: str) -> PoolKeys:
+    if not valid_pool(pool):
+        raise BadRequest(f"pool must be 1-64 of [A-Za-z0-9_.-], not {pool!r}")
+    return PoolKeys(pool)
+
+
+def _check_name(what: str, name: str) -> str:
+    if not valid_name(name):
+        raise BadRequest(f"{what} must be 1-64 of [A-Za-z0-9_.:-], not {name!r}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds leases: a service name, plus host and pid."""
+
+    name: str
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not 1 <= len(self.name.encode()) <= 128:
+            raise BadRequest(f"holder must be a name of 1-128 bytes, not {self.name!r}")
+
+    @classmethod
+    def of(cls, name: str, host: str | None, pid: int | None) -> Holder:
+        """A holder, with this process's host and pid where not given."""
+        return cls(name, socket.gethostname() if host is None else host, os.getpid() if pid is None else pid)
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireRequest:
+    """A validated lease request."""
+
+    keys: PoolKeys
+    id: str
+    mib: int
+    priority: int
+    device: str
+    ttl_ms: int
+    timeout: float | None
+    labels: str
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        vram: int | str | None,
+        vram_gb: float | None,
+        priority: int | str,
+        device: str | None,
+        pool: str,
+        ttl: float,
+        timeout: float | None,
+        labels: Mapping[str, str] | None,
+        request_id: str | None,
+    ) -> AcquireRequest:
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+        ):
+            raise BadRequest(f"timeout must be None or seconds >= 0, not {timeout!r}")
+        text = json.dumps(dict(labels or {}), separators=(",", ":"), sort_keys=True)
+        if labels is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise BadRequest("labels must map str to str")
+        if len(text.encode()) > 4096:
+            raise BadRequest("labels must be at most 4096 bytes as JSON")
+        return cls(
+            keys=_check_pool(pool),
+            id=_check_name("request_id", request_id) if request_id is not None else secrets.token_hex(8),
+            mib=parse_mib(vram, vram_gb),
+            priority=parse_priority(priority),
+            device=_check_name("device", device) if device is not None else "",
+            ttl_ms=parse_ttl_ms(ttl),
+            timeout=timeout,
+            labels=text,
+        )
+
+
+_ACQUIRE = frozenset({"granted", "queued", "busy", "ended"})
+_CANCEL = frozenset({"cancelled", "granted", "ended"})
+_RELEASE = frozenset({"released", "ended"})
+_BEAT = frozenset({"ok", "ended"})
+_OK = frozenset({"ok"})
+
+
+def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
+    """Grant now, or wait in the queue until granted or ``req.timeout`` passes.
+
+    While queued, the waiter blocks on its own wake list, which the release that grants it pushes
+    to; it polls again at least every third of its TTL to stay in the queue.
+    """
+    pool = req.keys.pool
+    keys = req.keys.script_keys()
+    args: list[str | int] = [req.id, holder.name, holder.host, holder.pid, req.mib, req.priority]
+    args += [req.device, req.ttl_ms, req.labels, 0 if req.timeout == 0 else 1]
+    deadline = None if req.timeout is None else clock() + req.timeout
+    poll = beat_interval(req.ttl_ms / 1000)
+    while True:
+        sent = clock()
+        code, f = parse_reply((yield Call("acquire", keys, args)), _ACQUIRE)
+        if code == "granted":
+            return _granted(pool, f, sent, clock)
+        if code == "ended":
+            raise _lost(pool, f)
+        if code == "busy":
+            raise AcquireTimeout(f"{req.mib} MiB not free now in pool {pool}", lease=req.id)
+        wait = poll
+        if deadline is not None:
+            wait = min(wait, deadline - clock())
+        if f["position"] == 0 and f["next_expiry"] != "":
+            # The head of the queue wakes when the next lease expires, to reap it at once.
+            wait = min(wait, max(0.0, (int(f["next_expiry"]) - int(f["now"])) / 1000) + 0.002)
+        if wait <= 0:
+            sent = clock()
+            code, f = parse_reply((yield Call("cancel", keys, [req.id])), _CANCEL)
+            if code == "granted":
+                return _granted(pool, f, sent, clock)
+            raise AcquireTimeout(
+                f"{req.mib} MiB not granted in pool {pool} within {req.timeout} s", lease=req.id
+            )
+        yield Command(("BLPOP", req.keys.wake(req.id), max(wait, 0.001)))
+
+
+def release(lease: Lease) -> Op[None]:
+    """Release with the lease's token; raises LeaseLost if it had ended otherwise."""
+    keys = PoolKeys(lease.pool)
+    code, f = parse_reply((yield Call("release", keys.script_keys(), [lease.id, lease.token, 0])), _RELEASE)
+    if code == "ended":
+        lease._mark_lost(f"it had already ended: {f.get('state')}")
+        raise _lost(lease.pool, f)
+    lease._mark_lost("released")
+
+
+def heartbeat(lease: Lease, clock: Clock) -> Op[LeaseInfo]:
+    """Renew the lease and learn its state; marks it lost (and raises) if it has ended."""
+    keys = PoolKeys(lease.pool)
+    sent = clock()
+    try:
+        reply = yield Call("heartbeat", keys.script_keys(), [lease.id, lease.token, lease.ttl_ms])
+        code, f = parse_reply(reply, _BEAT)
+    except LeaseLost:
+        raise
+    except (LeaseNotFound, LeaseNotHeld) as exc:
+        lease._mark_lost(exc.message)
+        raise LeaseLost(f"lease {lease.id} is lost: {exc.message}", lease=lease.id) from exc
+    if code == "ended":
+        err = _lost(lease.pool, f)
+        lease._mark_lost(err.message)
+        raise err
+    info = LeaseInfo.from_fields(lease.pool, f)
+    lease._renewed(sent, info, int(f["now"]))
+    return info
+
+
+def force_release(lease_id: str, pool: str | None) -> Op[LeaseInfo]:
+    """Operator: end a lease (or waiter) without its token, whatever pool it is in."""
+    _check_name("lease id", lease_id)
+    pools = [pool] if pool is not None else sorted(_text(p) for p in (yield Command(("SMEMBERS", POOLS))))
+    for name in pools:
+        keys = _check_pool(name)
+        if pool is None and not (yield Command(("EXISTS", keys.lease(lease_id)))):
+            continue
+        _code, f = parse_reply((yield Call("release", keys.script_keys(), [lease_id, 0, 1])), _RELEASE)
+        return LeaseInfo.from_fields(name, f)
+    raise error_for("lease_not_found", f"no lease {lease_id} in any pool")
+
+
+def add_device(
+    name: str,
+    vram: int | str,
+    *,
+    reserved: int | str,
+    pool: str,
+    host: str | None,
+    cuda_index: int | None,
+) -> Op[bool]:
+    """Add or update a device; returns whether it was new."""
+    keys = _check_pool(pool)
+    _check_name("device name", name)
+    total = parse_mib(vram)
+    spare = 0 if reserved in (0, "0") else parse_mib(reserved)
+    if cuda_index is not None and (
+        isinstance(cuda_index, bool) or not isinstance(cuda_index, int) or cuda_index < 0
+    ):
+        raise BadRequest(f"cuda_index must be an int >= 0, not {cuda_index!r}")
+    host = socket.gethostname() if host is None else host
+    args: list[str | int] = [name, total, spare, host, -1 if cuda_index is None else cuda_index]
+    _code, f = parse_reply((yield Call("add_device", keys.script_keys(), args)), _OK)
+    yield Command(("SADD", POOLS, pool))
+    return bool(f["created"])
+
+
+def remove_device(name: str, *, pool: str, force: bool) -> Op[None]:
+    """Remove a device; with ``force``, its leases are force-released first."""
+    keys = _check_pool(pool)
+    _check_name("device name", name)
+    while True:
+        code, f = parse_reply(
+            (yield Call("remove_device", keys.script_keys(), [name, int(force)])),
+            frozenset({"ok", "partial"}),
+        )
+        if code == "ok":
+            break
+    if f["devices"] == 0:
+        yield Command(("SREM", POOLS, pool))
+
+
+def _pools(pool: str | None) -> Op[list[PoolKeys]]:
+    if pool is not None:
+        return [_check_pool(pool)]
+    return [PoolKeys(_text(p)) for p in sorted((yield Command(("SMEMBERS", POOLS))))]
+
+
+def status(pool: str | None) -> Op[list[PoolStatus]]:
+    """Devices, budgets and counts of one pool, or of every pool."""
+    out = []
+    for keys in (yield from _pools(pool)):
+        _, f = parse_reply((yield Call("devices", keys.script_keys(), [])), _OK)
+        devices = [DeviceInfo.from_fields(keys.pool, _pairs(d)) for d in f["devices"]]
+        queued = int(f["queued"])
+        out.append(PoolStatus(keys.pool, int(f["now"]), devices, int(f["live"]) - queued, queued))
+    return out
+
+
+def leases(pool: str | None) -> Op[list[LeaseInfo]]:
+    """Every live lease and waiter of one pool or all pools, soonest expiry first per pool."""
+    out: list[LeaseInfo] = []
+    for keys in (yield from _pools(pool)):
+        offset = 0
+        while True:
+            _, f = parse_reply((yield Call("leases", keys.script_keys(), [offset, _LIST_PAGE])), _OK)
+            page = [LeaseInfo.from_fields(keys.pool, _pairs(x)) for x in f["leases"] if x]
+            out += page
+            offset += _LIST_PAGE
+            if offset >= int(f["total"]):
+                break
+    return out
+
+
+def reap(pool: str | None) -> Op[int]:
+    """End expired leases and abandoned waiters now; returns how many went."""
+    total = 0
+    for keys in (yield from _pools(pool)):
+        while True:
+            _, f = parse_reply((yield Call("reap", keys.script_keys(), [1000])), _OK)
+            total += int(f["reaped"])
+            if not int(f["more"]):
+                break
+    return total
+
+
+def close(lease: Lease) -> Op[str | None]:
+    """Release a lease on leaving its context; returns why it was lost, or None if it was not."""
+    reason = lease.lost_reason
+    try:
+        yield from release(lease)
+    except (LeaseNotFound, LeaseNotHeld) as exc:
+        reason = reason or exc.message
+    return reason
+
+
+def next_beat(lease: Lease, failed: bool) -> float | None:
+    """Seconds until the next heartbeat, or None when the lease is lost and beating stops.
+
+    After a failed beat (Redis unreachable) it tries again sooner, until the local deadline.
+    """
+    if lease.lost:
+        return None
+    ttl = lease.ttl_ms / 1000
+    return min(beat_interval(ttl), 0.1 * ttl) if failed else beat_interval(ttl)
+
+
+def raise_if_lost(lease: Lease, reason: str | None, exc: BaseException | None) -> None:
+    """On leaving a lease's context: raise LeaseLost, or note the loss on the error in flight."""
+    if reason is None:
+        return
+    message = f"lease {lease.id} was lost while held: {reason}"
+    if exc is None:
+        raise LeaseLost(message, lease=lease.id)
+    exc.add_note(f"gpuboss: {message}")

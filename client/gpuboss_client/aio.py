@@ -1,0 +1,219 @@
+"""The asyncio client: :class:`AsyncBoss`, the same API as :class:`~gpuboss_client.Boss`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aioredis
+
+from . import _core as core
+from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, PoolStatus
+from .errors import BackendUnavailable, GpubossError, LeaseLost, ProtocolError
+from .scripts import NAMES, source
+
+__all__ = ["AsyncBoss", "AsyncLeaseContext"]
+
+log = logging.getLogger("gpuboss_client")
+T = TypeVar("T")
+
+
+class AsyncBoss:
+    """The asyncio twin of :class:`~gpuboss_client.Boss`: the same API, awaited.
+
+    ``holder`` names the service; host and pid are filled in. Every state change runs as one
+    atomic Lua script in Redis; this client only sends them and waits.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        holder: str,
+        host: str | None = None,
+        pid: int | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.redis = client
+        self.holder = Holder.of(holder, host, pid)
+        self._clock = clock
+        self._scripts = {name: client.register_script(source(name)) for name in NAMES}
+
+    @classmethod
+    def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> AsyncBoss:
+        """Connect to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``)."""
+        return cls(aioredis.Redis.from_url(url, decode_responses=True, **redis_kwargs), holder=holder)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncBoss:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self, op: Op[T]) -> T:
+        reply: Any = None
+        try:
+            while True:
+                step = op.send(reply)
+                try:
+                    if isinstance(step, Call):
+                        reply = await self._scripts[step.script](keys=step.keys, args=step.args)
+                    else:
+                        reply = await self.redis.execute_command(*step.args)  # type: ignore[no-untyped-call]
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
+                except redis.ResponseError as exc:
+                    raise ProtocolError(f"Redis refused a command: {exc}") from exc
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def acquire(
+        self,
+        vram: int | str | None = None,
+        *,
+        vram_gb: float | None = None,
+        priority: int | str = "normal",
+        device: str | None = None,
+        pool: str = core.DEFAULT_POOL,
+        ttl: float = core.DEFAULT_TTL,
+        timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> Lease:
+        """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.
+
+        Blocks until granted, or raises :class:`AcquireTimeout` after ``timeout`` seconds
+        (``0`` tries once, ``None`` waits for ever). The lease expires ``ttl`` seconds after the
+        last heartbeat: call :meth:`heartbeat`, or use :meth:`lease`, which beats for you.
+        Retrying with the same ``request_id`` never grants twice.
+        """
+        req = core.AcquireRequest.build(
+            vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
+            timeout=timeout, labels=labels, request_id=request_id,
+        )  # fmt: skip
+        return await self._run(core.acquire(req, self.holder, self._clock))
+
+    def lease(
+        self,
+        vram: int | str | None = None,
+        *,
+        vram_gb: float | None = None,
+        priority: int | str = "normal",
+        device: str | None = None,
+        pool: str = core.DEFAULT_POOL,
+        ttl: float = core.DEFAULT_TTL,
+        timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> AsyncLeaseContext:
+        """``async with boss.lease(...) as lease:`` acquires, heartbeats in a background task, and
+        releases on exit, exceptions included. If the lease is lost meanwhile, ``lease.lost``
+        turns true and :class:`LeaseLost` is raised on exit at the latest."""
+        req = core.AcquireRequest.build(
+            vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
+            timeout=timeout, labels=labels, request_id=request_id,
+        )  # fmt: skip
+        return AsyncLeaseContext(self, req)
+
+    async def release(self, lease: Lease) -> None:
+        """Release a lease; raises :class:`LeaseLost` if it had already ended otherwise."""
+        await self._run(core.release(lease))
+
+    async def heartbeat(self, lease: Lease) -> LeaseInfo:
+        """Renew a lease for another TTL and return its state; raises LeaseLost if it ended."""
+        return await self._run(core.heartbeat(lease, self._clock))
+
+    async def add_device(
+        self,
+        name: str,
+        vram: int | str,
+        *,
+        reserved: int | str = 0,
+        pool: str = core.DEFAULT_POOL,
+        host: str | None = None,
+        cuda_index: int | None = None,
+    ) -> bool:
+        """Add a device of ``vram`` (``reserved`` of it never leased), or update it; True if new."""
+        return await self._run(
+            core.add_device(name, vram, reserved=reserved, pool=pool, host=host, cuda_index=cuda_index)
+        )
+
+    async def remove_device(self, name: str, *, pool: str = core.DEFAULT_POOL, force: bool = False) -> None:
+        """Remove a device; refused with :class:`DeviceBusy` while it has leases, unless forced."""
+        await self._run(core.remove_device(name, pool=pool, force=force))
+
+    async def devices(self, pool: str | None = None) -> list[DeviceInfo]:
+        """Devices of ``pool``, or of every pool."""
+        return [d for s in await self.status(pool) for d in s.devices]
+
+    async def leases(self, pool: str | None = None) -> list[LeaseInfo]:
+        """Live leases and waiting requests of ``pool``, or of every pool."""
+        return await self._run(core.leases(pool))
+
+    async def status(self, pool: str | None = None) -> list[PoolStatus]:
+        """Per pool: devices with budgets and usage, granted and queued counts."""
+        return await self._run(core.status(pool))
+
+    async def force_release(self, lease_id: str, pool: str | None = None) -> LeaseInfo:
+        """Operator: end a lease or waiter without its token (searching every pool if needed)."""
+        return await self._run(core.force_release(lease_id, pool))
+
+    async def reap(self, pool: str | None = None) -> int:
+        """End expired leases and abandoned waiters now; returns how many."""
+        return await self._run(core.reap(pool))
+
+
+class AsyncLeaseContext:
+    """The async context manager :meth:`AsyncBoss.lease` returns."""
+
+    def __init__(self, boss: AsyncBoss, req: core.AcquireRequest) -> None:
+        self._boss = boss
+        self._req = req
+        self._task: asyncio.Task[None] | None = None
+        self.lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        lease = await self._boss._run(core.acquire(self._req, self._boss.holder, self._boss._clock))
+        self.lease = lease
+        self._task = asyncio.create_task(self._beat(lease), name=f"gpuboss-heartbeat-{lease.id}")
+        return lease
+
+    async def _beat(self, lease: Lease) -> None:
+        wait = core.next_beat(lease, failed=False)
+        while wait is not None:
+            await asyncio.sleep(wait)
+            failed = False
+            try:
+                await self._boss.heartbeat(lease)
+            except LeaseLost as exc:
+                log.warning("%s", exc)
+                return
+            except GpubossError as exc:
+                log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
+                failed = True
+            wait = core.next_beat(lease, failed)
+        log.warning("lease %s is lost: %s", lease.id, lease.lost_reason)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self.lease is not None
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        try:
+            reason = await self._boss._run(core.close(self.lease))
+        except BackendUnavailable as err:
+            log.warning("could not release lease %s (it expires by itself): %s", self.lease.id, err)
+            reason = self.lease.lost_reason
+        core.raise_if_lost(self.lease, reason, exc)

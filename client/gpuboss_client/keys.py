@@ -1,0 +1,94 @@
+"""The Redis key layout, spelled in this one place.
+
+Every key of a pool carries the pool as a hash tag, so each script touches one slot and a Redis
+Cluster can spread pools over nodes. The layout version sits in every key so it can change safely.
+
+=====================================  =======  ============================================
+key                                    type     holds
+=====================================  =======  ============================================
+``gpuboss:pools``                      set      names of pools that have devices
+``gpuboss:{pool}:v1:devices``          set      device names of the pool
+``gpuboss:{pool}:v1:device:<name>``    hash     total/reserved/unmanaged/used MiB, host, ...
+``gpuboss:{pool}:v1:device:<n>:leases`` set     ids of the leases granted on that device
+``gpuboss:{pool}:v1:lease:<id>``       hash     one lease or waiter: state, holder, mib, ...
+``gpuboss:{pool}:v1:queue``            zset     waiters; score (100 - priority) * 2^40 + seq
+``gpuboss:{pool}:v1:expiry``           zset     live leases and waiters by expiry (ms)
+``gpuboss:{pool}:v1:wake:<id>``        list     a waiter blocks here until it is granted
+``gpuboss:{pool}:v1:events``           stream   capped log of every transition
+``gpuboss:{pool}:v1:seq``              string   arrival order and fencing tokens
+=====================================  =======  ============================================
+
+The Lua scripts receive :meth:`PoolKeys.script_keys` as ``KEYS`` and build the per-lease and
+per-device keys from its first entry, the pool prefix, exactly as the methods below do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["POOLS", "ROOT", "SCHEMA", "PoolKeys", "valid_name", "valid_pool"]
+
+ROOT = "gpuboss"
+SCHEMA = "v1"
+POOLS = f"{ROOT}:pools"
+
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_POOL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may be a lease id or device name (1-64 of ``[A-Za-z0-9_.:-]``)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def valid_pool(pool: str) -> bool:
+    """Whether ``pool`` may name a pool (1-64 of ``[A-Za-z0-9_.-]``)."""
+    return isinstance(pool, str) and _POOL.fullmatch(pool) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKeys:
+    """The keys of one pool."""
+
+    pool: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{ROOT}:{{{self.pool}}}:{SCHEMA}:"
+
+    @property
+    def devices(self) -> str:
+        return self.prefix + "devices"
+
+    @property
+    def queue(self) -> str:
+        return self.prefix + "queue"
+
+    @property
+    def expiry(self) -> str:
+        return self.prefix + "expiry"
+
+    @property
+    def events(self) -> str:
+        return self.prefix + "events"
+
+    @property
+    def seq(self) -> str:
+        return self.prefix + "seq"
+
+    def device(self, name: str) -> str:
+        return f"{self.prefix}device:{name}"
+
+    def device_leases(self, name: str) -> str:
+        return f"{self.prefix}device:{name}:leases"
+
+    def lease(self, lease_id: str) -> str:
+        return f"{self.prefix}lease:{lease_id}"
+
+    def wake(self, lease_id: str) -> str:
+        return f"{self.prefix}wake:{lease_id}"
+
+    def script_keys(self) -> list[str]:
+        """``KEYS`` for every script, in the order ``lua/_common.lua`` declares."""
+        return [self.prefix, self.devices, self.queue, self.expiry, self.events, self.seq]

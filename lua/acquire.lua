@@ -1,0 +1,113 @@
+-- acquire: grant a lease now, or queue it (priority, then arrival), or re-poll a queued request.
+-- Idempotent per lease id: the same id never grants twice; a retry returns what the first call got.
+-- KEYS: the pool's keys (see _common.lua).
+-- ARGV[1] id           string  lease id chosen by the caller (also its request id)
+-- ARGV[2] holder       string  service name
+-- ARGV[3] holder_host  string  host the holder runs on
+-- ARGV[4] holder_pid   int     process id of the holder
+-- ARGV[5] mib          int     VRAM in MiB, 1..2^24
+-- ARGV[6] priority     int     0..100, higher wins
+-- ARGV[7] want         string  device name, or "" for best fit within the pool
+-- ARGV[8] ttl_ms       int     lease (and queue entry) lifetime without a heartbeat, ms
+-- ARGV[9] labels       string  JSON object, opaque to the scripts
+-- ARGV[10] wait        "1"|"0" queue the request if it does not fit now, or just answer busy
+-- Replies: {"granted", now, <lease>} | {"queued", now, <lease>, position, next_expiry}
+--        | {"busy", now} | {"ended", now, <lease>}: the lease this id got has already ended
+--        | bad_request | pool_not_found | device_not_found | insufficient_vram | request_conflict
+local id, holder, holder_host = ARGV[1], ARGV[2], ARGV[3]
+local holder_pid = int_arg(ARGV[4], 0, 4294967295)
+local mib = int_arg(ARGV[5], 1, MAX_MIB)
+local priority = int_arg(ARGV[6], 0, 100)
+local want = ARGV[7]
+local ttl_ms = int_arg(ARGV[8], 1, MAX_TTL_MS)
+local labels = ARGV[9]
+local wait = ARGV[10] == '1'
+
+if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of [A-Za-z0-9_.:-]') end
+if #holder < 1 or #holder > 128 then return fail('bad_request', 'holder must be 1-128 bytes') end
+if #holder_host > 255 or holder_pid == nil then return fail('bad_request', 'bad holder host or pid') end
+if mib == nil then return fail('bad_request', 'mib must be an integer from 1 to ' .. MAX_MIB) end
+if priority == nil then return fail('bad_request', 'priority must be an integer from 0 to 100') end
+if want ~= '' and not valid_name(want) then return fail('bad_request', 'bad device name') end
+if ttl_ms == nil then return fail('bad_request', 'ttl_ms must be an integer from 1 to ' .. MAX_TTL_MS) end
+if #labels > 4096 then return fail('bad_request', 'labels must be at most 4096 bytes') end
+
+local now = now_ms()
+local dirty = reap(now, REAP_LIMIT) > 0
+local key = lease_key(id)
+
+local function queued_reply()
+  local reply = lease_reply('queued', id, now)
+  local head = redis.call('ZRANGE', K_EXPIRY, 0, 0, 'WITHSCORES')
+  reply[#reply + 1] = 'position'
+  reply[#reply + 1] = redis.call('ZRANK', K_QUEUE, id)
+  reply[#reply + 1] = 'next_expiry'
+  reply[#reply + 1] = head[2] or ''
+  return reply
+end
+
+local l = load_lease(id)
+if l then
+  if l.holder ~= holder or l.mib ~= mib then
+    return fail('request_conflict', 'lease id ' .. id .. ' belongs to another request')
+  end
+  if expire_if_due(l, now) then dirty = true end
+  if l.state ~= 'abandoned' then
+    if l.state == 'queued' and redis.call('SISMEMBER', K_DEVICES, l.want) == 0 and l.want ~= '' then
+      end_lease(l, 'cancelled', now, 'device_removed')
+      return fail('device_not_found', 'device ' .. l.want .. ' was removed')
+    end
+    if dirty then settle_all(now) end
+    l = load_lease(id)
+    if TERMINAL[l.state] then return lease_reply('ended', id, now) end
+    if l.state ~= 'queued' then
+      redis.call('DEL', wake_key(id))
+      return lease_reply('granted', id, now)
+    end
+    local expires_at = now + ttl_ms
+    redis.call('HSET', key, 'expires_at', int(expires_at))
+    redis.call('ZADD', K_EXPIRY, int(expires_at), id)
+    return queued_reply()
+  end
+  -- It stopped polling and lost its place; it queues anew below.
+  redis.call('DEL', key)
+end
+
+local devs = load_devices()
+if #devs == 0 then return fail('pool_not_found', 'the pool has no devices') end
+if want ~= '' and redis.call('SISMEMBER', K_DEVICES, want) == 0 then
+  return fail('device_not_found', 'no device ' .. want .. ' in this pool')
+end
+local cands = candidates(devs, want, mib)
+if #cands == 0 then
+  local largest = 0
+  for _, d in ipairs(devs) do
+    if (want == '' or want == d.name) and d.budget > largest then largest = d.budget end
+  end
+  return fail('insufficient_vram', mib .. ' MiB can never fit: the largest budget is ' .. largest .. ' MiB')
+end
+
+if dirty then settle_all(now) end
+-- Waiters ahead of this request: every one of priority >= its own (it would queue behind them).
+local blocked, partial = settle(now, devs, '(' .. int((101 - priority) * PRIO_SPAN))
+local dev = nil
+if not partial then dev = best_fit(cands, blocked, mib) end
+
+local fields = {'id', id, 'holder', holder, 'holder_host', holder_host, 'holder_pid', holder_pid,
+                'mib', mib, 'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'labels', labels,
+                'requested_at', int(now)}
+if dev then
+  redis.call('HSET', key, unpack(fields))
+  grant({id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new'},
+        dev, now)
+  return lease_reply('granted', id, now)
+end
+if not wait then return {'busy', 'now', now} end
+
+local seq = redis.call('INCR', K_SEQ)
+local expires_at = now + ttl_ms
+redis.call('HSET', key, 'state', 'queued', 'seq', seq, 'expires_at', int(expires_at), unpack(fields))
+redis.call('ZADD', K_QUEUE, int((100 - priority) * PRIO_SPAN + seq), id)
+redis.call('ZADD', K_EXPIRY, int(expires_at), id)
+event('queued', {'lease', id, 'holder', holder, 'mib', mib, 'priority', priority, 'want', want})
+return queued_reply()

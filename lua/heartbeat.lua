@@ -1,0 +1,32 @@
+-- heartbeat: push a lease's expiry forward and tell the holder the lease's true state.
+-- KEYS: the pool's keys (see _common.lua).
+-- ARGV[1] id      string  lease id
+-- ARGV[2] token   int     the lease's fencing token
+-- ARGV[3] ttl_ms  int     new lifetime from now, ms
+-- Replies: {"ok", now, <lease>} | {"ended", now, <lease>}: it ended (expired, revoked, ...)
+--        | bad_request | lease_not_found | lease_not_held
+local id = ARGV[1]
+local token = int_arg(ARGV[2], 0, 9007199254740991)
+local ttl_ms = int_arg(ARGV[3], 1, MAX_TTL_MS)
+if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of [A-Za-z0-9_.:-]') end
+if token == nil then return fail('bad_request', 'token must be a non-negative integer') end
+if ttl_ms == nil then return fail('bad_request', 'ttl_ms must be an integer from 1 to ' .. MAX_TTL_MS) end
+
+local now = now_ms()
+local dirty = reap(now, REAP_LIMIT) > 0
+local l = load_lease(id)
+if l == nil then
+  if dirty then settle_all(now) end
+  return fail('lease_not_found', 'no lease ' .. id)
+end
+if tonumber(l.token) ~= token then
+  if dirty then settle_all(now) end
+  return fail('lease_not_held', 'lease ' .. id .. ' is not held with token ' .. ARGV[2])
+end
+if expire_if_due(l, now) then dirty = true end
+if dirty then settle_all(now) end
+if TERMINAL[l.state] then return lease_reply('ended', id, now) end
+local expires_at = now + ttl_ms
+redis.call('HSET', lease_key(id), 'expires_at', int(expires_at), 'ttl_ms', ttl_ms)
+redis.call('ZADD', K_EXPIRY, int(expires_at), id)
+return lease_reply('ok', id, now)

@@ -1,0 +1,37 @@
+-- remove_device: take a device out of the pool. Refused while it has leases, unless forced:
+-- then its leases are force-released, at most 256 per call ("partial": call again).
+-- Waiters that named the device are cancelled and woken.
+-- KEYS: the pool's keys (see _common.lua).
+-- ARGV[1] name   string  device id
+-- ARGV[2] force  "1"|"0"
+-- Replies: {"ok", "now", now, "devices", n_left} | {"partial", "now", now, "remaining", n}
+--        | bad_request | device_not_found | device_busy
+local name, force = ARGV[1], ARGV[2] == '1'
+if not valid_name(name) then return fail('bad_request', 'device name must be 1-64 of [A-Za-z0-9_.:-]') end
+
+local now = now_ms()
+local dirty = reap(now, REAP_LIMIT) > 0
+if redis.call('SISMEMBER', K_DEVICES, name) == 0 then
+  if dirty then settle_all(now) end
+  return fail('device_not_found', 'no device ' .. name .. ' in this pool')
+end
+local lkey = device_leases_key(name)
+local live = redis.call('SCARD', lkey)
+if live > 0 and not force then
+  if dirty then settle_all(now) end
+  return fail('device_busy', 'device ' .. name .. ' has ' .. live .. ' live leases (force to remove)')
+end
+for _, id in ipairs(redis.call('SRANDMEMBER', lkey, 256)) do
+  local l = load_lease(id)
+  if l then end_lease(l, 'force_released', now, 'device_removed') else redis.call('SREM', lkey, id) end
+end
+local remaining = redis.call('SCARD', lkey)
+if remaining > 0 then
+  settle_all(now)
+  return {'partial', 'now', now, 'remaining', remaining}
+end
+redis.call('DEL', device_key(name), lkey)
+redis.call('SREM', K_DEVICES, name)
+event('device_removed', {'device', name})
+settle_all(now)
+return {'ok', 'now', now, 'devices', redis.call('SCARD', K_DEVICES)}

@@ -19,6 +19,7 @@ local EVENTS_MAXLEN = 10000 -- about this many events are kept per pool
 local LINGER_MS = 120000 -- an ended lease stays readable this long, so retries and beats learn its fate
 local WALK_LIMIT = 64 -- queue entries one call examines at most
 local REAP_LIMIT = 64 -- expired entries one call reaps in passing
+local QUEUE_SCAN = 256 -- waiters an operator's device removal looks at
 local PRIO_SPAN = 1099511627776 -- 2^40: arrival seqs per priority band
 local MAX_MIB = 16777216 -- 16 TiB
 local MAX_TTL_MS = 86400000 -- one day
@@ -65,12 +66,22 @@ local function load_lease(id)
   return l
 end
 
--- {code, 'now', now, <every field of the lease hash>}
+-- {code, 'now', now, <every field of the lease hash>}: for listings and operators.
 local function lease_reply(code, id, now)
   local reply = {code, 'now', now}
   local flat = redis.call('HGETALL', lease_key(id))
   for i = 1, #flat do reply[#reply + 1] = flat[i] end
   return reply
+end
+
+-- What a holder needs of its grant beyond what it asked for (the request fields must match).
+local function grant_reply(code, l, now)
+  return {code, 'now', now, 'state', l.state, 'device', l.device, 'token', l.token,
+          'expires_at', l.expires_at, 'cuda_index', l.cuda_index, 'device_host', l.device_host}
+end
+
+local function ended_reply(l, now)
+  return {'ended', 'now', now, 'state', l.state, 'reason', l.reason or ''}
 end
 
 local TERMINAL = {released = true, expired = true, revoked = true, force_released = true,
@@ -117,13 +128,15 @@ local function grant(l, dev, now)
   redis.call('HINCRBY', dkey, 'used_mib', l.mib)
   redis.call('SADD', device_leases_key(dev.name), l.id)
   dev.used = dev.used + l.mib
-  local expires_at = now + tonumber(l.ttl_ms)
+  local expires_at = int(now + tonumber(l.ttl_ms))
+  -- A new request's own fields come along, so its hash is written once.
   redis.call('HSET', lease_key(l.id), 'state', 'active', 'device', dev.name, 'token', token,
-             'granted_at', int(now), 'expires_at', int(expires_at), 'cuda_index', dev.cuda_index,
-             'device_host', dev.host)
-  redis.call('ZADD', K_EXPIRY, int(expires_at), l.id)
+             'granted_at', int(now), 'expires_at', expires_at, 'cuda_index', dev.cuda_index,
+             'device_host', dev.host, unpack(l.fields or {}))
+  redis.call('ZADD', K_EXPIRY, expires_at, l.id)
   if l.state == 'queued' then redis.call('ZREM', K_QUEUE, l.id) end
-  l.state = 'active'
+  l.state, l.device, l.token, l.expires_at = 'active', dev.name, token, expires_at
+  l.cuda_index, l.device_host = dev.cuda_index, dev.host
   event('granted', {'lease', l.id, 'holder', l.holder, 'device', dev.name, 'mib', l.mib,
                     'priority', l.priority, 'token', token})
 end
@@ -147,7 +160,7 @@ local function end_lease(l, state, now, reason)
   redis.call('HSET', key, 'state', state, 'ended_at', int(now), 'reason', reason or '')
   redis.call('PEXPIRE', key, LINGER_MS)
   local was = l.state
-  l.state = state
+  l.state, l.reason = state, reason
   local fields = {'lease', l.id, 'holder', l.holder, 'mib', l.mib, 'priority', l.priority}
   if was ~= 'queued' then
     fields[#fields + 1] = 'device'
@@ -183,13 +196,16 @@ local function expire_if_due(l, now)
   return false
 end
 
--- Walk the queue in order (priority, then arrival) up to `bound` (a score, exclusive), granting
+-- Walk the queue in order (priority, then arrival) up to `bound` (a score bound), granting
 -- every waiter that fits on a device that no waiter ahead of it could use. A waiter that does not
 -- fit blocks its candidate devices for everyone behind it: nobody jumps the queue on memory that
--- an earlier waiter is waiting for. Returns the blocked set and whether the walk ended early.
+-- an earlier waiter is waiting for. `devs` may be nil: they are loaded only if anyone waits.
+-- Returns the blocked set and whether the walk ended early.
 local function settle(now, devs, bound)
   local ids = redis.call('ZRANGEBYSCORE', K_QUEUE, '-inf', bound, 'LIMIT', 0, WALK_LIMIT)
   local blocked, nblocked = {}, 0
+  if #ids == 0 then return blocked, false end
+  if devs == nil then devs = load_devices() end
   for _, id in ipairs(ids) do
     if nblocked >= #devs then return blocked, true end
     local l = load_lease(id)
@@ -219,4 +235,4 @@ local function settle(now, devs, bound)
   return blocked, #ids >= WALK_LIMIT or nblocked >= #devs
 end
 
-local function settle_all(now) settle(now, load_devices(), '+inf') end
+local function settle_all(now) settle(now, nil, '+inf') end

@@ -11,9 +11,14 @@
 -- ARGV[8] ttl_ms       int     lease (and queue entry) lifetime without a heartbeat, ms
 -- ARGV[9] labels       string  JSON object, opaque to the scripts
 -- ARGV[10] wait        "1"|"0" queue the request if it does not fit now, or just answer busy
--- Replies: {"granted", now, <lease>} | {"queued", now, <lease>, position, next_expiry}
---        | {"busy", now} | {"ended", now, <lease>}: the lease this id got has already ended
---        | bad_request | pool_not_found | device_not_found | insufficient_vram | request_conflict
+-- Replies: {"granted", "now", now, "state", s, "device", d, "token", t, "expires_at", ms,
+--           "cuda_index", i, "device_host", h}
+--        | {"queued", "now", now, "position", rank, "next_expiry", ms or ""}: next_expiry is the
+--          soonest expiry in the pool, when the head of the queue should look again
+--        | {"busy", "now", now}: does not fit now and wait is "0"
+--        | {"ended", "now", now, "state", s, "reason", r}: the lease this id got has ended
+--        | bad_request | pool_not_found | device_not_found (also to a waiter whose device went)
+--        | insufficient_vram | request_conflict
 local id, holder, holder_host = ARGV[1], ARGV[2], ARGV[3]
 local holder_pid = int_arg(ARGV[4], 0, 4294967295)
 local mib = int_arg(ARGV[5], 1, MAX_MIB)
@@ -37,32 +42,32 @@ local dirty = reap(now, REAP_LIMIT) > 0
 local key = lease_key(id)
 
 local function queued_reply()
-  local reply = lease_reply('queued', id, now)
   local head = redis.call('ZRANGE', K_EXPIRY, 0, 0, 'WITHSCORES')
-  reply[#reply + 1] = 'position'
-  reply[#reply + 1] = redis.call('ZRANK', K_QUEUE, id)
-  reply[#reply + 1] = 'next_expiry'
-  reply[#reply + 1] = head[2] or ''
-  return reply
+  return {'queued', 'now', now, 'position', redis.call('ZRANK', K_QUEUE, id), 'next_expiry', head[2] or ''}
 end
 
 local l = load_lease(id)
 if l then
-  if l.holder ~= holder or l.mib ~= mib then
+  if l.holder ~= holder or l.mib ~= mib or l.priority ~= priority or l.want ~= want
+      or tonumber(l.ttl_ms) ~= ttl_ms or l.labels ~= labels then
     return fail('request_conflict', 'lease id ' .. id .. ' belongs to another request')
   end
   if expire_if_due(l, now) then dirty = true end
   if l.state ~= 'abandoned' then
-    if l.state == 'queued' and redis.call('SISMEMBER', K_DEVICES, l.want) == 0 and l.want ~= '' then
+    if l.state == 'queued' and (l.want ~= '' and redis.call('SISMEMBER', K_DEVICES, l.want) == 0
+                                or redis.call('SCARD', K_DEVICES) == 0) then
       end_lease(l, 'cancelled', now, 'device_removed')
-      return fail('device_not_found', 'device ' .. l.want .. ' was removed')
+    end
+    if l.state == 'cancelled' and l.reason == 'device_removed' then
+      if dirty then settle_all(now) end
+      return fail('device_not_found', 'the device this request waited for was removed')
     end
     if dirty then settle_all(now) end
     l = load_lease(id)
-    if TERMINAL[l.state] then return lease_reply('ended', id, now) end
+    if TERMINAL[l.state] then return ended_reply(l, now) end
     if l.state ~= 'queued' then
       redis.call('DEL', wake_key(id))
-      return lease_reply('granted', id, now)
+      return grant_reply('granted', l, now)
     end
     local expires_at = now + ttl_ms
     redis.call('HSET', key, 'expires_at', int(expires_at))
@@ -73,6 +78,8 @@ if l then
   redis.call('DEL', key)
 end
 
+-- Waiters ahead of this request take reaped memory first, and the devices are read after that.
+if dirty then settle_all(now) end
 local devs = load_devices()
 if #devs == 0 then return fail('pool_not_found', 'the pool has no devices') end
 if want ~= '' and redis.call('SISMEMBER', K_DEVICES, want) == 0 then
@@ -87,7 +94,6 @@ if #cands == 0 then
   return fail('insufficient_vram', mib .. ' MiB can never fit: the largest budget is ' .. largest .. ' MiB')
 end
 
-if dirty then settle_all(now) end
 -- Waiters ahead of this request: every one of priority >= its own (it would queue behind them).
 local blocked, partial = settle(now, devs, '(' .. int((101 - priority) * PRIO_SPAN))
 local dev = nil
@@ -97,10 +103,10 @@ local fields = {'id', id, 'holder', holder, 'holder_host', holder_host, 'holder_
                 'mib', mib, 'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'labels', labels,
                 'requested_at', int(now)}
 if dev then
-  redis.call('HSET', key, unpack(fields))
-  grant({id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new'},
-        dev, now)
-  return lease_reply('granted', id, now)
+  l = {id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new',
+       fields = fields}
+  grant(l, dev, now)
+  return grant_reply('granted', l, now)
 end
 if not wait then return {'busy', 'now', now} end
 

@@ -3,7 +3,8 @@
 -- ARGV[1] id      string  lease id
 -- ARGV[2] token   int     the lease's fencing token
 -- ARGV[3] ttl_ms  int     new lifetime from now, ms
--- Replies: {"ok", now, <lease>} | {"ended", now, <lease>}: it ended (expired, revoked, ...)
+-- Replies: {"ok", "now", now, "state", s, "expires_at", ms}
+--        | {"ended", "now", now, "state", s, "reason", r}: it ended (expired, revoked, ...)
 --        | bad_request | lease_not_found | lease_not_held
 local id = ARGV[1]
 local token = int_arg(ARGV[2], 0, 9007199254740991)
@@ -25,8 +26,8 @@ if tonumber(l.token) ~= token then
 end
 if expire_if_due(l, now) then dirty = true end
 if dirty then settle_all(now) end
-if TERMINAL[l.state] then return lease_reply('ended', id, now) end
-local expires_at = now + ttl_ms
-redis.call('HSET', lease_key(id), 'expires_at', int(expires_at), 'ttl_ms', ttl_ms)
-redis.call('ZADD', K_EXPIRY, int(expires_at), id)
-return lease_reply('ok', id, now)
+if TERMINAL[l.state] then return ended_reply(l, now) end
+local expires_at = int(now + ttl_ms)
+redis.call('HSET', lease_key(id), 'expires_at', expires_at, 'ttl_ms', ttl_ms)
+redis.call('ZADD', K_EXPIRY, expires_at, id)
+return {'ok', 'now', now, 'state', l.state, 'expires_at', expires_at}

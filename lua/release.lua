@@ -4,8 +4,9 @@
 -- ARGV[1] id     string  lease id
 -- ARGV[2] token  int     the lease's fencing token (ignored when forced)
 -- ARGV[3] force  "1"|"0" operator force-release
--- Replies: {"released", now, <lease>}: released now, or already by this token (a retry)
---        | {"ended", now, <lease>}: it had already ended otherwise (expired, revoked, ...)
+-- Replies: {"released", "now", now}: released now, or already by this token (a retry); when
+--          forced, followed by every field of the lease hash
+--        | {"ended", "now", now, "state", s, "reason", r}: it had already ended otherwise
 --        | bad_request | lease_not_found | lease_not_held
 local id, force = ARGV[1], ARGV[3] == '1'
 local token = int_arg(ARGV[2], 0, 9007199254740991)
@@ -26,11 +27,13 @@ end
 if expire_if_due(l, now) then dirty = true end
 if TERMINAL[l.state] then
   if dirty then settle_all(now) end
-  if l.state == 'released' then return lease_reply('released', id, now) end
-  return lease_reply('ended', id, now)
+  if force then return lease_reply('released', id, now) end
+  if l.state == 'released' then return {'released', 'now', now} end
+  return ended_reply(l, now)
 end
 local was_queued = l.state == 'queued'
 end_lease(l, force and 'force_released' or 'released', now, force and 'operator' or nil)
 if was_queued then wake(id, tonumber(l.ttl_ms)) end
 settle_all(now)
-return lease_reply('released', id, now)
+if force then return lease_reply('released', id, now) end
+return {'released', 'now', now}

@@ -1,6 +1,6 @@
 -- remove_device: take a device out of the pool. Refused while it has leases, unless forced:
 -- then its leases are force-released, at most 256 per call ("partial": call again).
--- Waiters that named the device are cancelled and woken.
+-- Waiters that named the device (all waiters, when it was the last) are cancelled and woken.
 -- KEYS: the pool's keys (see _common.lua).
 -- ARGV[1] name   string  device id
 -- ARGV[2] force  "1"|"0"
@@ -33,5 +33,15 @@ end
 redis.call('DEL', device_key(name), lkey)
 redis.call('SREM', K_DEVICES, name)
 event('device_removed', {'device', name})
+-- Waiters that named it (or any waiter, once the pool is empty) are cancelled and woken; past
+-- the first QUEUE_SCAN of the queue they learn it at their next poll.
+local left = redis.call('SCARD', K_DEVICES)
+for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 0, QUEUE_SCAN - 1)) do
+  local l = load_lease(id)
+  if l and (l.want == name or left == 0) then
+    end_lease(l, 'cancelled', now, 'device_removed')
+    wake(id, tonumber(l.ttl_ms))
+  end
+end
 settle_all(now)
-return {'ok', 'now', now, 'devices', redis.call('SCARD', K_DEVICES)}
+return {'ok', 'now', now, 'devices', left}

@@ -11,6 +11,7 @@ is Redis ``TIME``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -305,17 +306,41 @@ class Lease:
             self._lost_reason = reason
 
 
-def _granted(pool: str, fields: Mapping[str, Any], sent_at: float, clock: Clock) -> Lease:
-    info = LeaseInfo.from_fields(pool, fields)
+def _granted(req: AcquireRequest, holder: Holder, f: Mapping[str, Any], sent: float, clock: Clock) -> Lease:
+    # The reply carries what the grant decided; the rest is the request, which the script
+    # checked is identical for a retried id.
+    try:
+        info = LeaseInfo(
+            id=req.id,
+            pool=req.keys.pool,
+            state=f["state"],
+            holder=holder.name,
+            holder_host=holder.host,
+            holder_pid=holder.pid,
+            mib=req.mib,
+            priority=req.priority,
+            device=f["device"],
+            token=int(f["token"]),
+            cuda_index=_opt_int(f["cuda_index"]),
+            device_host=f["device_host"] or None,
+            ttl_ms=req.ttl_ms,
+            expires_at_ms=int(f["expires_at"]),
+            requested_at_ms=None,
+            granted_at_ms=None,
+            ended_at_ms=None,
+            reason=None,
+            labels=json.loads(req.labels),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ProtocolError(f"malformed grant reply: {dict(f)!r}") from exc
     lease = Lease(info, deadline=0.0, clock=clock)
-    lease._renewed(sent_at, info, int(fields["now"]))
+    lease._renewed(sent, info, int(f["now"]))
     return lease
 
 
-def _lost(pool: str, fields: Mapping[str, Any]) -> LeaseLost:
-    info = LeaseInfo.from_fields(pool, fields)
-    why = info.state + (f" ({info.reason})" if info.reason else "")
-    return LeaseLost(f"lease {info.id} has ended: {why}", lease=info.id, state=info.state)
+def _lost(lease_id: str, f: Mapping[str, Any]) -> LeaseLost:
+    why = f.get("state", "?") + (f" ({f['reason']})" if f.get("reason") else "")
+    return LeaseLost(f"lease {lease_id} has ended: {why}", lease=lease_id, state=f.get("state"))
 
 
 def _check_pool(pool: str) -> PoolKeys:
@@ -379,11 +404,12 @@ class AcquireRequest:
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
         ):
             raise BadRequest(f"timeout must be None or seconds >= 0, not {timeout!r}")
-        text = json.dumps(dict(labels or {}), separators=(",", ":"), sort_keys=True)
-        if labels is not None and not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        if labels is not None and not (
+            isinstance(labels, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
         ):
-            raise BadRequest("labels must map str to str")
+            raise BadRequest(f"labels must map str to str, not {labels!r}")
+        text = json.dumps(dict(labels or {}), separators=(",", ":"), sort_keys=True)
         if len(text.encode()) > 4096:
             raise BadRequest("labels must be at most 4096 bytes as JSON")
         return cls(
@@ -421,9 +447,9 @@ def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
         sent = clock()
         code, f = parse_reply((yield Call("acquire", keys, args)), _ACQUIRE)
         if code == "granted":
-            return _granted(pool, f, sent, clock)
+            return _granted(req, holder, f, sent, clock)
         if code == "ended":
-            raise _lost(pool, f)
+            raise _lost(req.id, f)
         if code == "busy":
             raise AcquireTimeout(f"{req.mib} MiB not free now in pool {pool}", lease=req.id)
         wait = poll
@@ -434,9 +460,9 @@ def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
             wait = min(wait, max(0.0, (int(f["next_expiry"]) - int(f["now"])) / 1000) + 0.002)
         if wait <= 0:
             sent = clock()
-            code, f = parse_reply((yield Call("cancel", keys, [req.id])), _CANCEL)
+            code, f = parse_reply((yield Call("cancel", keys, [req.id, holder.name])), _CANCEL)
             if code == "granted":
-                return _granted(pool, f, sent, clock)
+                return _granted(req, holder, f, sent, clock)
             raise AcquireTimeout(
                 f"{req.mib} MiB not granted in pool {pool} within {req.timeout} s", lease=req.id
             )
@@ -448,8 +474,9 @@ def release(lease: Lease) -> Op[None]:
     keys = PoolKeys(lease.pool)
     code, f = parse_reply((yield Call("release", keys.script_keys(), [lease.id, lease.token, 0])), _RELEASE)
     if code == "ended":
-        lease._mark_lost(f"it had already ended: {f.get('state')}")
-        raise _lost(lease.pool, f)
+        err = _lost(lease.id, f)
+        lease._mark_lost(err.message)
+        raise err
     lease._mark_lost("released")
 
 
@@ -466,10 +493,10 @@ def heartbeat(lease: Lease, clock: Clock) -> Op[LeaseInfo]:
         lease._mark_lost(exc.message)
         raise LeaseLost(f"lease {lease.id} is lost: {exc.message}", lease=lease.id) from exc
     if code == "ended":
-        err = _lost(lease.pool, f)
+        err = _lost(lease.id, f)
         lease._mark_lost(err.message)
         raise err
-    info = LeaseInfo.from_fields(lease.pool, f)
+    info = dataclasses.replace(lease.info, state=f["state"], expires_at_ms=int(f["expires_at"]))
     lease._renewed(sent, info, int(f["now"]))
     return info
 
@@ -500,7 +527,7 @@ def add_device(
     keys = _check_pool(pool)
     _check_name("device name", name)
     total = parse_mib(vram)
-    spare = 0 if reserved in (0, "0") else parse_mib(reserved)
+    spare = parse_mib(reserved, minimum=0)
     if cuda_index is not None and (
         isinstance(cuda_index, bool) or not isinstance(cuda_index, int) or cuda_index < 0
     ):

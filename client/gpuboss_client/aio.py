@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 
 from . import _core as core
 from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, PoolStatus
-from .errors import BackendUnavailable, GpubossError, LeaseLost, ProtocolError
+from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
 from .scripts import NAMES, source
 
 __all__ = ["AsyncBoss", "AsyncLeaseContext"]
@@ -48,7 +47,11 @@ class AsyncBoss:
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> AsyncBoss:
         """Connect to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``)."""
-        return cls(aioredis.Redis.from_url(url, decode_responses=True, **redis_kwargs), holder=holder)
+        try:
+            client = aioredis.Redis.from_url(url, decode_responses=True, **redis_kwargs)
+        except ValueError as exc:
+            raise BadRequest(f"bad Redis URL {url!r}: {exc}") from exc
+        return cls(client, holder=holder)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -209,8 +212,7 @@ class AsyncLeaseContext:
         assert self.lease is not None
         assert self._task is not None
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await asyncio.wait([self._task])  # a cancellation of the caller still propagates
         try:
             reason = await self._boss._run(core.close(self.lease))
         except BackendUnavailable as err:

@@ -13,7 +13,7 @@ import redis
 
 from . import _core as core
 from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, PoolStatus
-from .errors import BackendUnavailable, GpubossError, LeaseLost, ProtocolError
+from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
 from .scripts import NAMES, source
 
 __all__ = ["Boss", "LeaseContext"]
@@ -46,7 +46,11 @@ class Boss:
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> Boss:
         """Connect to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``)."""
-        return cls(redis.Redis.from_url(url, decode_responses=True, **redis_kwargs), holder=holder)
+        try:
+            client = redis.Redis.from_url(url, decode_responses=True, **redis_kwargs)
+        except ValueError as exc:
+            raise BadRequest(f"bad Redis URL {url!r}: {exc}") from exc
+        return cls(client, holder=holder)
 
     def close(self) -> None:
         self.redis.close()

@@ -56,19 +56,27 @@ local function event(name, fields)
   redis.call(unpack(args))
 end
 
+-- The fields any script needs of a lease (HMGET of these costs less than HGETALL of all).
+local LEASE_FIELDS = {'state', 'holder', 'mib', 'priority', 'want', 'device', 'token', 'ttl_ms',
+                      'expires_at', 'labels', 'reason', 'cuda_index', 'device_host'}
+
 local function load_lease(id)
-  local flat = redis.call('HGETALL', lease_key(id))
-  if #flat == 0 then return nil end
-  local l = {}
-  for i = 1, #flat, 2 do l[flat[i]] = flat[i + 1] end
+  local v = redis.call('HMGET', lease_key(id), unpack(LEASE_FIELDS))
+  if not v[1] then return nil end
+  local l = {id = id}
+  for i, f in ipairs(LEASE_FIELDS) do
+    if v[i] then l[f] = v[i] end
+  end
   l.mib = tonumber(l.mib)
   l.priority = tonumber(l.priority)
+  l.want = l.want or ''
+  l.labels = l.labels or '{}'
   return l
 end
 
 -- {code, 'now', now, <every field of the lease hash>}: for listings and operators.
 local function lease_reply(code, id, now)
-  local reply = {code, 'now', now}
+  local reply = {code, 'now', now, 'id', id}
   local flat = redis.call('HGETALL', lease_key(id))
   for i = 1, #flat do reply[#reply + 1] = flat[i] end
   return reply
@@ -82,6 +90,16 @@ end
 
 local function ended_reply(l, now)
   return {'ended', 'now', now, 'state', l.state, 'reason', l.reason or ''}
+end
+
+-- What a woken waiter pops: "granted <now> <device> <token> <expires_at> <cuda_index> <host>"
+-- (the host last: it may hold spaces), or "ended <state> <reason>".
+local function wake_message(l, now)
+  if l.state == 'active' then
+    return table.concat({'granted', now, l.device, l.token, l.expires_at, l.cuda_index or '',
+                         l.device_host or ''}, ' ')
+  end
+  return table.concat({'ended', l.state, l.reason or ''}, ' ')
 end
 
 local TERMINAL = {released = true, expired = true, revoked = true, force_released = true,
@@ -141,10 +159,11 @@ local function grant(l, dev, now)
                     'priority', l.priority, 'token', token})
 end
 
--- Tell a blocked waiter to look again (it BLPOPs this list).
-local function wake(id, ttl_ms)
-  redis.call('RPUSH', wake_key(id), '1')
-  redis.call('PEXPIRE', wake_key(id), ttl_ms)
+-- Tell a blocked waiter what became of its request (it BLPOPs this list).
+local function wake(l, now)
+  local key = wake_key(l.id)
+  redis.call('RPUSH', key, wake_message(l, now))
+  redis.call('PEXPIRE', key, l.ttl_ms)
 end
 
 -- Move a lease or waiter to a terminal state; its memory and queue place are freed at once.
@@ -161,7 +180,7 @@ local function end_lease(l, state, now, reason)
   redis.call('PEXPIRE', key, LINGER_MS)
   local was = l.state
   l.state, l.reason = state, reason
-  local fields = {'lease', l.id, 'holder', l.holder, 'mib', l.mib, 'priority', l.priority}
+  local fields = {'lease', l.id, 'holder', l.holder, 'mib', l.mib}
   if was ~= 'queued' then
     fields[#fields + 1] = 'device'
     fields[#fields + 1] = l.device
@@ -200,14 +219,19 @@ end
 -- every waiter that fits on a device that no waiter ahead of it could use. A waiter that does not
 -- fit blocks its candidate devices for everyone behind it: nobody jumps the queue on memory that
 -- an earlier waiter is waiting for. `devs` may be nil: they are loaded only if anyone waits.
--- Returns the blocked set and whether the walk ended early.
+-- Returns the blocked set and whether the walk ended early (then treat every device as held back).
 local function settle(now, devs, bound)
   local ids = redis.call('ZRANGEBYSCORE', K_QUEUE, '-inf', bound, 'LIMIT', 0, WALK_LIMIT)
-  local blocked, nblocked = {}, 0
+  local blocked = {}
   if #ids == 0 then return blocked, false end
   if devs == nil then devs = load_devices() end
   for _, id in ipairs(ids) do
-    if nblocked >= #devs then return blocked, true end
+    -- Stop once no device that is not held back has room: nobody further can be granted.
+    local room = false
+    for _, d in ipairs(devs) do
+      if not blocked[d.name] and d.used < d.budget then room = true end
+    end
+    if not room then return blocked, true end
     local l = load_lease(id)
     if l == nil then
       redis.call('ZREM', K_QUEUE, id)
@@ -215,24 +239,19 @@ local function settle(now, devs, bound)
       -- an abandoned waiter blocks nobody
     elseif l.want ~= '' and redis.call('SISMEMBER', K_DEVICES, l.want) == 0 then
       end_lease(l, 'cancelled', now, 'device_removed')
-      wake(id, tonumber(l.ttl_ms))
+      wake(l, now)
     else
       local cands = candidates(devs, l.want, l.mib)
       local dev = best_fit(cands, blocked, l.mib)
       if dev then
         grant(l, dev, now)
-        wake(id, tonumber(l.ttl_ms))
+        wake(l, now)
       else
-        for _, d in ipairs(cands) do
-          if not blocked[d.name] then
-            blocked[d.name] = true
-            nblocked = nblocked + 1
-          end
-        end
+        for _, d in ipairs(cands) do blocked[d.name] = true end
       end
     end
   end
-  return blocked, #ids >= WALK_LIMIT or nblocked >= #devs
+  return blocked, #ids >= WALK_LIMIT
 end
 
 local function settle_all(now) settle(now, nil, '+inf') end

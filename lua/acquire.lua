@@ -62,8 +62,10 @@ if l then
       if dirty then settle_all(now) end
       return fail('device_not_found', 'the device this request waited for was removed')
     end
-    if dirty then settle_all(now) end
-    l = load_lease(id)
+    if dirty then
+      settle_all(now)
+      l = load_lease(id)
+    end
     if TERMINAL[l.state] then return ended_reply(l, now) end
     if l.state ~= 'queued' then
       redis.call('DEL', wake_key(id))
@@ -99,9 +101,12 @@ local blocked, partial = settle(now, devs, '(' .. int((101 - priority) * PRIO_SP
 local dev = nil
 if not partial then dev = best_fit(cands, blocked, mib) end
 
-local fields = {'id', id, 'holder', holder, 'holder_host', holder_host, 'holder_pid', holder_pid,
-                'mib', mib, 'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'labels', labels,
-                'requested_at', int(now)}
+local fields = {'holder', holder, 'holder_host', holder_host, 'holder_pid', holder_pid, 'mib', mib,
+                'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'requested_at', int(now)}
+if labels ~= '{}' then
+  fields[#fields + 1] = 'labels'
+  fields[#fields + 1] = labels
+end
 if dev then
   l = {id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new',
        fields = fields}

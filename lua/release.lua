@@ -33,7 +33,7 @@ if TERMINAL[l.state] then
 end
 local was_queued = l.state == 'queued'
 end_lease(l, force and 'force_released' or 'released', now, force and 'operator' or nil)
-if was_queued then wake(id, tonumber(l.ttl_ms)) end
+if was_queued then wake(l, now) end
 settle_all(now)
 if force then return lease_reply('released', id, now) end
 return {'released', 'now', now}

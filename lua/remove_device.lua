@@ -40,7 +40,7 @@ for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 0, QUEUE_SCAN - 1)) do
   local l = load_lease(id)
   if l and (l.want == name or left == 0) then
     end_lease(l, 'cancelled', now, 'device_removed')
-    wake(id, tonumber(l.ttl_ms))
+    wake(l, now)
   end
 end
 settle_all(now)

@@ -261,8 +261,7 @@ def test_priority_then_fifo_and_only_granted_waiters_wake(boss: Boss) -> None:
 
     boss.release(holder)
     assert log.new() == [
-        {"event": "released", "lease": holder.id, "holder": "test", "mib": "16384", "priority": "50",
-         "device": "gpu0"},
+        {"event": "released", "lease": holder.id, "holder": "test", "mib": "16384", "device": "gpu0"},
         {"event": "granted", "lease": "b", "holder": "test", "device": "gpu0", "mib": "8192",
          "priority": "90", "token": str(holder.token + 5)},
         {"event": "granted", "lease": "a", "holder": "test", "device": "gpu0", "mib": "8192",

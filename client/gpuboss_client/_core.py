@@ -338,6 +338,21 @@ def _granted(req: AcquireRequest, holder: Holder, f: Mapping[str, Any], sent: fl
     return lease
 
 
+def _wake_grant(popped: Any) -> dict[str, str] | None:
+    """The grant in a wake message (see ``wake_message`` in ``lua/_common.lua``), if it is one.
+
+    Anything else (a timeout, or "ended ...") sends the waiter back to ask acquire, which then
+    raises the right error.
+    """
+    if not popped:
+        return None
+    parts = _text(popped[1]).split(" ", 6)
+    if parts[0] != "granted" or len(parts) != 7:
+        return None
+    names = ("now", "device", "token", "expires_at", "cuda_index", "device_host")
+    return {"state": "active"} | dict(zip(names, parts[1:], strict=True))
+
+
 def _lost(lease_id: str, f: Mapping[str, Any]) -> LeaseLost:
     why = f.get("state", "?") + (f" ({f['reason']})" if f.get("reason") else "")
     return LeaseLost(f"lease {lease_id} has ended: {why}", lease=lease_id, state=f.get("state"))
@@ -409,7 +424,7 @@ class AcquireRequest:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
         ):
             raise BadRequest(f"labels must map str to str, not {labels!r}")
-        text = json.dumps(dict(labels or {}), separators=(",", ":"), sort_keys=True)
+        text = json.dumps(dict(labels), separators=(",", ":"), sort_keys=True) if labels else "{}"
         if len(text.encode()) > 4096:
             raise BadRequest("labels must be at most 4096 bytes as JSON")
         return cls(
@@ -466,7 +481,13 @@ def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
             raise AcquireTimeout(
                 f"{req.mib} MiB not granted in pool {pool} within {req.timeout} s", lease=req.id
             )
-        yield Command(("BLPOP", req.keys.wake(req.id), max(wait, 0.001)))
+        sent = clock()
+        popped = yield Command(("BLPOP", req.keys.wake(req.id), max(wait, 0.001)))
+        granted = _wake_grant(popped)
+        if granted is not None:
+            # The release that granted it sent the grant along: no further round trip. The grant
+            # happened after `sent`, so the local deadline stays on the safe side.
+            return _granted(req, holder, granted, sent, clock)
 
 
 def release(lease: Lease) -> Op[None]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 
 __all__ = ["POOLS", "ROOT", "SCHEMA", "PoolKeys", "valid_name", "valid_pool"]
 
@@ -90,5 +91,11 @@ class PoolKeys:
         return f"{self.prefix}wake:{lease_id}"
 
     def script_keys(self) -> list[str]:
-        """``KEYS`` for every script, in the order ``lua/_common.lua`` declares."""
-        return [self.prefix, self.devices, self.queue, self.expiry, self.events, self.seq]
+        """``KEYS`` for every script, in the order ``lua/_common.lua`` declares (do not mutate)."""
+        return _script_keys(self.pool)
+
+
+@cache
+def _script_keys(pool: str) -> list[str]:
+    k = PoolKeys(pool)
+    return [k.prefix, k.devices, k.queue, k.expiry, k.events, k.seq]

@@ -1,0 +1,601 @@
+"""Benchmark: gpuboss leases next to redis-py ``Lock`` and python-redis-lock, in one run.
+
+Run it as ``.venv/bin/python tests/bench.py`` (``--quick`` for a smoke run, ``--json PATH`` to keep
+the numbers). It starts its own ``redis-server`` on a free loopback port in a temporary directory
+and measures three things for each contender:
+
+1. uncontended acquire + release pairs from one client process: pairs/s, per-pair latency p50/p99,
+   and where the time goes: client CPU (``process_time``), server main-thread CPU (``INFO cpu``)
+   and time inside scripts (``INFO commandstats``), per pair;
+2. hand-off under contention: 8 processes loop acquire (blocking) / hold / release on one lock, or
+   on one device that fits one lease at a time. Hand-off latency is the time from just before a
+   release to the return of the next holder's acquire, on the system-wide monotonic clock; fairness
+   is the number of turns each process got (min/max and Jain's index). redis-py's Lock polls while
+   it waits (every 0.1 s by default), so it runs twice: as shipped, and polling every 1 ms;
+3. uncontended pairs again with 10 .. 100,000 other live leases in the pool (other live lock keys
+   for the locks), to show whether the cost stays flat.
+
+The locks get a 10 s expiry, like a lease's default TTL. Uncontended runs are split into rounds
+that alternate between contenders, so that noise from other work on the machine falls on all of
+them alike. With at least two CPUs, redis-server is pinned to one and every client process to
+another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis_lock  # type: ignore[import-untyped]
+
+from gpuboss_client import Boss
+from gpuboss_client.keys import PoolKeys
+from gpuboss_client.scripts import script_shas
+
+GPUBOSS = "gpuboss"
+REDIS_PY = "redis-py Lock"
+REDIS_PY_FAST = "redis-py Lock sleep=0.001"
+PRLOCK = "python-redis-lock"
+UNCONTENDED = (GPUBOSS, REDIS_PY, PRLOCK)
+CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK)
+LOCK_EXPIRE_S = 10  # the locks expire like a lease with the default 10 s TTL
+HANDOFF_MIB = 1024  # the hand-off device fits exactly one lease of this size
+LIVE_DEVICE_MIB = 16 * 1024 * 1024  # room for every live lease plus the measured one
+
+
+def mono_ns() -> int:
+    """System-wide monotonic time: comparable across processes, unlike perf_counter."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def pct(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def jain(counts: list[int]) -> float:
+    """Jain's fairness index: 1.0 when every process got the same number of turns."""
+    total = sum(counts)
+    squares = sum(c * c for c in counts)
+    return total * total / (len(counts) * squares) if squares else 0.0
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin_process(pid: int, cpu: int) -> None:
+    """Pin every thread of ``pid`` to ``cpu`` (a running redis-server has several)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+@contextlib.contextmanager
+def redis_server(server_cpu: int | None) -> Iterator[str]:
+    """A private redis-server on a free loopback port, without persistence."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        sys.exit("redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="gpuboss-bench-") as workdir:
+        port = free_port()
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "",
+             "--appendonly", "no", "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            probe = redis.Redis.from_url(url)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    probe.ping()
+                    break
+                except redis.ConnectionError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        sys.exit(f"redis-server did not start (exit {proc.poll()})")
+                    time.sleep(0.02)  # waiting for an external process to listen
+            probe.close()
+            if server_cpu is not None:
+                pin_process(proc.pid, server_cpu)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+def server_cpu_us(client: redis.Redis) -> float:
+    """CPU time of the server's main thread so far (commands, Lua and socket I/O), in µs."""
+    cpu: dict[str, float] = client.info("cpu")
+    user = cpu.get("used_cpu_user_main_thread", cpu["used_cpu_user"])
+    sys_ = cpu.get("used_cpu_sys_main_thread", cpu["used_cpu_sys"])
+    return (float(user) + float(sys_)) * 1e6
+
+
+def lua_usec(client: redis.Redis) -> int:
+    """Microseconds spent running scripts since the last CONFIG RESETSTAT.
+
+    Commands that scripts call are counted again under their own names, so only EVAL/EVALSHA
+    are summed here: the time inside scripts, redis.call included."""
+    stats: dict[str, dict[str, Any]] = client.info("commandstats")
+    return sum(int(v["usec"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+# --- one acquire + release pair per contender ------------------------------------------------
+
+Pair = Callable[[], None]
+
+
+def gpuboss_pair(client: redis.Redis, pool: str) -> Pair:
+    boss = Boss(client, holder="bench")
+
+    def pair() -> None:
+        lease = boss.acquire(1, pool=pool, timeout=0)
+        boss.release(lease)
+
+    return pair
+
+
+def redis_py_pair(client: redis.Redis, name: str) -> Pair:
+    lock = client.lock(name, timeout=LOCK_EXPIRE_S)
+
+    def pair() -> None:
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(f"{name} is held")
+        lock.release()
+
+    return pair
+
+
+def prlock_pair(client: redis.Redis, name: str) -> Pair:
+    lock = redis_lock.Lock(client, name, expire=LOCK_EXPIRE_S)
+
+    def pair() -> None:
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(f"{name} is held")
+        lock.release()
+
+    return pair
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    elapsed_ns: int = 0
+    client_cpu_ns: int = 0
+    server_cpu_us: float = 0.0
+    lua_us: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        lat = sorted(self.latencies_ns)
+        return {
+            "pairs": self.pairs,
+            "pairs_per_s": self.pairs / (self.elapsed_ns / 1e9),
+            "mean_us": self.elapsed_ns / self.pairs / 1e3,
+            "p50_us": pct(lat, 0.50) / 1e3,
+            "p99_us": pct(lat, 0.99) / 1e3,
+            "client_cpu_us_per_pair": self.client_cpu_ns / self.pairs / 1e3,
+            "server_cpu_us_per_pair": self.server_cpu_us / self.pairs,
+            "lua_us_per_pair": self.lua_us / self.pairs,
+        }
+
+
+def time_pairs(pair: Pair, n: int, client: redis.Redis, stats: PairStats) -> None:
+    client.config_resetstat()
+    cpu_before = server_cpu_us(client)
+    lat = [0] * n
+    clock = time.perf_counter_ns
+    cpu_start = time.process_time_ns()
+    start = clock()
+    for i in range(n):
+        t = clock()
+        pair()
+        lat[i] = clock() - t
+    stats.elapsed_ns += clock() - start
+    stats.client_cpu_ns += time.process_time_ns() - cpu_start
+    stats.server_cpu_us += server_cpu_us(client) - cpu_before
+    stats.lua_us += lua_usec(client)
+    stats.pairs += n
+    stats.latencies_ns += lat
+
+
+def interleaved(
+    pairs: dict[str, Pair], n: int, rounds: int, warmup: int, client: redis.Redis
+) -> dict[str, PairStats]:
+    """``n`` pairs per contender, in ``rounds`` chunks that alternate between contenders."""
+    for pair in pairs.values():
+        for _ in range(warmup):
+            pair()
+    stats = {name: PairStats() for name in pairs}
+    chunk = max(1, n // rounds)
+    done = 0
+    while done < n:
+        step = min(chunk, n - done)
+        for name, pair in pairs.items():
+            time_pairs(pair, step, client, stats[name])
+        done += step
+    return stats
+
+
+# --- hand-off under contention ---------------------------------------------------------------
+
+
+def spin_until(t_ns: int) -> None:
+    while mono_ns() < t_ns:
+        pass
+
+
+def contender(kind: str, url: str, hold_ns: int, conn: Connection) -> None:
+    """One contending process: acquire (blocking), hold ``hold_ns`` busy, release, until told stop."""
+    client = connect(url)
+    acquire: Callable[[], object]
+    release: Callable[[object], None]
+    if kind == GPUBOSS:
+        boss = Boss(client, holder=f"bench-{os.getpid()}")
+
+        def acquire() -> object:
+            return boss.acquire(HANDOFF_MIB, pool="handoff", timeout=None)
+
+        def release(held: object) -> None:
+            boss.release(held)  # type: ignore[arg-type]
+
+    elif kind in (REDIS_PY, REDIS_PY_FAST):
+        lock = client.lock(
+            "bench:handoff", timeout=LOCK_EXPIRE_S, sleep=0.001 if kind == REDIS_PY_FAST else 0.1
+        )
+
+        def acquire() -> object:
+            if not lock.acquire(blocking=True):
+                raise RuntimeError("blocking acquire returned False")
+            return lock
+
+        def release(held: object) -> None:
+            lock.release()
+
+    else:
+        plock = redis_lock.Lock(client, "bench-handoff", expire=LOCK_EXPIRE_S)
+
+        def acquire() -> object:
+            if not plock.acquire(blocking=True):
+                raise RuntimeError("blocking acquire returned False")
+            return plock
+
+        def release(held: object) -> None:
+            plock.release()
+
+    client.ping()
+    conn.send("ready")
+    stop_at: int = conn.recv()
+    turns: list[tuple[int, int]] = []
+    while True:
+        held = acquire()
+        acquired = mono_ns()
+        spin_until(acquired + hold_ns)
+        released = mono_ns()
+        release(held)
+        turns.append((acquired, released))
+        if released >= stop_at:
+            break
+    conn.send(turns)
+    client.close()
+
+
+@dataclass
+class HandoffStats:
+    processes: int
+    turns: list[int]
+    handoffs_ns: list[int]
+    switches: int
+    overlaps: int
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.handoffs_ns)
+        return {
+            "processes": self.processes,
+            "turns_total": sum(self.turns),
+            "turns_per_process": self.turns,
+            "turns_min": min(self.turns),
+            "turns_max": max(self.turns),
+            "jain": jain(self.turns),
+            "handoffs": len(lat),
+            "switch_pct": 100.0 * self.switches / max(1, len(lat)),
+            "p50_us": pct(lat, 0.50) / 1e3 if lat else float("nan"),
+            "p99_us": pct(lat, 0.99) / 1e3 if lat else float("nan"),
+            "overlaps": self.overlaps,
+        }
+
+
+def analyse(per_process: list[list[tuple[int, int]]]) -> HandoffStats:
+    """Pair each acquisition with the latest release before it; count overlapping holds."""
+    turns = sorted((a, r, p) for p, ts in enumerate(per_process) for a, r in ts)
+    releases = [r for _, r, _ in sorted(turns, key=lambda t: t[1])]
+    owner = {r: p for _, r, p in turns}
+    handoffs: list[int] = []
+    switches = 0
+    for acquired, _, proc in turns:
+        i = bisect.bisect_left(releases, acquired) - 1
+        if i >= 0:
+            handoffs.append(acquired - releases[i])
+            switches += owner[releases[i]] != proc
+    # Mutual exclusion: each hold must start after the previous one ended.
+    overlaps = sum(1 for prev, cur in itertools.pairwise(turns) if cur[0] < prev[1])
+    return HandoffStats(len(per_process), [len(ts) for ts in per_process], handoffs, switches, overlaps)
+
+
+def run_contended(kind: str, url: str, processes: int, duration_s: float, hold_ns: int) -> HandoffStats:
+    ctx = multiprocessing.get_context("fork")
+    conns: list[Connection] = []
+    procs = []
+    for _ in range(processes):
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=contender, args=(kind, url, hold_ns, there), daemon=True)
+        proc.start()
+        there.close()
+        conns.append(here)
+        procs.append(proc)
+    try:
+        for c in conns:
+            if not c.poll(30) or c.recv() != "ready":
+                raise RuntimeError(f"a {kind} contender did not start")
+        stop_at = mono_ns() + int(duration_s * 1e9)
+        for c in conns:
+            c.send(stop_at)
+        results: list[list[tuple[int, int]]] = []
+        for c in conns:
+            # A polling lock can leave a waiter asleep for its poll interval after the deadline.
+            if not c.poll(duration_s + 30):
+                raise RuntimeError(f"a {kind} contender did not finish")
+            results.append(c.recv())
+        for p in procs:
+            p.join(10)
+            if p.exitcode != 0:
+                raise RuntimeError(f"a {kind} contender exited with {p.exitcode}")
+        return analyse(results)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+# --- live leases and live locks --------------------------------------------------------------
+
+
+def add_live_leases(boss: Boss, client: redis.Redis, pool: str, start: int, stop: int) -> None:
+    """Grant leases ``start`` .. ``stop - 1`` (1 MiB, 1 h TTL) through the acquire script, pipelined."""
+    script = boss._scripts["acquire"]
+    keys = PoolKeys(pool).script_keys()
+    host, pid = socket.gethostname(), os.getpid()
+    batch = 2000
+    for lo in range(start, stop, batch):
+        pipe = client.pipeline(transaction=False)
+        for i in range(lo, min(stop, lo + batch)):
+            script(
+                keys=keys,
+                args=[f"live-{i}", "bench-live", host, pid, 1, 50, "", 3_600_000, "{}", 0],
+                client=pipe,
+            )
+        for reply in pipe.execute():
+            if reply[0] != "granted":
+                raise RuntimeError(f"live lease not granted: {reply!r}")
+
+
+def add_live_locks(client: redis.Redis, start: int, stop: int) -> None:
+    """Other held locks in the keyspace, named like python-redis-lock names its keys."""
+    batch = 5000
+    for lo in range(start, stop, batch):
+        pipe = client.pipeline(transaction=False)
+        for i in range(lo, min(stop, lo + batch)):
+            pipe.set(f"lock:other-{i}", "held", ex=3600)
+        pipe.execute()
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def fmt(v: float, digits: int = 1) -> str:
+    return f"{v:,.{digits}f}"
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        padded = [c.rjust(w) for c, w in zip(cells, widths, strict=True)]
+        padded[0] = cells[0].ljust(widths[0])
+        return "  ".join(padded)
+
+    print(f"\n## {title}")
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for r in rows:
+        print(line(r))
+
+
+PAIR_HEADER = ["contender", "pairs/s", "mean µs", "p50 µs", "p99 µs", "client CPU µs", "server CPU µs",
+               "Lua µs"]  # fmt: skip
+HANDOFF_HEADER = ["contender", "turns", "hand-off p50 µs", "p99 µs", "min turns", "max turns", "Jain",
+                  "switch %", "overlaps"]  # fmt: skip
+
+
+def pair_rows(stats: dict[str, dict[str, float]], label: str = "") -> list[list[str]]:
+    return [
+        [name + label, fmt(s["pairs_per_s"], 0), fmt(s["mean_us"]), fmt(s["p50_us"]), fmt(s["p99_us"]),
+         fmt(s["client_cpu_us_per_pair"]), fmt(s["server_cpu_us_per_pair"]), fmt(s["lua_us_per_pair"])]
+        for name, s in stats.items()
+    ]  # fmt: skip
+
+
+def handoff_rows(stats: dict[str, dict[str, Any]]) -> list[list[str]]:
+    return [
+        [name, str(s["turns_total"]), fmt(s["p50_us"]), fmt(s["p99_us"]), str(s["turns_min"]),
+         str(s["turns_max"]), f"{s['jain']:.3f}", fmt(s["switch_pct"]), str(s["overlaps"])]
+        for name, s in stats.items()
+    ]  # fmt: skip
+
+
+# --- the three sections ----------------------------------------------------------------------
+
+
+def section_uncontended(args: argparse.Namespace, client: redis.Redis, boss: Boss) -> dict[str, Any]:
+    boss.add_device("gpu0", "24GiB", pool="solo")
+    pairs = {
+        GPUBOSS: gpuboss_pair(client, "solo"),
+        REDIS_PY: redis_py_pair(client, "bench:solo"),
+        PRLOCK: prlock_pair(client, "bench-solo"),
+    }
+    stats = interleaved(pairs, args.pairs, args.rounds, args.warmup, client)
+    solo = {k: v.summary() for k, v in stats.items()}
+    title = f"1. Uncontended acquire + release, {args.pairs:,} pairs each, one process"
+    table(title, PAIR_HEADER, pair_rows(solo))
+    print("client CPU µs: CPU of this process per pair (Python, redis-py, socket calls)")
+    print("server CPU µs: redis-server main-thread CPU per pair (INFO cpu), socket I/O included")
+    print("Lua µs: server time inside EVAL/EVALSHA per pair (INFO commandstats), part of server CPU")
+    ratio_mean = solo[GPUBOSS]["mean_us"] / solo[REDIS_PY]["mean_us"]
+    ratio_p50 = solo[GPUBOSS]["p50_us"] / solo[REDIS_PY]["p50_us"]
+    print(f"gpuboss / redis-py Lock per pair: {ratio_mean:.2f}x (mean), {ratio_p50:.2f}x (p50); aim <= 1.25x")
+    return {"pairs": solo, "ratio_gpuboss_vs_redis_py_lock": {"mean": ratio_mean, "p50": ratio_p50}}
+
+
+def section_handoff(args: argparse.Namespace, url: str, boss: Boss) -> dict[str, Any]:
+    boss.add_device("gpu0", HANDOFF_MIB, pool="handoff")
+    hold_ns = args.hold_us * 1000
+    stats = {k: run_contended(k, url, args.processes, args.duration, hold_ns).summary() for k in CONTENDED}
+    title = (
+        f"2. Hand-off, {args.processes} processes on one lock / one-lease device, "
+        f"hold {args.hold_us} µs, {args.duration:g} s each"
+    )
+    table(title, HANDOFF_HEADER, handoff_rows(stats))
+    print("hand-off: from just before a release to the return of the next holder's acquire")
+    print("switch %: hand-offs that went to another process; overlaps: overlapping holds (must be 0)")
+    return stats
+
+
+def section_live(args: argparse.Namespace, client: redis.Redis, boss: Boss) -> dict[str, Any]:
+    client.flushall()
+    boss.add_device("gpu0", LIVE_DEVICE_MIB, pool="live")
+    pairs = {
+        GPUBOSS: gpuboss_pair(client, "live"),
+        REDIS_PY: redis_py_pair(client, "bench:live"),
+        PRLOCK: prlock_pair(client, "bench-live"),
+    }
+    live: dict[str, dict[str, dict[str, float]]] = {}
+    rows: list[list[str]] = []
+    have = 0
+    for level in args.levels:
+        started = time.perf_counter()
+        add_live_leases(boss, client, "live", have, level)
+        add_live_locks(client, have, level)
+        have = level
+        granted = boss.status("live")[0].granted
+        if granted != level:
+            raise RuntimeError(f"expected {level} live leases, the pool has {granted}")
+        print(f"(set up {level:,} live leases and lock keys in {time.perf_counter() - started:.1f} s)")
+        stats = interleaved(pairs, args.live_pairs, args.rounds, args.warmup, client)
+        live[str(level)] = {k: v.summary() for k, v in stats.items()}
+        rows += pair_rows(live[str(level)], f" @ {level:,}")
+    title = f"3. Uncontended pairs with N other live leases / lock keys, {args.live_pairs:,} pairs each"
+    table(title, PAIR_HEADER, rows)
+    lo, hi = str(args.levels[0]), str(args.levels[-1])
+    flat = {k: live[hi][k]["p50_us"] / live[lo][k]["p50_us"] for k in UNCONTENDED}
+    print(f"p50 at {hi} / p50 at {lo}: " + ", ".join(f"{k} {v:.2f}x" for k, v in flat.items()))
+    return {"levels": live, "p50_ratio_last_vs_first": flat}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=20000, help="uncontended pairs per contender")
+    ap.add_argument("--live-pairs", type=int, default=5000, help="pairs per contender per live level")
+    ap.add_argument("--levels", default="10,1000,100000", help="live leases (and lock keys) to measure at")
+    ap.add_argument("--processes", type=int, default=8, help="contending processes")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds of contention per contender")
+    ap.add_argument("--hold-us", type=int, default=50, help="busy work while holding, µs")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds for uncontended runs")
+    ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin redis-server and clients to CPUs")
+    ap.add_argument("--json", type=Path, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.pairs, args.live_pairs, args.levels = 400, 200, "10,1000"
+        args.duration, args.rounds = 0.4, 2
+    args.levels = [int(x) for x in args.levels.split(",")]
+    args.warmup = min(500, max(20, args.pairs // 20))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = len(cpus) >= 2 and not args.no_pin
+    server_cpu, client_cpu = (cpus[0], cpus[1]) if pinned else (None, None)
+
+    with redis_server(server_cpu) as url:
+        if client_cpu is not None:
+            os.sched_setaffinity(0, {client_cpu})  # the contending processes inherit it
+        client = connect(url)
+        shas = script_shas()
+        meta = {
+            "redis_server": client.info("server")["redis_version"],
+            "python": platform.python_version(),
+            "redis_py": redis.__version__,
+            "python_redis_lock": redis_lock.__version__,
+            "cpus": os.cpu_count(),
+            "cpus_available": len(cpus),
+            "pinning": f"redis-server -> CPU {server_cpu}, clients -> CPU {client_cpu}" if pinned else "none",
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "lock_expire_s": LOCK_EXPIRE_S,
+            "scripts": f"acquire={shas['acquire'][:8]} release={shas['release'][:8]}",
+        }
+        print("# gpuboss benchmark: gpuboss leases next to redis-py Lock and python-redis-lock")
+        for k, v in meta.items():
+            print(f"{k:18} {v}")
+        boss = Boss(client, holder="bench")
+        results = {
+            "meta": meta,
+            "uncontended": section_uncontended(args, client, boss),
+            "handoff": section_handoff(args, url, boss),
+            "live": section_live(args, client, boss),
+        }
+        client.close()
+    load = round(os.getloadavg()[0], 2)
+    results["meta"]["load_average_1m_at_end"] = load
+    print(f"\nload average (1 min) at the end: {load} (other work on the machine skews every column)")
+
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The benchmark still runs: ``tests/bench.py --quick`` against its own redis-server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).with_name("bench.py")
+CONTENDERS = ("gpuboss", "redis-py Lock", "python-redis-lock")
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for heading in (
+        "## 1. Uncontended acquire + release",
+        "## 2. Hand-off",
+        "## 3. Uncontended pairs with N other live leases",
+        "gpuboss / redis-py Lock per pair:",
+        "pinning",
+        "redis_server",
+    ):
+        assert heading in proc.stdout, f"missing {heading!r} in:\n{proc.stdout}"
+
+    results = json.loads(out.read_text(encoding="utf-8"))
+    for name in CONTENDERS:
+        pair = results["uncontended"]["pairs"][name]
+        assert pair["pairs"] == 400
+        assert 0 < pair["p50_us"] <= pair["p99_us"]
+        for level in ("10", "1000"):
+            assert results["live"]["levels"][level][name]["pairs"] == 200
+    for name, handoff in results["handoff"].items():
+        # Every contender is a mutual-exclusion primitive: no two holds may overlap in time.
+        assert handoff["overlaps"] == 0, name
+        assert handoff["turns_total"] == sum(handoff["turns_per_process"]) > 0, name
+        assert handoff["processes"] == len(handoff["turns_per_process"]) == 8, name
+    # gpuboss queues its waiters in order: every process gets a turn.
+    assert results["handoff"]["gpuboss"]["turns_min"] > 0

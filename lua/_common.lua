@@ -8,12 +8,16 @@
 --   KEYS[5] events   stream  capped log of every transition
 --   KEYS[6] seq      string  counter: queue arrival order and fencing tokens (so a token strictly
 --                            increases per device, even across removing and re-adding it)
+--   KEYS[7] config   hash    pool settings: min_residency_ms, aging_ms (absent = 0 = off)
+-- Per device there is also a zset `device:<name>:evictable` of its idle and preemptible leases, in
+-- eviction order (see evict_score), and per lease an optional pub/sub channel it is told on.
 -- Every reply is {code, field, value, field, value, ...}; codes that are errors carry `message`.
 
 local unpack = unpack or table.unpack
 
 local PREFIX = KEYS[1]
 local K_DEVICES, K_QUEUE, K_EXPIRY, K_EVENTS, K_SEQ = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local K_CONFIG = KEYS[7]
 
 local EVENTS_MAXLEN = 10000 -- about this many events are kept per pool
 local LINGER_MS = 120000 -- an ended lease stays readable this long, so retries and beats learn its fate
@@ -21,6 +25,11 @@ local WALK_LIMIT = 64 -- queue entries one call examines at most
 local REAP_LIMIT = 64 -- expired entries one call reaps in passing
 local QUEUE_SCAN = 256 -- waiters an operator's device removal looks at
 local PRIO_SPAN = 1099511627776 -- 2^40: arrival seqs per priority band
+local VICTIM_SCAN = 32 -- evictable leases of a device one plan looks at
+local DEFAULT_GRACE_MS = 10000 -- a victim's time to unload when its lease named none
+local AGING_STEP = 10 -- queue priority a waiter gains per aging_ms of waiting (one named level)
+local CLASS_SPAN = 281474976710656 -- 2^48: evict_score of an active lease over an idle one
+local PRIO_WEIGHT = 2199023255552 -- 2^41: evict_score per priority step (ms clock fits below)
 local MAX_MIB = 16777216 -- 16 TiB
 local MAX_TTL_MS = 86400000 -- one day
 
@@ -28,6 +37,7 @@ local function lease_key(id) return PREFIX .. 'lease:' .. id end
 local function device_key(name) return PREFIX .. 'device:' .. name end
 local function device_leases_key(name) return PREFIX .. 'device:' .. name .. ':leases' end
 local function wake_key(id) return PREFIX .. 'wake:' .. id end
+local function evictable_key(name) return PREFIX .. 'device:' .. name .. ':evictable' end
 
 -- Integers as exact decimal strings: redis.call would format big numbers with only 14 digits.
 local function int(n) return string.format('%d', n) end
@@ -56,9 +66,14 @@ local function event(name, fields)
   redis.call(unpack(args))
 end
 
+local TERMINAL = {released = true, expired = true, revoked = true, force_released = true,
+                  cancelled = true, abandoned = true}
+
 -- The fields any script needs of a lease (HMGET of these costs less than HGETALL of all).
 local LEASE_FIELDS = {'state', 'holder', 'mib', 'priority', 'want', 'device', 'token', 'ttl_ms',
-                      'expires_at', 'labels', 'reason', 'cuda_index', 'device_host'}
+                      'expires_at', 'labels', 'reason', 'cuda_index', 'device_host', 'preemptible',
+                      'grace_ms', 'granted_at', 'used_at', 'evict_deadline', 'notify',
+                      'claim_device', 'claim_mib', 'seq', 'exclusive', 'gang'}
 
 local function load_lease(id)
   local v = redis.call('HMGET', lease_key(id), unpack(LEASE_FIELDS))
@@ -71,7 +86,49 @@ local function load_lease(id)
   l.priority = tonumber(l.priority)
   l.want = l.want or ''
   l.labels = l.labels or '{}'
+  l.preemptible = l.preemptible or '0'
+  l.exclusive = l.exclusive or '0'
+  l.gang = tonumber(l.gang or 1)
+  l.claim_mib = tonumber(l.claim_mib or 0)
   return l
+end
+
+-- The devices a granted lease holds: one name, or a gang's names joined by commas.
+local function lease_devices(l)
+  local names = {}
+  for name in string.gmatch(l.device, '[^,]+') do names[#names + 1] = name end
+  return names
+end
+
+-- Where a lease stands in its device's eviction order: idle before active-preemptible, lower
+-- priority first, least recently used first.
+local function evict_score(l)
+  local class = l.state == 'idle' and 0 or 1
+  return int(class * CLASS_SPAN + l.priority * PRIO_WEIGHT + tonumber(l.used_at))
+end
+
+-- Keep the device's eviction index in step with the lease's state and flags.
+local function index_evictable(l)
+  local evictable = l.state == 'idle' or (l.state == 'active' and l.preemptible == '1')
+  for _, name in ipairs(lease_devices(l)) do
+    if evictable then
+      redis.call('ZADD', evictable_key(name), evict_score(l), l.id)
+    else
+      redis.call('ZREM', evictable_key(name), l.id)
+    end
+  end
+end
+
+-- Where a lease sits in the expiry index: its expiry, or its eviction deadline if sooner.
+local function due_at(l)
+  local due = tonumber(l.expires_at)
+  if l.state == 'evicting' and tonumber(l.evict_deadline) < due then due = tonumber(l.evict_deadline) end
+  return due
+end
+
+local function config()
+  local v = redis.call('HMGET', K_CONFIG, 'min_residency_ms', 'aging_ms')
+  return {min_residency_ms = tonumber(v[1] or 0), aging_ms = tonumber(v[2] or 0)}
 end
 
 -- {code, 'now', now, <every field of the lease hash>}: for listings and operators.
@@ -85,7 +142,8 @@ end
 -- What a holder needs of its grant beyond what it asked for (the request fields must match).
 local function grant_reply(code, l, now)
   return {code, 'now', now, 'state', l.state, 'device', l.device, 'token', l.token,
-          'expires_at', l.expires_at, 'cuda_index', l.cuda_index, 'device_host', l.device_host}
+          'expires_at', l.expires_at, 'cuda_index', l.cuda_index, 'device_host', l.device_host,
+          'evict_deadline', l.evict_deadline or ''}
 end
 
 local function ended_reply(l, now)
@@ -95,15 +153,13 @@ end
 -- What a woken waiter pops: "granted <now> <device> <token> <expires_at> <cuda_index> <host>"
 -- (the host last: it may hold spaces), or "ended <state> <reason>".
 local function wake_message(l, now)
-  if l.state == 'active' then
+  if not TERMINAL[l.state] then
     return table.concat({'granted', now, l.device, l.token, l.expires_at, l.cuda_index or '',
                          l.device_host or ''}, ' ')
   end
   return table.concat({'ended', l.state, l.reason or ''}, ' ')
 end
 
-local TERMINAL = {released = true, expired = true, revoked = true, force_released = true,
-                  cancelled = true, abandoned = true}
 
 -- Devices of the pool, sorted by name so that ties break the same way every time.
 local function load_devices()
@@ -112,9 +168,10 @@ local function load_devices()
   local devs = {}
   for i, name in ipairs(names) do
     local v = redis.call('HMGET', device_key(name), 'total_mib', 'reserved_mib', 'unmanaged_mib',
-                         'used_mib', 'cuda_index', 'host')
+                         'used_mib', 'cuda_index', 'host', 'claimed_mib', 'exclusive')
     local budget = tonumber(v[1]) - tonumber(v[2]) - tonumber(v[3])
-    devs[i] = {name = name, budget = budget, used = tonumber(v[4]), cuda_index = v[5], host = v[6]}
+    devs[i] = {name = name, budget = budget, used = tonumber(v[4]), cuda_index = v[5], host = v[6],
+               claimed = tonumber(v[7] or 0), exclusive = v[8] or ''}
   end
   return devs
 end
@@ -128,34 +185,85 @@ local function candidates(devs, want, mib)
   return out
 end
 
--- Best fit: the unblocked candidate with the least room left over after placing mib.
-local function best_fit(cands, blocked, mib)
-  local best, best_left = nil, nil
+-- Room on a device for request l: its budget less what is leased and what evictions in progress
+-- promised to other requests (l's own promise counts as room for l).
+-- Nobody shares a device held exclusively, and an exclusive request needs it empty.
+local function room(d, l)
+  local own = (l and l.claim_device == d.name) and l.claim_mib or 0
+  if d.exclusive ~= '' then return -1 end
+  if l and l.exclusive == '1' then
+    if d.used > 0 or d.claimed - own > 0 then return -1 end
+    return d.budget
+  end
+  return d.budget - d.used - d.claimed + own
+end
+
+-- Best fit: the unblocked candidates with the least room left over after placing l, as a list of
+-- one device, or for a gang of n, n devices on one host (the host whose n best add up least).
+local function best_fit(cands, blocked, l)
+  local n = l.gang or 1
+  local by_host, best, best_left = {}, nil, nil
   for _, d in ipairs(cands) do
-    local left = d.budget - d.used - mib
-    if not blocked[d.name] and left >= 0 and (best == nil or left < best_left) then
-      best, best_left = d, left
+    local left = room(d, l) - l.mib
+    if not blocked[d.name] and left >= 0 then
+      local group = by_host[d.host] or {}
+      group[#group + 1] = {d = d, left = left}
+      by_host[d.host] = group
+    end
+  end
+  for _, group in pairs(by_host) do
+    if #group >= n then
+      table.sort(group, function(a, b) return a.left < b.left or (a.left == b.left and a.d.name < b.d.name) end)
+      local picked, total = {}, 0
+      for i = 1, n do
+        picked[i] = group[i].d
+        total = total + group[i].left
+      end
+      if best == nil or total < best_left or (total == best_left and picked[1].name < best[1].name) then
+        best, best_left = picked, total
+      end
     end
   end
   return best
 end
 
-local function grant(l, dev, now)
-  local dkey = device_key(dev.name)
+-- A request that is granted or gives up no longer needs the memory evictions promised it.
+local function release_claim(l, dev)
+  if (l.claim_mib or 0) > 0 then
+    redis.call('HINCRBY', device_key(l.claim_device), 'claimed_mib', -l.claim_mib)
+    redis.call('HDEL', lease_key(l.id), 'claim_device', 'claim_mib')
+    if dev and dev.name == l.claim_device then dev.claimed = dev.claimed - l.claim_mib end
+    l.claim_device, l.claim_mib = nil, 0
+  end
+end
+
+local function grant(l, picked, now)
   local token = redis.call('INCR', K_SEQ)
-  redis.call('HINCRBY', dkey, 'used_mib', l.mib)
-  redis.call('SADD', device_leases_key(dev.name), l.id)
-  dev.used = dev.used + l.mib
+  local names, cudas = {}, {}
+  for i, dev in ipairs(picked) do
+    local dkey = device_key(dev.name)
+    redis.call('HINCRBY', dkey, 'used_mib', l.mib)
+    redis.call('SADD', device_leases_key(dev.name), l.id)
+    if l.exclusive == '1' then
+      redis.call('HSET', dkey, 'exclusive', l.id)
+      dev.exclusive = l.id
+    end
+    dev.used = dev.used + l.mib
+    names[i], cudas[i] = dev.name, dev.cuda_index
+  end
+  local device, cuda_index = table.concat(names, ','), table.concat(cudas, ',')
   local expires_at = int(now + tonumber(l.ttl_ms))
   -- A new request's own fields come along, so its hash is written once.
-  redis.call('HSET', lease_key(l.id), 'state', 'active', 'device', dev.name, 'token', token,
-             'granted_at', int(now), 'expires_at', expires_at, 'cuda_index', dev.cuda_index,
-             'device_host', dev.host, unpack(l.fields or {}))
+  redis.call('HSET', lease_key(l.id), 'state', 'active', 'device', device, 'token', token,
+             'granted_at', int(now), 'used_at', int(now), 'expires_at', expires_at,
+             'cuda_index', cuda_index, 'device_host', picked[1].host, unpack(l.fields or {}))
   redis.call('ZADD', K_EXPIRY, expires_at, l.id)
   if l.state == 'queued' then redis.call('ZREM', K_QUEUE, l.id) end
-  l.state, l.device, l.token, l.expires_at = 'active', dev.name, token, expires_at
-  l.cuda_index, l.device_host = dev.cuda_index, dev.host
-  event('granted', {'lease', l.id, 'holder', l.holder, 'device', dev.name, 'mib', l.mib,
+  release_claim(l, picked[1])
+  l.state, l.device, l.token, l.expires_at = 'active', device, token, expires_at
+  l.cuda_index, l.device_host, l.used_at, l.granted_at = cuda_index, picked[1].host, int(now), int(now)
+  if l.preemptible == '1' then index_evictable(l) end
+  event('granted', {'lease', l.id, 'holder', l.holder, 'device', device, 'mib', l.mib,
                     'priority', l.priority, 'token', token})
 end
 
@@ -171,9 +279,14 @@ local function end_lease(l, state, now, reason)
   local key = lease_key(l.id)
   if l.state == 'queued' then
     redis.call('ZREM', K_QUEUE, l.id)
+    release_claim(l, nil)
   else
-    redis.call('HINCRBY', device_key(l.device), 'used_mib', -l.mib)
-    redis.call('SREM', device_leases_key(l.device), l.id)
+    for _, name in ipairs(lease_devices(l)) do
+      redis.call('HINCRBY', device_key(name), 'used_mib', -l.mib)
+      redis.call('SREM', device_leases_key(name), l.id)
+      redis.call('ZREM', evictable_key(name), l.id)
+      if l.exclusive == '1' then redis.call('HDEL', device_key(name), 'exclusive') end
+    end
   end
   redis.call('ZREM', K_EXPIRY, l.id)
   redis.call('HSET', key, 'state', state, 'ended_at', int(now), 'reason', reason or '')
@@ -192,6 +305,14 @@ local function end_lease(l, state, now, reason)
   event(state, fields)
 end
 
+-- What a lease that is due becomes: a waiter that stopped polling is abandoned, a victim past its
+-- eviction deadline is revoked, anything else expired.
+local function ended_as(l, now)
+  if l.state == 'queued' then return 'abandoned' end
+  if l.state == 'evicting' and tonumber(l.evict_deadline) <= now then return 'revoked' end
+  return 'expired'
+end
+
 -- End what has expired, oldest first, at most `limit` entries. Returns how many went.
 local function reap(now, limit)
   local ids = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', int(now), 'LIMIT', 0, limit)
@@ -200,7 +321,7 @@ local function reap(now, limit)
     if l == nil then
       redis.call('ZREM', K_EXPIRY, id) -- defensive: an index entry without its hash
     else
-      end_lease(l, l.state == 'queued' and 'abandoned' or 'expired', now, nil)
+      end_lease(l, ended_as(l, now), now, nil)
     end
   end
   return #ids
@@ -208,50 +329,185 @@ end
 
 -- A lease whose expiry has passed is expired even if no reap has reached it yet.
 local function expire_if_due(l, now)
-  if not TERMINAL[l.state] and tonumber(l.expires_at) <= now then
-    end_lease(l, l.state == 'queued' and 'abandoned' or 'expired', now, nil)
+  if not TERMINAL[l.state] and due_at(l) <= now then
+    end_lease(l, ended_as(l, now), now, nil)
     return true
   end
   return false
 end
 
+-- Could victim v be evicted for request r at this level? Level 1: idle leases of priority <= r's
+-- and preemptible active leases of lower priority, none younger than the pool's minimum residency.
+-- Level 2: the same, young ones too. Level 3, the last resort: idle leases of any priority too.
+local function eligible(v, r, level, now, cfg)
+  if v.state == 'idle' then
+    if v.priority > r.priority and level < 3 then return false end
+  elseif v.state ~= 'active' or v.preemptible ~= '1' or v.priority >= r.priority then
+    return false
+  end
+  return level > 1 or now - tonumber(v.granted_at) >= cfg().min_residency_ms
+end
+
+-- The fewest victims on device d, taken in eviction order, that make room for r; or nil.
+local function plan_on(d, r, level, now, cfg, cache)
+  local need = r.mib - room(d, r)
+  if r.exclusive == '1' then
+    -- Everything on the device must go, and no other request may have been promised room there.
+    local own = r.claim_device == d.name and r.claim_mib or 0
+    if d.exclusive ~= '' or d.claimed - own > 0 then return nil end
+    need = d.used
+  end
+  local list = cache[d.name]
+  if list == nil then
+    list = {}
+    for _, id in ipairs(redis.call('ZRANGE', evictable_key(d.name), 0, VICTIM_SCAN - 1)) do
+      local v = load_lease(id)
+      if v then list[#list + 1] = v end
+    end
+    cache[d.name] = list
+  end
+  local chosen, freed = {}, 0
+  for _, v in ipairs(list) do
+    if freed >= need then break end
+    if eligible(v, r, level, now, cfg) then
+      chosen[#chosen + 1] = v
+      freed = freed + v.mib
+    end
+  end
+  if freed < need then return nil end
+  -- Greedy order may have taken a small victim that a later, bigger one made unnecessary.
+  for i = #chosen, 1, -1 do
+    if freed - chosen[i].mib >= need then
+      freed = freed - chosen[i].mib
+      table.remove(chosen, i)
+    end
+  end
+  return chosen
+end
+
+-- Device and victims for request r on its candidates that nobody ahead holds back: the lowest
+-- level that works anywhere, then the fewest active victims, the fewest victims, the least MiB.
+-- Returns nil when no set of victims would make it fit: then nothing is evicted.
+local function plan_eviction(r, cands, blocked, now)
+  if (r.gang or 1) > 1 then return nil, nil end -- a gang waits for room; it evicts nobody
+  local settings
+  local function cfg()
+    settings = settings or config()
+    return settings
+  end
+  local cache = {}
+  for level = 1, 3 do
+    local best, best_victims, best_cost = nil, nil, nil
+    for _, d in ipairs(cands) do
+      if not blocked[d.name] then
+        local victims = plan_on(d, r, level, now, cfg, cache)
+        if victims then
+          local active, freed = 0, 0
+          for _, v in ipairs(victims) do
+            if v.state == 'active' then active = active + 1 end
+            freed = freed + v.mib
+          end
+          local cost = {active, #victims, freed}
+          local better = best == nil
+          for k = 1, 3 do
+            if better or cost[k] ~= best_cost[k] then
+              better = better or cost[k] < best_cost[k]
+              break
+            end
+          end
+          if better then best, best_victims, best_cost = d, victims, cost end
+        end
+      end
+    end
+    if best then return best, best_victims end
+  end
+  return nil, nil
+end
+
+-- Ask the victims to give their memory back by their grace deadline, and promise r the room on d
+-- (the free part now and what the victims free), so nobody else takes it meanwhile.
+local function start_eviction(r, d, victims, now)
+  r.claim_device, r.claim_mib = d.name, r.mib
+  redis.call('HINCRBY', device_key(d.name), 'claimed_mib', r.mib)
+  redis.call('HSET', lease_key(r.id), 'claim_device', d.name, 'claim_mib', r.mib)
+  d.claimed = d.claimed + r.mib
+  for _, v in ipairs(victims) do
+    local deadline = int(now + tonumber(v.grace_ms or DEFAULT_GRACE_MS))
+    redis.call('HSET', lease_key(v.id), 'state', 'evicting', 'evict_deadline', deadline,
+               'evicted_for', r.id)
+    v.state, v.evict_deadline = 'evicting', deadline
+    redis.call('ZREM', evictable_key(d.name), v.id)
+    redis.call('ZADD', K_EXPIRY, int(due_at(v)), v.id)
+    if v.notify then redis.call('PUBLISH', v.notify, 'evict ' .. v.id .. ' ' .. deadline) end
+    event('evicting', {'lease', v.id, 'holder', v.holder, 'device', d.name, 'mib', v.mib,
+                       'priority', v.priority, 'for', r.id, 'deadline', deadline})
+  end
+end
+
 -- Walk the queue in order (priority, then arrival) up to `bound` (a score bound), granting
 -- every waiter that fits on a device that no waiter ahead of it could use. A waiter that does not
--- fit blocks its candidate devices for everyone behind it: nobody jumps the queue on memory that
--- an earlier waiter is waiting for. `devs` may be nil: they are loaded only if anyone waits.
--- Returns the blocked set and whether the walk ended early (then treat every device as held back).
-local function settle(now, devs, bound)
+-- fit starts evictions if that would make it fit, and holds back its candidate devices for
+-- everyone behind it: nobody jumps the queue on memory that an earlier waiter is waiting for.
+-- `devs` may be nil: they are loaded only if anyone waits. With `dry`, nothing is written (the
+-- plan script): grants only count against the devices in memory.
+-- Returns the held-back set and whether the walk ended early (then treat every device as held).
+local function settle(now, devs, bound, dry)
   local ids = redis.call('ZRANGEBYSCORE', K_QUEUE, '-inf', bound, 'LIMIT', 0, WALK_LIMIT)
-  local blocked = {}
+  local blocked, nblocked = {}, 0
   if #ids == 0 then return blocked, false end
   if devs == nil then devs = load_devices() end
   for _, id in ipairs(ids) do
-    -- Stop once no device that is not held back has room: nobody further can be granted.
-    local room = false
-    for _, d in ipairs(devs) do
-      if not blocked[d.name] and d.used < d.budget then room = true end
-    end
-    if not room then return blocked, true end
+    if nblocked >= #devs then return blocked, true end
     local l = load_lease(id)
-    if l == nil then
-      redis.call('ZREM', K_QUEUE, id)
-    elseif expire_if_due(l, now) then
-      -- an abandoned waiter blocks nobody
-    elseif l.want ~= '' and redis.call('SISMEMBER', K_DEVICES, l.want) == 0 then
-      end_lease(l, 'cancelled', now, 'device_removed')
-      wake(l, now)
+    if l == nil or due_at(l) <= now
+        or (l.want ~= '' and redis.call('SISMEMBER', K_DEVICES, l.want) == 0) then
+      -- gone, abandoned or waiting for a removed device: it holds back nobody
+      if not dry then
+        if l == nil then
+          redis.call('ZREM', K_QUEUE, id)
+        elseif due_at(l) <= now then
+          end_lease(l, 'abandoned', now, nil)
+        else
+          end_lease(l, 'cancelled', now, 'device_removed')
+          wake(l, now)
+        end
+      end
     else
       local cands = candidates(devs, l.want, l.mib)
-      local dev = best_fit(cands, blocked, l.mib)
-      if dev then
-        grant(l, dev, now)
+      local picked = best_fit(cands, blocked, l)
+      if picked and dry then
+        for _, d in ipairs(picked) do d.used = d.used + l.mib end
+      elseif picked then
+        grant(l, picked, now)
         wake(l, now)
       else
-        for _, d in ipairs(cands) do blocked[d.name] = true end
+        if not dry and l.claim_mib == 0 then
+          local d, victims = plan_eviction(l, cands, blocked, now)
+          if d then start_eviction(l, d, victims, now) end
+        end
+        for _, d in ipairs(cands) do
+          if not blocked[d.name] then
+            blocked[d.name] = true
+            nblocked = nblocked + 1
+          end
+        end
       end
     end
   end
   return blocked, #ids >= WALK_LIMIT
 end
 
-local function settle_all(now) settle(now, nil, '+inf') end
+local function settle_all(now) settle(now, nil, '+inf', false) end
+
+-- The lease `id` held with `token`, or nil and the reply for a lease that is unknown, held with
+-- another token, or ended (one that fell due just now ends here, and the queue moves on).
+local function held_lease(id, token, now)
+  local l = load_lease(id)
+  if l == nil then return nil, fail('lease_not_found', 'no lease ' .. id) end
+  if tonumber(l.token) ~= token then
+    return nil, fail('lease_not_held', 'lease ' .. id .. ' is not held with token ' .. token)
+  end
+  if expire_if_due(l, now) then settle_all(now) end
+  if TERMINAL[l.state] then return nil, ended_reply(l, now) end
+  return l, nil
+end

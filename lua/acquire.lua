@@ -11,10 +11,21 @@
 -- ARGV[8] ttl_ms       int     lease (and queue entry) lifetime without a heartbeat, ms
 -- ARGV[9] labels       string  JSON object, opaque to the scripts
 -- ARGV[10] wait        "1"|"0" queue the request if it does not fit now, or just answer busy
+-- ARGV[11] preemptible "1"|"0" a request of strictly higher priority may evict it while active
+--                              (optional, "0")
+-- ARGV[12] grace_ms    int     time to give the memory back once asked to, ms (optional, 10000)
+-- ARGV[13] notify      string  pub/sub channel the holder hears eviction notices on (optional)
+-- ARGV[14] exclusive   "1"|"0" nothing else may share the device while this is held (optional)
+-- ARGV[15] gang        int     the same mib on this many devices of one host, all or nothing,
+--                              1..16 (optional, 1); a gang evicts nobody, it waits for room
+-- A request that does not fit, and that nobody ahead of it holds back, evicts the cheapest set of
+-- victims that makes it fit on one device (see plan_eviction), and waits for their memory.
 -- Replies: {"granted", "now", now, "state", s, "device", d, "token", t, "expires_at", ms,
 --           "cuda_index", i, "device_host", h}
---        | {"queued", "now", now, "position", rank, "next_expiry", ms or ""}: next_expiry is the
---          soonest expiry in the pool, when the head of the queue should look again
+--           "evict_deadline", ms or ""
+--        | {"queued", "now", now, "position", rank, "next_expiry", ms or "", "evicting", n}:
+--          next_expiry is the soonest expiry (or eviction deadline) in the pool, when the head of
+--          the queue should look again; evicting is how many leases were asked to make room now
 --        | {"busy", "now", now}: does not fit now and wait is "0"
 --        | {"ended", "now", now, "state", s, "reason", r}: the lease this id got has ended
 --        | bad_request | pool_not_found | device_not_found (also to a waiter whose device went)
@@ -27,6 +38,11 @@ local want = ARGV[7]
 local ttl_ms = int_arg(ARGV[8], 1, MAX_TTL_MS)
 local labels = ARGV[9]
 local wait = ARGV[10] == '1'
+local preemptible = ARGV[11] == '1' and '1' or '0'
+local grace_ms = int_arg(ARGV[12] or DEFAULT_GRACE_MS, 0, MAX_TTL_MS)
+local notify = ARGV[13] or ''
+local exclusive = ARGV[14] == '1' and '1' or '0'
+local gang = int_arg(ARGV[15] or 1, 1, 16)
 
 if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of [A-Za-z0-9_.:-]') end
 if #holder < 1 or #holder > 128 then return fail('bad_request', 'holder must be 1-128 bytes') end
@@ -36,20 +52,26 @@ if priority == nil then return fail('bad_request', 'priority must be an integer 
 if want ~= '' and not valid_name(want) then return fail('bad_request', 'bad device name') end
 if ttl_ms == nil then return fail('bad_request', 'ttl_ms must be an integer from 1 to ' .. MAX_TTL_MS) end
 if #labels > 4096 then return fail('bad_request', 'labels must be at most 4096 bytes') end
+if grace_ms == nil then return fail('bad_request', 'grace_ms must be an integer from 0 to ' .. MAX_TTL_MS) end
+if #notify > 256 then return fail('bad_request', 'notify channel must be at most 256 bytes') end
+if gang == nil then return fail('bad_request', 'devices must be an integer from 1 to 16') end
+if gang > 1 and want ~= '' then return fail('bad_request', 'a gang of devices cannot name one device') end
 
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
 local key = lease_key(id)
 
-local function queued_reply()
+local function queued_reply(evicting)
   local head = redis.call('ZRANGE', K_EXPIRY, 0, 0, 'WITHSCORES')
-  return {'queued', 'now', now, 'position', redis.call('ZRANK', K_QUEUE, id), 'next_expiry', head[2] or ''}
+  return {'queued', 'now', now, 'position', redis.call('ZRANK', K_QUEUE, id), 'next_expiry', head[2] or '',
+          'evicting', evicting}
 end
 
 local l = load_lease(id)
 if l then
   if l.holder ~= holder or l.mib ~= mib or l.priority ~= priority or l.want ~= want
-      or tonumber(l.ttl_ms) ~= ttl_ms or l.labels ~= labels then
+      or tonumber(l.ttl_ms) ~= ttl_ms or l.labels ~= labels or l.exclusive ~= exclusive
+      or l.gang ~= gang then
     return fail('request_conflict', 'lease id ' .. id .. ' belongs to another request')
   end
   if expire_if_due(l, now) then dirty = true end
@@ -74,7 +96,14 @@ if l then
     local expires_at = now + ttl_ms
     redis.call('HSET', key, 'expires_at', int(expires_at))
     redis.call('ZADD', K_EXPIRY, int(expires_at), id)
-    return queued_reply()
+    local aging_ms = config().aging_ms
+    if aging_ms > 0 then
+      -- Aging: a waiter rises one named level per aging_ms of waiting, keeping its arrival order.
+      local waited = now - tonumber(redis.call('HGET', key, 'requested_at'))
+      local aged = math.min(100, priority + AGING_STEP * math.floor(waited / aging_ms))
+      redis.call('ZADD', K_QUEUE, int((100 - aged) * PRIO_SPAN + tonumber(l.seq)), id)
+    end
+    return queued_reply(0)
   end
   -- It stopped polling and lost its place; it queues anew below.
   redis.call('DEL', key)
@@ -88,28 +117,40 @@ if want ~= '' and redis.call('SISMEMBER', K_DEVICES, want) == 0 then
   return fail('device_not_found', 'no device ' .. want .. ' in this pool')
 end
 local cands = candidates(devs, want, mib)
+local hosts = {}
+for _, d in ipairs(cands) do hosts[d.host] = (hosts[d.host] or 0) + 1 end
+local enough = false
+for _, n in pairs(hosts) do enough = enough or n >= gang end
+if not enough then cands = {} end
 if #cands == 0 then
   local largest = 0
   for _, d in ipairs(devs) do
     if (want == '' or want == d.name) and d.budget > largest then largest = d.budget end
   end
-  return fail('insufficient_vram', mib .. ' MiB can never fit: the largest budget is ' .. largest .. ' MiB')
+  return fail('insufficient_vram', mib .. ' MiB on ' .. gang .. ' device(s) of one host can never fit:'
+              .. ' the largest budget is ' .. largest .. ' MiB')
 end
 
 -- Waiters ahead of this request: every one of priority >= its own (it would queue behind them).
 local blocked, partial = settle(now, devs, '(' .. int((101 - priority) * PRIO_SPAN))
 local dev = nil
-if not partial then dev = best_fit(cands, blocked, mib) end
+l = {id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new',
+     preemptible = preemptible, exclusive = exclusive, gang = gang, claim_mib = 0}
+if not partial then dev = best_fit(cands, blocked, l) end
 
 local fields = {'holder', holder, 'holder_host', holder_host, 'holder_pid', holder_pid, 'mib', mib,
-                'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'requested_at', int(now)}
+                'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'requested_at', int(now),
+                'preemptible', preemptible, 'grace_ms', grace_ms, 'exclusive', exclusive, 'gang', gang}
+if notify ~= '' then
+  fields[#fields + 1] = 'notify'
+  fields[#fields + 1] = notify
+end
 if labels ~= '{}' then
   fields[#fields + 1] = 'labels'
   fields[#fields + 1] = labels
 end
 if dev then
-  l = {id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new',
-       fields = fields}
+  l.fields = fields
   grant(l, dev, now)
   return grant_reply('granted', l, now)
 end
@@ -121,4 +162,11 @@ redis.call('HSET', key, 'state', 'queued', 'seq', seq, 'expires_at', int(expires
 redis.call('ZADD', K_QUEUE, int((100 - priority) * PRIO_SPAN + seq), id)
 redis.call('ZADD', K_EXPIRY, int(expires_at), id)
 event('queued', {'lease', id, 'holder', holder, 'mib', mib, 'priority', priority, 'want', want})
-return queued_reply()
+local victims = {}
+if not partial then
+  l.state = 'queued'
+  local d
+  d, victims = plan_eviction(l, cands, blocked, now)
+  if d then start_eviction(l, d, victims, now) else victims = {} end
+end
+return queued_reply(#victims)

@@ -3,7 +3,8 @@
 -- ARGV[1] id      string  lease id
 -- ARGV[2] token   int     the lease's fencing token
 -- ARGV[3] ttl_ms  int     new lifetime from now, ms
--- Replies: {"ok", "now", now, "state", s, "expires_at", ms}
+-- Replies: {"ok", "now", now, "state", s, "expires_at", ms, "evict_deadline", ms or ""}: state
+--          "evicting" means give the memory back (release) before evict_deadline
 --        | {"ended", "now", now, "state", s, "reason", r}: it ended (expired, revoked, ...)
 --        | bad_request | lease_not_found | lease_not_held
 local id = ARGV[1]
@@ -29,5 +30,6 @@ if dirty then settle_all(now) end
 if TERMINAL[l.state] then return ended_reply(l, now) end
 local expires_at = int(now + ttl_ms)
 redis.call('HSET', lease_key(id), 'expires_at', expires_at, 'ttl_ms', ttl_ms)
-redis.call('ZADD', K_EXPIRY, expires_at, id)
-return {'ok', 'now', now, 'state', l.state, 'expires_at', expires_at}
+l.expires_at = expires_at
+redis.call('ZADD', K_EXPIRY, int(due_at(l)), id)
+return {'ok', 'now', now, 'state', l.state, 'expires_at', expires_at, 'evict_deadline', l.evict_deadline or ''}

@@ -5,7 +5,7 @@
 ...     os.environ.update(lease.env)
 """
 
-from ._core import DeviceInfo, Lease, LeaseInfo, PoolStatus
+from ._core import DeviceInfo, Lease, LeaseInfo, Plan, PoolStatus
 from .aio import AsyncBoss, AsyncLeaseContext
 from .errors import (
     ERRORS,
@@ -16,6 +16,7 @@ from .errors import (
     DeviceNotFound,
     GpubossError,
     InsufficientVram,
+    LeaseEvicted,
     LeaseLost,
     LeaseNotFound,
     LeaseNotHeld,
@@ -47,11 +48,13 @@ __all__ = [
     "InsufficientVram",
     "Lease",
     "LeaseContext",
+    "LeaseEvicted",
     "LeaseInfo",
     "LeaseLost",
     "LeaseNotFound",
     "LeaseNotHeld",
     "NotFound",
+    "Plan",
     "PoolKeys",
     "PoolNotFound",
     "PoolStatus",

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import socket
+import weakref
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
@@ -23,6 +24,7 @@ from typing import Any, TypeAlias, TypeVar
 from .errors import (
     AcquireTimeout,
     BadRequest,
+    LeaseEvicted,
     LeaseLost,
     LeaseNotFound,
     LeaseNotHeld,
@@ -65,6 +67,7 @@ Step: TypeAlias = Call | Command
 Op: TypeAlias = Generator[Step, Any, T]
 
 DEFAULT_TTL = 10.0
+DEFAULT_GRACE = 10.0
 DEFAULT_POOL = "default"
 _LIST_PAGE = 1000
 
@@ -95,6 +98,11 @@ def _opt_int(value: str | None) -> int | None:
     return int(value) if value not in (None, "") else None
 
 
+def _ints(value: str | None) -> tuple[int, ...]:
+    """CUDA indexes of a lease: one, or a gang's joined by commas (unknown ones left out)."""
+    return tuple(int(x) for x in (value or "").split(",") if x != "")
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
     """A lease or a waiting request as Redis holds it (times in Redis ms)."""
@@ -109,7 +117,7 @@ class LeaseInfo:
     priority: int
     device: str | None
     token: int | None
-    cuda_index: int | None
+    cuda_indexes: tuple[int, ...]
     device_host: str | None
     ttl_ms: int
     expires_at_ms: int | None
@@ -118,6 +126,16 @@ class LeaseInfo:
     ended_at_ms: int | None
     reason: str | None
     labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cuda_index(self) -> int | None:
+        """The CUDA index of the (first) device, if known."""
+        return self.cuda_indexes[0] if self.cuda_indexes else None
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The devices held: one, or a gang's."""
+        return tuple(self.device.split(",")) if self.device else ()
 
     @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> LeaseInfo:
@@ -134,7 +152,7 @@ class LeaseInfo:
                 priority=int(f["priority"]),
                 device=f.get("device") or f.get("want") or None,
                 token=_opt_int(f.get("token")),
-                cuda_index=_opt_int(f.get("cuda_index")),
+                cuda_indexes=_ints(f.get("cuda_index")),
                 device_host=f.get("device_host") or None,
                 ttl_ms=int(f["ttl_ms"]),
                 expires_at_ms=_opt_int(f.get("expires_at")),
@@ -249,9 +267,12 @@ class Lease:
         self.info = info
         self.id = info.id
         self.pool = info.pool
-        self.device: str = info.device
+        #: the devices held: one, or for a gang lease all of them
+        self.devices = info.devices
+        self.device: str = self.devices[0]
         self.mib = info.mib
         self.token: int = info.token
+        self.cuda_indexes = info.cuda_indexes
         self.cuda_index = info.cuda_index
         self.priority = info.priority
         self.labels = info.labels
@@ -259,18 +280,38 @@ class Lease:
         self._clock = clock
         self._deadline = deadline
         self._lost_reason: str | None = None
+        self._released = False
+        #: Redis ms by which an evicting lease must be given back; None while not asked to
+        self.evict_deadline_ms: int | None = None
+        self._notice_pending = False
+        self.on_evict: Callable[[Lease], Any] | None = None
+        self._boss: Any = None  # the client that holds it, for idle() and busy()
 
     def __repr__(self) -> str:
-        return f"<Lease {self.id} {self.mib} MiB on {self.pool}/{self.device} token={self.token}>"
+        return f"<Lease {self.id} {self.mib} MiB on {self.pool}/{','.join(self.devices)} token={self.token}>"
 
     @property
     def env(self) -> dict[str, str]:
         """Environment for a process using this lease: ``CUDA_VISIBLE_DEVICES`` and the lease."""
         env = {"GPUBOSS_LEASE_ID": self.id, "GPUBOSS_LEASE_TOKEN": str(self.token)}
-        env["GPUBOSS_DEVICE"] = self.device
-        if self.cuda_index is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.cuda_index)
+        env["GPUBOSS_DEVICE"] = ",".join(self.devices)
+        if self.cuda_indexes:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cuda_indexes))
         return env
+
+    @property
+    def evicting(self) -> bool:
+        """Whether gpuboss asked for this lease's memory back (release before the deadline)."""
+        return self.evict_deadline_ms is not None
+
+    def idle(self) -> Any:
+        """Keep the lease warm: still resident, but evictable. With ``AsyncBoss``, await it."""
+        return self._boss.idle(self)
+
+    def busy(self) -> Any:
+        """Take a warm lease back into use; raises :class:`LeaseEvicted` if it was evicted.
+        With ``AsyncBoss``, await it."""
+        return self._boss.busy(self)
 
     @property
     def deadline(self) -> float:
@@ -305,6 +346,16 @@ class Lease:
         if self._lost_reason is None:
             self._lost_reason = reason
 
+    def _evict_notice(self, deadline_ms: int) -> None:
+        if self.evict_deadline_ms is None and not self._released:
+            self.evict_deadline_ms = deadline_ms
+            self._notice_pending = True
+
+    def _take_notice(self) -> bool:
+        """True once, after the first eviction notice: time to run ``on_evict``."""
+        pending, self._notice_pending = self._notice_pending, False
+        return pending
+
 
 def _granted(req: AcquireRequest, holder: Holder, f: Mapping[str, Any], sent: float, clock: Clock) -> Lease:
     # The reply carries what the grant decided; the rest is the request, which the script
@@ -321,7 +372,7 @@ def _granted(req: AcquireRequest, holder: Holder, f: Mapping[str, Any], sent: fl
             priority=req.priority,
             device=f["device"],
             token=int(f["token"]),
-            cuda_index=_opt_int(f["cuda_index"]),
+            cuda_indexes=_ints(f["cuda_index"]),
             device_host=f["device_host"] or None,
             ttl_ms=req.ttl_ms,
             expires_at_ms=int(f["expires_at"]),
@@ -355,13 +406,22 @@ def _wake_grant(popped: Any) -> dict[str, str] | None:
 
 def _lost(lease_id: str, f: Mapping[str, Any]) -> LeaseLost:
     why = f.get("state", "?") + (f" ({f['reason']})" if f.get("reason") else "")
-    return LeaseLost(f"lease {lease_id} has ended: {why}", lease=lease_id, state=f.get("state"))
+    cls = LeaseEvicted if f.get("state") == "revoked" else LeaseLost
+    return cls(f"lease {lease_id} has ended: {why}", lease=lease_id, state=f.get("state"))
 
 
 def _check_pool(pool: str) -> PoolKeys:
     if not valid_pool(pool):
         raise BadRequest(f"pool must be 1-64 of [A-Za-z0-9_.-], not {pool!r}")
     return PoolKeys(pool)
+
+
+def _check_gang(devices: int, device: str | None) -> int:
+    if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= 16:
+        raise BadRequest(f"devices must be an int from 1 to 16, not {devices!r}")
+    if devices > 1 and device is not None:
+        raise BadRequest("a gang of devices cannot name one device")
+    return devices
 
 
 def _check_name(what: str, name: str) -> str:
@@ -377,6 +437,8 @@ class Holder:
     name: str
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
+    #: pub/sub channel on which this client hears eviction notices for its leases
+    notify: str = field(default_factory=lambda: f"gpuboss:notify:{secrets.token_hex(8)}")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not 1 <= len(self.name.encode()) <= 128:
@@ -400,6 +462,10 @@ class AcquireRequest:
     ttl_ms: int
     timeout: float | None
     labels: str
+    preemptible: bool
+    grace_ms: int
+    exclusive: bool
+    gang: int
 
     @classmethod
     def build(
@@ -414,6 +480,10 @@ class AcquireRequest:
         timeout: float | None,
         labels: Mapping[str, str] | None,
         request_id: str | None,
+        preemptible: bool = False,
+        grace: float = DEFAULT_GRACE,
+        exclusive: bool = False,
+        devices: int = 1,
     ) -> AcquireRequest:
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
@@ -436,6 +506,10 @@ class AcquireRequest:
             ttl_ms=parse_ttl_ms(ttl),
             timeout=timeout,
             labels=text,
+            preemptible=bool(preemptible),
+            grace_ms=parse_ttl_ms(grace, "grace"),
+            exclusive=bool(exclusive),
+            gang=_check_gang(devices, device),
         )
 
 
@@ -456,6 +530,7 @@ def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
     keys = req.keys.script_keys()
     args: list[str | int] = [req.id, holder.name, holder.host, holder.pid, req.mib, req.priority]
     args += [req.device, req.ttl_ms, req.labels, 0 if req.timeout == 0 else 1]
+    args += [int(req.preemptible), req.grace_ms, holder.notify, int(req.exclusive), req.gang]
     deadline = None if req.timeout is None else clock() + req.timeout
     poll = beat_interval(req.ttl_ms / 1000)
     while True:
@@ -498,6 +573,7 @@ def release(lease: Lease) -> Op[None]:
         err = _lost(lease.id, f)
         lease._mark_lost(err.message)
         raise err
+    lease._released = True
     lease._mark_lost("released")
 
 
@@ -517,6 +593,8 @@ def heartbeat(lease: Lease, clock: Clock) -> Op[LeaseInfo]:
         err = _lost(lease.id, f)
         lease._mark_lost(err.message)
         raise err
+    if f["state"] == "evicting":
+        lease._evict_notice(int(f["evict_deadline"]))
     info = dataclasses.replace(lease.info, state=f["state"], expires_at_ms=int(f["expires_at"]))
     lease._renewed(sent, info, int(f["now"]))
     return info
@@ -621,6 +699,8 @@ def reap(pool: str | None) -> Op[int]:
 
 def close(lease: Lease) -> Op[str | None]:
     """Release a lease on leaving its context; returns why it was lost, or None if it was not."""
+    if lease._released:  # given back already (by on_evict's handling, or by hand)
+        return "evicted" if lease.evicting else None
     reason = lease.lost_reason
     try:
         yield from release(lease)
@@ -646,5 +726,132 @@ def raise_if_lost(lease: Lease, reason: str | None, exc: BaseException | None) -
         return
     message = f"lease {lease.id} was lost while held: {reason}"
     if exc is None:
-        raise LeaseLost(message, lease=lease.id)
+        raise (LeaseEvicted if lease.evicting else LeaseLost)(message, lease=lease.id)
     exc.add_note(f"gpuboss: {message}")
+
+
+_MARK = frozenset({"ok", "evicting", "ended"})
+
+
+def mark(lease: Lease, verb: str) -> Op[None]:
+    """``idle`` or ``busy``: move a held lease between kept-warm and in-use."""
+    code, f = parse_reply(
+        (yield Call(verb, PoolKeys(lease.pool).script_keys(), [lease.id, lease.token])), _MARK
+    )
+    if code == "ended":
+        err = _lost(lease.id, f)
+        lease._mark_lost(err.message)
+        raise err
+    if code == "evicting":
+        lease._evict_notice(int(f["evict_deadline"]))
+        if verb == "busy":
+            raise LeaseEvicted(f"lease {lease.id} is being evicted: give it back", lease=lease.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What would happen to a request right now (see :meth:`Boss.plan`)."""
+
+    outcome: str  # "grant", "evict", "wait" or "never"
+    device: str | None = None
+    victims: tuple[str, ...] = ()
+    ahead: int = 0
+    largest_mib: int = 0
+
+    def __str__(self) -> str:
+        if self.outcome == "grant":
+            return f"granted on {self.device}"
+        if self.outcome == "evict":
+            return f"would evict {', '.join(self.victims)} on {self.device}"
+        if self.outcome == "wait":
+            return f"would wait behind {self.ahead}"
+        return f"cannot ever fit (largest budget {self.largest_mib} MiB)"
+
+
+def plan(
+    vram: int | str | None,
+    vram_gb: float | None,
+    priority: int | str,
+    device: str | None,
+    pool: str,
+    exclusive: bool = False,
+    devices: int = 1,
+) -> Op[Plan]:
+    """Dry run: what would happen to this request now. Changes nothing."""
+    keys = _check_pool(pool)
+    args: list[str | int] = [parse_mib(vram, vram_gb), parse_priority(priority)]
+    args.append(_check_name("device", device) if device is not None else "")
+    args += [int(bool(exclusive)), _check_gang(devices, device)]
+    code, f = parse_reply(
+        (yield Call("plan", keys.script_keys(), args)), frozenset({"grant", "evict", "wait", "never"})
+    )
+    return Plan(
+        outcome=code,
+        device=f.get("device"),
+        victims=tuple(_text(v) for v in f.get("victims", [])),
+        ahead=int(f.get("ahead", 0)),
+        largest_mib=int(f.get("largest", 0)),
+    )
+
+
+def configure_pool(pool: str, min_residency: float, aging: float) -> Op[None]:
+    """Set a pool's minimum residency and aging period (seconds; 0 turns either off)."""
+    keys = _check_pool(pool)
+    args = [0 if min_residency == 0 else parse_ttl_ms(min_residency, "min_residency")]
+    args.append(0 if aging == 0 else parse_ttl_ms(aging, "aging"))
+    parse_reply((yield Call("configure_pool", keys.script_keys(), list(args))), _OK)
+
+
+def parse_notice(message: Any) -> tuple[str, int] | None:
+    """(lease id, deadline ms) from a pub/sub eviction notice ``evict <id> <deadline>``."""
+    if not isinstance(message, dict) or message.get("type") != "message":
+        return None
+    parts = _text(message.get("data", "")).split(" ")
+    if len(parts) != 3 or parts[0] != "evict" or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
+class Notices:
+    """The leases a client holds, by id, for eviction notices arriving over pub/sub.
+
+    A notice can arrive before the acquire that granted the lease has returned; it is kept and
+    applied when the lease is registered. The listener stops once no lease has been held for
+    ``linger`` seconds, and starts again (subscribing first) with the next acquire.
+    """
+
+    linger = 2.0
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._held: weakref.WeakValueDictionary[str, Lease] = weakref.WeakValueDictionary()
+        self._early: dict[str, int] = {}
+        self._empty_since = clock()
+
+    def register(self, lease: Lease) -> None:
+        self._held[lease.id] = lease
+        deadline = self._early.pop(lease.id, None)
+        if deadline is not None:
+            lease._evict_notice(deadline)
+
+    def on_message(self, message: Any) -> Lease | None:
+        """The lease a notice is for, with the notice applied (None if unknown yet or not one)."""
+        notice = parse_notice(message)
+        if notice is None:
+            return None
+        lease = self._held.get(notice[0])
+        if lease is None:
+            self._early[notice[0]] = notice[1]
+            while len(self._early) > 256:
+                del self._early[next(iter(self._early))]
+            return None
+        lease._evict_notice(notice[1])
+        return lease
+
+    def idle(self) -> bool:
+        """Whether no lease has been held for ``linger`` seconds (the listener may stop)."""
+        now = self._clock()
+        if len(self._held):
+            self._empty_since = now
+            return False
+        return now - self._empty_since > self.linger

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 
 from . import _core as core
-from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, PoolStatus
+from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
 from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
 from .scripts import NAMES, source
 
@@ -21,6 +23,8 @@ __all__ = ["AsyncBoss", "AsyncLeaseContext"]
 
 log = logging.getLogger("gpuboss_client")
 T = TypeVar("T")
+#: called (and awaited, if it returns an awaitable) when gpuboss asks for the lease's memory back
+AsyncEvictCallback = Callable[[Lease], "Awaitable[object] | object"]
 
 
 class AsyncBoss:
@@ -43,6 +47,9 @@ class AsyncBoss:
         self.holder = Holder.of(holder, host, pid)
         self._clock = clock
         self._scripts = {name: client.register_script(source(name)) for name in NAMES}
+        self._notices = core.Notices(clock)
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> AsyncBoss:
@@ -54,6 +61,9 @@ class AsyncBoss:
         return cls(client, holder=holder)
 
     async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.wait([self._listener])
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncBoss:
@@ -91,6 +101,11 @@ class AsyncBoss:
         timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        preemptible: bool = False,
+        grace: float = core.DEFAULT_GRACE,
+        exclusive: bool = False,
+        devices: int = 1,
+        on_evict: AsyncEvictCallback | None = None,
     ) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.
 
@@ -101,9 +116,11 @@ class AsyncBoss:
         """
         req = core.AcquireRequest.build(
             vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id,
+            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
+            exclusive=exclusive, devices=devices,
         )  # fmt: skip
-        return await self._run(core.acquire(req, self.holder, self._clock))
+        await self._ensure_listener()
+        return self._held_lease(await self._run(core.acquire(req, self.holder, self._clock)), on_evict)
 
     def lease(
         self,
@@ -117,15 +134,21 @@ class AsyncBoss:
         timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        preemptible: bool = False,
+        grace: float = core.DEFAULT_GRACE,
+        exclusive: bool = False,
+        devices: int = 1,
+        on_evict: AsyncEvictCallback | None = None,
     ) -> AsyncLeaseContext:
         """``async with boss.lease(...) as lease:`` acquires, heartbeats in a background task, and
         releases on exit, exceptions included. If the lease is lost meanwhile, ``lease.lost``
         turns true and :class:`LeaseLost` is raised on exit at the latest."""
         req = core.AcquireRequest.build(
             vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id,
+            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
+            exclusive=exclusive, devices=devices,
         )  # fmt: skip
-        return AsyncLeaseContext(self, req)
+        return AsyncLeaseContext(self, req, on_evict)
 
     async def release(self, lease: Lease) -> None:
         """Release a lease; raises :class:`LeaseLost` if it had already ended otherwise."""
@@ -133,7 +156,44 @@ class AsyncBoss:
 
     async def heartbeat(self, lease: Lease) -> LeaseInfo:
         """Renew a lease for another TTL and return its state; raises LeaseLost if it ended."""
-        return await self._run(core.heartbeat(lease, self._clock))
+        try:
+            return await self._run(core.heartbeat(lease, self._clock))
+        finally:
+            self._dispatch(lease)
+
+    async def idle(self, lease: Lease) -> None:
+        """Keep ``lease`` warm: resident but not in use, evictable least recently used first."""
+        try:
+            await self._run(core.mark(lease, "idle"))
+        finally:
+            self._dispatch(lease)
+
+    async def busy(self, lease: Lease) -> None:
+        """Take a warm lease back into use; raises :class:`LeaseEvicted` if it was evicted."""
+        try:
+            await self._run(core.mark(lease, "busy"))
+        finally:
+            self._dispatch(lease)
+
+    async def plan(
+        self,
+        vram: int | str | None = None,
+        *,
+        vram_gb: float | None = None,
+        priority: int | str = "normal",
+        device: str | None = None,
+        pool: str = core.DEFAULT_POOL,
+        exclusive: bool = False,
+        devices: int = 1,
+    ) -> Plan:
+        """Dry run: would a request be granted now, evict whom, wait behind how many, or never fit?"""
+        return await self._run(core.plan(vram, vram_gb, priority, device, pool, exclusive, devices))
+
+    async def configure_pool(
+        self, pool: str = core.DEFAULT_POOL, *, min_residency: float = 0, aging: float = 0
+    ) -> None:
+        """Set ``pool``'s minimum residency and aging period (see :meth:`Boss.configure_pool`)."""
+        await self._run(core.configure_pool(pool, min_residency, aging))
 
     async def add_device(
         self,
@@ -174,19 +234,86 @@ class AsyncBoss:
         """End expired leases and abandoned waiters now; returns how many."""
         return await self._run(core.reap(pool))
 
+    def _held_lease(self, lease: Lease, on_evict: AsyncEvictCallback | None) -> Lease:
+        lease._boss = self
+        lease.on_evict = on_evict
+        self._notices.register(lease)
+        self._dispatch(lease)
+        return lease
+
+    async def _ensure_listener(self) -> None:
+        """Subscribe to this client's notice channel, before acquiring, so no notice is missed."""
+        if self._listener is not None and not self._listener.done():
+            return
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(self.holder.notify)
+            await pubsub.get_message(timeout=5.0)  # the confirmation: from now on notices reach us
+        except (redis.RedisError, OSError) as exc:
+            log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            return
+        if self._listener is not None and not self._listener.done():  # another task won the race
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            return
+        self._listener = asyncio.create_task(self._listen(pubsub), name="gpuboss-notices")
+
+    def _dispatch(self, lease: Lease) -> None:
+        """Run ``on_evict`` (sync or async) once the first notice arrived, then give the memory back."""
+        if lease._take_notice() and lease.on_evict is not None:
+            task = asyncio.create_task(self._evict(lease), name=f"gpuboss-evict-{lease.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _evict(self, lease: Lease) -> None:
+        try:
+            assert lease.on_evict is not None
+            result = lease.on_evict(lease)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("on_evict of lease %s failed; releasing it anyway", lease.id)
+        try:
+            await self.release(lease)
+        except GpubossError as exc:
+            log.warning("could not release evicted lease %s: %s", lease.id, exc)
+
+    async def _listen(self, pubsub: Any) -> None:
+        # The fast path for eviction notices; heartbeat replies carry them too if this is down.
+        try:
+            while not self._notices.idle():
+                try:
+                    message = await pubsub.get_message(timeout=0.25)
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    await asyncio.sleep(0.1)  # Redis away: redis-py reconnects and resubscribes
+                    continue
+                except Exception as exc:  # e.g. the Redis client was closed under us
+                    log.debug("eviction notices stop (heartbeats still carry them): %r", exc)
+                    return
+                lease = self._notices.on_message(message)
+                if lease is not None:
+                    self._dispatch(lease)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
 
 class AsyncLeaseContext:
     """The async context manager :meth:`AsyncBoss.lease` returns."""
 
-    def __init__(self, boss: AsyncBoss, req: core.AcquireRequest) -> None:
+    def __init__(
+        self, boss: AsyncBoss, req: core.AcquireRequest, on_evict: AsyncEvictCallback | None
+    ) -> None:
         self._boss = boss
         self._req = req
+        self._on_evict = on_evict
         self._task: asyncio.Task[None] | None = None
         self.lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
+        await self._boss._ensure_listener()
         lease = await self._boss._run(core.acquire(self._req, self._boss.holder, self._boss._clock))
-        self.lease = lease
+        self.lease = self._boss._held_lease(lease, self._on_evict)
         self._task = asyncio.create_task(self._beat(lease), name=f"gpuboss-heartbeat-{lease.id}")
         return lease
 

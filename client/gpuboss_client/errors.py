@@ -17,6 +17,7 @@ __all__ = [
     "DeviceNotFound",
     "GpubossError",
     "InsufficientVram",
+    "LeaseEvicted",
     "LeaseLost",
     "LeaseNotFound",
     "LeaseNotHeld",
@@ -101,6 +102,14 @@ class LeaseLost(LeaseNotHeld):
     exit_code = 7
 
 
+class LeaseEvicted(LeaseLost):
+    """The lease was evicted (or is being evicted) for a request that needed its memory: give it
+    back, and acquire again to use the device."""
+
+    code = "lease_evicted"
+    exit_code = 14
+
+
 class RequestConflict(GpubossError):
     """The lease id is already used by a different request."""
 
@@ -160,6 +169,7 @@ ERRORS: dict[str, type[GpubossError]] = {
         PoolNotFound,
         LeaseNotHeld,
         LeaseLost,
+        LeaseEvicted,
         RequestConflict,
         DeviceBusy,
         InsufficientVram,

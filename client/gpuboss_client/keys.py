@@ -16,6 +16,8 @@ key                                    type     holds
 ``gpuboss:{pool}:v1:wake:<id>``        list     a waiter blocks here until it is granted
 ``gpuboss:{pool}:v1:events``           stream   capped log of every transition
 ``gpuboss:{pool}:v1:seq``              string   arrival order and fencing tokens
+``gpuboss:{pool}:v1:config``           hash     min_residency_ms, aging_ms
+``gpuboss:{pool}:v1:device:<n>:evictable`` zset  idle and preemptible leases, eviction order
 =====================================  =======  ============================================
 
 The Lua scripts receive :meth:`PoolKeys.script_keys` as ``KEYS`` and build the per-lease and
@@ -78,6 +80,13 @@ class PoolKeys:
     def seq(self) -> str:
         return self.prefix + "seq"
 
+    @property
+    def config(self) -> str:
+        return self.prefix + "config"
+
+    def evictable(self, name: str) -> str:
+        return f"{self.prefix}device:{name}:evictable"
+
     def device(self, name: str) -> str:
         return f"{self.prefix}device:{name}"
 
@@ -98,4 +107,4 @@ class PoolKeys:
 @cache
 def _script_keys(pool: str) -> list[str]:
     k = PoolKeys(pool)
-    return [k.prefix, k.devices, k.queue, k.expiry, k.events, k.seq]
+    return [k.prefix, k.devices, k.queue, k.expiry, k.events, k.seq, k.config]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 import redis
 
 from . import _core as core
-from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, PoolStatus
+from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
 from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
 from .scripts import NAMES, source
 
@@ -20,6 +21,8 @@ __all__ = ["Boss", "LeaseContext"]
 
 log = logging.getLogger("gpuboss_client")
 T = TypeVar("T")
+#: called with the lease when gpuboss asks for its memory back; unload, then return
+EvictCallback = Callable[[Lease], object]
 
 
 class Boss:
@@ -42,6 +45,10 @@ class Boss:
         self.holder = Holder.of(holder, host, pid)
         self._clock = clock
         self._scripts = {name: client.register_script(source(name)) for name in NAMES}
+        self._notices = core.Notices(clock)
+        self._listener: threading.Thread | None = None
+        self._listener_lock = threading.Lock()
+        self._closed = threading.Event()
 
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> Boss:
@@ -53,6 +60,9 @@ class Boss:
         return cls(client, holder=holder)
 
     def close(self) -> None:
+        self._closed.set()
+        if self._listener is not None:
+            self._listener.join()
         self.redis.close()
 
     def __enter__(self) -> Boss:
@@ -90,6 +100,11 @@ class Boss:
         timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        preemptible: bool = False,
+        grace: float = core.DEFAULT_GRACE,
+        exclusive: bool = False,
+        devices: int = 1,
+        on_evict: EvictCallback | None = None,
     ) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.
 
@@ -100,9 +115,11 @@ class Boss:
         """
         req = core.AcquireRequest.build(
             vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id,
+            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
+            exclusive=exclusive, devices=devices,
         )  # fmt: skip
-        return self._run(core.acquire(req, self.holder, self._clock))
+        self._ensure_listener()
+        return self._held_lease(self._run(core.acquire(req, self.holder, self._clock)), on_evict)
 
     def lease(
         self,
@@ -116,15 +133,21 @@ class Boss:
         timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        preemptible: bool = False,
+        grace: float = core.DEFAULT_GRACE,
+        exclusive: bool = False,
+        devices: int = 1,
+        on_evict: EvictCallback | None = None,
     ) -> LeaseContext:
         """``with boss.lease(...) as lease:`` acquires, heartbeats in a background thread, and
         releases on exit, exceptions included. If the lease is lost meanwhile, ``lease.lost``
         turns true and :class:`LeaseLost` is raised on exit at the latest."""
         req = core.AcquireRequest.build(
             vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id,
+            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
+            exclusive=exclusive, devices=devices,
         )  # fmt: skip
-        return LeaseContext(self, req)
+        return LeaseContext(self, req, on_evict)
 
     def release(self, lease: Lease) -> None:
         """Release a lease; raises :class:`LeaseLost` if it had already ended otherwise."""
@@ -132,7 +155,45 @@ class Boss:
 
     def heartbeat(self, lease: Lease) -> LeaseInfo:
         """Renew a lease for another TTL and return its state; raises LeaseLost if it ended."""
-        return self._run(core.heartbeat(lease, self._clock))
+        try:
+            return self._run(core.heartbeat(lease, self._clock))
+        finally:
+            self._dispatch(lease)
+
+    def idle(self, lease: Lease) -> None:
+        """Keep ``lease`` warm: resident but not in use, evictable least recently used first."""
+        try:
+            self._run(core.mark(lease, "idle"))
+        finally:
+            self._dispatch(lease)
+
+    def busy(self, lease: Lease) -> None:
+        """Take a warm lease back into use; raises :class:`LeaseEvicted` if it was evicted."""
+        try:
+            self._run(core.mark(lease, "busy"))
+        finally:
+            self._dispatch(lease)
+
+    def plan(
+        self,
+        vram: int | str | None = None,
+        *,
+        vram_gb: float | None = None,
+        priority: int | str = "normal",
+        device: str | None = None,
+        pool: str = core.DEFAULT_POOL,
+        exclusive: bool = False,
+        devices: int = 1,
+    ) -> Plan:
+        """Dry run: would a request be granted now, evict whom, wait behind how many, or never fit?"""
+        return self._run(core.plan(vram, vram_gb, priority, device, pool, exclusive, devices))
+
+    def configure_pool(
+        self, pool: str = core.DEFAULT_POOL, *, min_residency: float = 0, aging: float = 0
+    ) -> None:
+        """Set ``pool``'s minimum residency (a younger lease is evicted only if nothing else fits)
+        and aging period (a waiter rises one priority level, 10, per period; 0 = strict priority)."""
+        self._run(core.configure_pool(pool, min_residency, aging))
 
     def add_device(
         self,
@@ -173,20 +234,89 @@ class Boss:
         """End expired leases and abandoned waiters now; returns how many."""
         return self._run(core.reap(pool))
 
+    def _held_lease(self, lease: Lease, on_evict: EvictCallback | None) -> Lease:
+        lease._boss = self
+        lease.on_evict = on_evict
+        with self._listener_lock:
+            self._notices.register(lease)
+        self._ensure_listener()
+        self._dispatch(lease)
+        return lease
+
+    def _ensure_listener(self) -> None:
+        """Subscribe to this client's notice channel, before acquiring, so no notice is missed."""
+        with self._listener_lock:
+            if self._listener is not None and self._listener.is_alive():
+                return
+            pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.holder.notify)
+                pubsub.get_message(timeout=5.0)  # the confirmation: from now on notices reach us
+            except (redis.RedisError, OSError) as exc:
+                log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
+                pubsub.close()
+                return
+            self._listener = threading.Thread(
+                target=self._listen, args=(pubsub,), name="gpuboss-notices", daemon=True
+            )
+            self._listener.start()
+
+    def _dispatch(self, lease: Lease) -> None:
+        """Run ``on_evict`` once the first eviction notice arrived, then give the memory back."""
+        if lease._take_notice() and lease.on_evict is not None:
+            threading.Thread(target=self._evict, args=(lease,), name=f"gpuboss-evict-{lease.id}").start()
+
+    def _evict(self, lease: Lease) -> None:
+        try:
+            assert lease.on_evict is not None
+            lease.on_evict(lease)
+        except Exception:
+            log.exception("on_evict of lease %s failed; releasing it anyway", lease.id)
+        try:
+            self.release(lease)
+        except GpubossError as exc:
+            log.warning("could not release evicted lease %s: %s", lease.id, exc)
+
+    def _listen(self, pubsub: Any) -> None:
+        # The fast path for eviction notices; heartbeat replies carry them too if this is down.
+        try:
+            while not self._closed.is_set():
+                with self._listener_lock:
+                    if self._notices.idle():
+                        self._listener = None
+                        return
+                try:
+                    message = pubsub.get_message(timeout=0.25)
+                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                    self._closed.wait(0.1)  # Redis away: redis-py reconnects and resubscribes
+                    continue
+                except Exception as exc:  # e.g. the Redis client was closed under us
+                    log.debug("eviction notices stop (heartbeats still carry them): %r", exc)
+                    return
+                with self._listener_lock:
+                    lease = self._notices.on_message(message)
+                if lease is not None:
+                    self._dispatch(lease)
+        finally:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
 
 class LeaseContext:
     """The context manager :meth:`Boss.lease` returns."""
 
-    def __init__(self, boss: Boss, req: core.AcquireRequest) -> None:
+    def __init__(self, boss: Boss, req: core.AcquireRequest, on_evict: EvictCallback | None) -> None:
         self._boss = boss
         self._req = req
+        self._on_evict = on_evict
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lease: Lease | None = None
 
     def __enter__(self) -> Lease:
+        self._boss._ensure_listener()
         lease = self._boss._run(core.acquire(self._req, self._boss.holder, self._boss._clock))
-        self.lease = lease
+        self.lease = self._boss._held_lease(lease, self._on_evict)
         self._thread = threading.Thread(
             target=self._beat, args=(lease,), name=f"gpuboss-heartbeat-{lease.id}", daemon=True
         )

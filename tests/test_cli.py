@@ -493,3 +493,29 @@ def test_installed_console_script(admin: Boss, redis_url: str) -> None:
     [s] = admin.status()
     assert doc["pools"]["default"]["devices"] == s.to_dict()["devices"]
     assert ids(doc["pools"]["default"]["leases"]) == [lease.id]
+
+
+# --- plan and pool settings -------------------------------------------------------------------
+
+
+def test_plan_says_what_would_happen_and_changes_nothing(admin: Boss, redis_url: str) -> None:
+    admin.add_device("gpu0", "24GiB")
+    assert ok(gb(redis_url, "plan", "--vram", "8GiB")).strip() == "granted on gpu0"
+    assert "cannot ever fit" in ok(gb(redis_url, "plan", "--vram", "30GiB"))
+    warm = admin.acquire("20GiB", priority="low")
+    admin.idle(warm)
+    out = json.loads(ok(gb(redis_url, "plan", "--vram", "8GiB", "--priority", "high", "--json")))
+    assert out == {"outcome": "evict", "device": "gpu0", "victims": [warm.id], "ahead": 0, "largest_mib": 0}
+    admin.busy(warm)  # active and not preemptible: nobody may evict it now
+    assert ok(gb(redis_url, "plan", "--vram", "8GiB", "--priority", "high")).strip() == "would wait behind 0"
+    assert admin.leases()[0].state == "active"  # the plans changed nothing
+    failed(gb(redis_url, "plan", "--vram", "-1"), 2, "bad_request")
+
+
+def test_pool_configure_sets_residency_and_aging(
+    admin: Boss, redis_url: str, real_redis: redis.Redis
+) -> None:
+    out = ok(gb(redis_url, "pool", "configure", "--min-residency", "5", "--aging", "30"))
+    assert "min residency 5 s, aging 30 s" in out
+    assert real_redis.hgetall(PoolKeys("default").config) == {"min_residency_ms": "5000", "aging_ms": "30000"}
+    failed(gb(redis_url, "pool", "configure", "--aging", "-1"), 2, "bad_request")

@@ -49,6 +49,8 @@ app = typer.Typer(
 )
 devices_app = typer.Typer(help="Add, list and remove devices.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
+pool_app = typer.Typer(help="Pool settings.", no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
 
 PoolOpt = Annotated[str | None, typer.Option("--pool", "-p", help="Only this pool (default: every pool).")]
 OnePoolOpt = Annotated[str, typer.Option("--pool", "-p", help="The device's pool.")]
@@ -234,6 +236,58 @@ def reap(ctx: typer.Context, pool: PoolOpt = None) -> None:
         n = boss.reap(pool)
     where = f" in pool {pool}" if pool is not None else ""
     _say(_console(), f"reaped {n} expired leases and abandoned waiters{where}")
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    vram: Annotated[str, typer.Option("--vram", metavar="SIZE", help="Memory to ask for, e.g. 8GiB.")],
+    priority: Annotated[str, typer.Option("--priority", help="low, normal, high or 0-100.")] = "normal",
+    device: Annotated[str | None, typer.Option("--device", help="A device (default: best fit).")] = None,
+    pool: OnePoolOpt = DEFAULT_POOL,
+    exclusive: Annotated[bool, typer.Option("--exclusive", help="Ask for the whole device.")] = False,
+    devices: Annotated[int, typer.Option("--devices", help="A gang of this many devices.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Say what would happen to a request right now, changing nothing: granted on a device, would
+    evict these leases, would wait behind N, or can never fit."""
+    with connect(ctx) as boss:
+        outcome = boss.plan(
+            vram, priority=priority, device=device, pool=pool, exclusive=exclusive, devices=devices
+        )
+    if as_json:
+        _print_json(
+            {
+                "outcome": outcome.outcome,
+                "device": outcome.device,
+                "victims": list(outcome.victims),
+                "ahead": outcome.ahead,
+                "largest_mib": outcome.largest_mib,
+            }
+        )
+    else:
+        _say(_console(), str(outcome))
+
+
+@pool_app.command("configure")
+def pool_configure(
+    ctx: typer.Context,
+    pool: OnePoolOpt = DEFAULT_POOL,
+    min_residency: Annotated[
+        float,
+        typer.Option(
+            "--min-residency", help="Seconds: a younger lease is evicted only if nothing else fits."
+        ),
+    ] = 0,
+    aging: Annotated[
+        float,
+        typer.Option("--aging", help="Seconds per priority level (10) a waiter rises; 0: strict priority."),
+    ] = 0,
+) -> None:
+    """Set a pool's minimum residency and aging (0 turns either off)."""
+    with connect(ctx) as boss:
+        boss.configure_pool(pool, min_residency=min_residency, aging=aging)
+    _say(_console(), f"pool {pool}: min residency {min_residency:g} s, aging {aging:g} s")
 
 
 @app.command("version")

@@ -284,7 +284,7 @@ local function end_lease(l, state, now, reason)
     for _, name in ipairs(lease_devices(l)) do
       redis.call('HINCRBY', device_key(name), 'used_mib', -l.mib)
       redis.call('SREM', device_leases_key(name), l.id)
-      redis.call('ZREM', evictable_key(name), l.id)
+      if l.state == 'idle' or l.preemptible == '1' then redis.call('ZREM', evictable_key(name), l.id) end
       if l.exclusive == '1' then redis.call('HDEL', device_key(name), 'exclusive') end
     end
   end

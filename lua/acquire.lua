@@ -139,16 +139,20 @@ l = {id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, 
 if not partial then dev = best_fit(cands, blocked, l) end
 
 local fields = {'holder', holder, 'holder_host', holder_host, 'holder_pid', holder_pid, 'mib', mib,
-                'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'requested_at', int(now),
-                'preemptible', preemptible, 'grace_ms', grace_ms, 'exclusive', exclusive, 'gang', gang}
-if notify ~= '' then
-  fields[#fields + 1] = 'notify'
-  fields[#fields + 1] = notify
+                'priority', priority, 'want', want, 'ttl_ms', ttl_ms, 'requested_at', int(now)}
+-- Fields at their default are left out (load_lease fills them in): fewer writes on the hot path.
+local function optional(name, value, default)
+  if value ~= default then
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
 end
-if labels ~= '{}' then
-  fields[#fields + 1] = 'labels'
-  fields[#fields + 1] = labels
-end
+optional('notify', notify, '')
+optional('labels', labels, '{}')
+optional('preemptible', preemptible, '0')
+optional('grace_ms', grace_ms, DEFAULT_GRACE_MS)
+optional('exclusive', exclusive, '0')
+optional('gang', gang, 1)
 if dev then
   l.fields = fields
   grant(l, dev, now)

@@ -2,7 +2,7 @@
 
 Run it as ``.venv/bin/python tests/bench.py`` (``--quick`` for a smoke run, ``--json PATH`` to keep
 the numbers). It starts its own ``redis-server`` on a free loopback port in a temporary directory
-and measures three things for each contender:
+and measures three things for each contender, and a fourth for gpuboss alone:
 
 1. uncontended acquire + release pairs from one client process: pairs/s, per-pair latency p50/p99,
    and where the time goes: client CPU (``process_time``), server main-thread CPU (``INFO cpu``)
@@ -13,7 +13,14 @@ and measures three things for each contender:
    is the number of turns each process got (min/max and Jain's index). redis-py's Lock polls while
    it waits (every 0.1 s by default), so it runs twice: as shipped, and polling every 1 ms;
 3. uncontended pairs again with 10 .. 100,000 other live leases in the pool (other live lock keys
-   for the locks), to show whether the cost stays flat.
+   for the locks), to show whether the cost stays flat;
+4. eviction latency (gpuboss alone: the locks have no eviction): a holder process keeps a
+   low-priority lease idle on a device that fits one lease, with an ``on_evict`` that returns at
+   once (the client then releases the lease); this process asks for the whole device at high
+   priority, round after round. It reports the time from the acquire call to the start of the
+   holder's ``on_evict`` (notice over pub/sub) and to the requester holding the memory, on the
+   system-wide monotonic clock. Between rounds it releases, and the holder, queued meanwhile, is
+   granted and idles again; the two processes take turns over a pipe, never by sleeping.
 
 The locks get a 10 s expiry, like a lease's default TTL. Uncontended runs are split into rounds
 that alternate between contenders, so that noise from other work on the machine falls on all of
@@ -36,17 +43,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis_lock  # type: ignore[import-untyped]
 
-from gpuboss_client import Boss
+from gpuboss_client import Boss, Lease
 from gpuboss_client.keys import PoolKeys
 from gpuboss_client.scripts import script_shas
 
@@ -59,6 +67,8 @@ CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK)
 LOCK_EXPIRE_S = 10  # the locks expire like a lease with the default 10 s TTL
 HANDOFF_MIB = 1024  # the hand-off device fits exactly one lease of this size
 LIVE_DEVICE_MIB = 16 * 1024 * 1024  # room for every live lease plus the measured one
+EVICT_MIB = 1024  # the eviction device fits exactly one lease of this size
+EVICT_WAIT_S = 30  # bound on every step of an eviction round (each takes milliseconds)
 
 
 def mono_ns() -> int:
@@ -420,6 +430,94 @@ def add_live_locks(client: redis.Redis, start: int, stop: int) -> None:
         pipe.execute()
 
 
+# --- eviction --------------------------------------------------------------------------------
+
+
+def evict_holder(url: str, rounds: int, conn: Connection) -> None:
+    """The holder of the eviction section: ``rounds`` times, lease the whole device at low priority
+    (waiting while the benchmark holds it), mark the lease idle and say ``idle``; its ``on_evict``
+    notes when it starts and says ``evicted``, and the client then releases the lease."""
+    client = connect(url)
+    boss = Boss(client, holder=f"bench-idle-{os.getpid()}")
+    evicted = threading.Event()
+
+    def on_evict(lease: Lease) -> None:
+        started = mono_ns()
+        conn.send(("evicted", started))  # the main thread is not sending: it waits on `evicted`
+        evicted.set()
+
+    for _ in range(rounds):
+        lease = boss.acquire(EVICT_MIB, priority="low", pool="evict", timeout=EVICT_WAIT_S, on_evict=on_evict)
+        boss.idle(lease)
+        conn.send(("idle", mono_ns()))
+        if not evicted.wait(EVICT_WAIT_S):
+            raise RuntimeError(f"lease {lease.id} was not evicted")
+        evicted.clear()
+    conn.recv()  # "stop": the benchmark holds the last round's memory, so the last release is done
+    boss.close()
+
+
+def expect(conn: Connection, tag: str) -> int:
+    if not conn.poll(EVICT_WAIT_S):
+        raise RuntimeError(f"the eviction holder did not say {tag!r}")
+    got, value = conn.recv()
+    if got != tag:
+        raise RuntimeError(f"the eviction holder said {got!r}, not {tag!r}")
+    return int(value)
+
+
+@dataclass
+class EvictStats:
+    to_callback_ns: list[int]
+    to_holding_ns: list[int]
+    evicting: int
+    revoked: int
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rounds": len(self.to_holding_ns)}
+        for name, values in (("to_callback", self.to_callback_ns), ("to_holding", self.to_holding_ns)):
+            lat = sorted(values)
+            out[name] = {
+                "p50_us": pct(lat, 0.50) / 1e3,
+                "p99_us": pct(lat, 0.99) / 1e3,
+                "max_us": lat[-1] / 1e3,
+            }
+        out |= {"evicting_events": self.evicting, "revoked": self.revoked}
+        return out
+
+
+def run_evictions(url: str, boss: Boss, client: redis.Redis, rounds: int, warmup: int) -> EvictStats:
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=evict_holder, args=(url, warmup + rounds, there), daemon=True)
+    proc.start()
+    there.close()
+    to_callback: list[int] = []
+    to_holding: list[int] = []
+    try:
+        for i in range(warmup + rounds):
+            expect(here, "idle")
+            asked = mono_ns()
+            lease = boss.acquire(EVICT_MIB, priority="high", pool="evict", timeout=EVICT_WAIT_S)
+            holding = mono_ns()
+            started = expect(here, "evicted")
+            boss.release(lease)  # the holder, queued meanwhile, is granted for the next round
+            if i >= warmup:
+                to_callback.append(started - asked)
+                to_holding.append(holding - asked)
+        here.send("stop")
+        proc.join(EVICT_WAIT_S)
+        if proc.exitcode != 0:
+            raise RuntimeError(f"the eviction holder exited with {proc.exitcode}")
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    entries = cast(list[tuple[str, dict[str, str]]], client.xrange(PoolKeys("evict").events))
+    kinds = [f["event"] for _, f in entries]
+    return EvictStats(to_callback, to_holding, kinds.count("evicting"), kinds.count("revoked"))
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -464,7 +562,7 @@ def handoff_rows(stats: dict[str, dict[str, Any]]) -> list[list[str]]:
     ]  # fmt: skip
 
 
-# --- the three sections ----------------------------------------------------------------------
+# --- the sections ----------------------------------------------------------------------------
 
 
 def section_uncontended(args: argparse.Namespace, client: redis.Redis, boss: Boss) -> dict[str, Any]:
@@ -532,6 +630,27 @@ def section_live(args: argparse.Namespace, client: redis.Redis, boss: Boss) -> d
     return {"levels": live, "p50_ratio_last_vs_first": flat}
 
 
+def section_eviction(args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss) -> dict[str, Any]:
+    boss.add_device("gpu0", EVICT_MIB, pool="evict")
+    stats = run_evictions(url, boss, client, args.evict_rounds, args.evict_warmup).summary()
+    stats["warmup_rounds"] = args.evict_warmup
+    rows = [
+        [label, fmt(stats[key]["p50_us"]), fmt(stats[key]["p99_us"]), fmt(stats[key]["max_us"])]
+        for label, key in (("acquire call -> holder's on_evict starts", "to_callback"),
+                           ("acquire call -> requester holds the memory", "to_holding"))
+    ]  # fmt: skip
+    title = (
+        f"4. Eviction latency, {stats['rounds']:,} rounds: a high-priority acquire evicts an idle "
+        "low-priority lease held by another process"
+    )
+    table(title, ["gpuboss", "p50 µs", "p99 µs", "max µs"], rows)
+    print("on_evict starts when the notice arrives over pub/sub; the client releases once it returns")
+    print(f"evicting events: {stats['evicting_events']:,} (one per round, warm-up included), "
+          f"revoked: {stats['revoked']} (must be 0)")  # fmt: skip
+    print(f"on_evict p99: {stats['to_callback']['p99_us'] / 1e3:.2f} ms; aim < 5 ms")
+    return stats
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--pairs", type=int, default=20000, help="uncontended pairs per contender")
@@ -541,15 +660,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of contention per contender")
     ap.add_argument("--hold-us", type=int, default=50, help="busy work while holding, µs")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds for uncontended runs")
+    ap.add_argument("--evict-rounds", type=int, default=500, help="measured eviction rounds")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     ap.add_argument("--no-pin", action="store_true", help="do not pin redis-server and clients to CPUs")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     args = ap.parse_args(argv)
     if args.quick:
         args.pairs, args.live_pairs, args.levels = 400, 200, "10,1000"
-        args.duration, args.rounds = 0.4, 2
+        args.duration, args.rounds, args.evict_rounds = 0.4, 2, 30
     args.levels = [int(x) for x in args.levels.split(",")]
     args.warmup = min(500, max(20, args.pairs // 20))
+    args.evict_warmup = min(20, max(5, args.evict_rounds // 10))
     return args
 
 
@@ -585,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             "uncontended": section_uncontended(args, client, boss),
             "handoff": section_handoff(args, url, boss),
             "live": section_live(args, client, boss),
+            "eviction": section_eviction(args, url, client, boss),
         }
         client.close()
     load = round(os.getloadavg()[0], 2)

@@ -28,6 +28,8 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "## 1. Uncontended acquire + release",
         "## 2. Hand-off",
         "## 3. Uncontended pairs with N other live leases",
+        "## 4. Eviction latency",
+        "on_evict p99:",
         "gpuboss / redis-py Lock per pair:",
         "pinning",
         "redis_server",
@@ -48,3 +50,12 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         assert handoff["processes"] == len(handoff["turns_per_process"]) == 8, name
     # gpuboss queues its waiters in order: every process gets a turn.
     assert results["handoff"]["gpuboss"]["turns_min"] > 0
+    eviction = results["eviction"]
+    assert eviction["rounds"] == 30
+    # Every round evicted the idle holder (warm-up rounds too), which always gave the memory back.
+    assert eviction["evicting_events"] == 30 + eviction["warmup_rounds"]
+    assert eviction["revoked"] == 0
+    for measure in ("to_callback", "to_holding"):
+        assert 0 < eviction[measure]["p50_us"] <= eviction[measure]["p99_us"] <= eviction[measure]["max_us"]
+    # The holder's on_evict starts before the requester can hold the memory it frees.
+    assert eviction["to_callback"]["p50_us"] < eviction["to_holding"]["p50_us"]

@@ -205,7 +205,8 @@ local function best_fit(cands, blocked, l)
   local by_host, best, best_left = {}, nil, nil
   for _, d in ipairs(cands) do
     local left = room(d, l) - l.mib
-    if not blocked[d.name] and left >= 0 then
+    -- Memory promised to l is l's, whoever waits ahead of it: they could not use it anyway.
+    if (not blocked[d.name] or l.claim_device == d.name) and left >= 0 then
       local group = by_host[d.host] or {}
       group[#group + 1] = {d = d, left = left}
       by_host[d.host] = group
@@ -456,8 +457,12 @@ local function settle(now, devs, bound, dry)
   local blocked, nblocked = {}, 0
   if #ids == 0 then return blocked, false end
   if devs == nil then devs = load_devices() end
+  -- With every device held back nobody further can be granted, unless memory was promised to a
+  -- waiter further down (an eviction it started).
+  local claims = false
+  for _, d in ipairs(devs) do claims = claims or d.claimed > 0 end
   for _, id in ipairs(ids) do
-    if nblocked >= #devs then return blocked, true end
+    if nblocked >= #devs and not claims then return blocked, true end
     local l = load_lease(id)
     if l == nil or due_at(l) <= now
         or (l.want ~= '' and redis.call('SISMEMBER', K_DEVICES, l.want) == 0) then

@@ -58,21 +58,35 @@ def functions(source: str) -> dict[str, tuple[list[str], str]]:
 COMMON_FUNCS = functions(strip_comments(COMMON))
 
 
+def reached(code: str) -> list[str]:
+    """``code`` and the bodies of the _common.lua functions it calls, directly or through others
+    (e.g. ``held_lease``, whose error and ``ended`` replies the verbs that call it return)."""
+    seen: set[str] = set()
+    todo = [code]
+    texts = []
+    while todo:
+        text = todo.pop()
+        texts.append(text)
+        for name, (_params, body) in COMMON_FUNCS.items():
+            if name not in seen and re.search(rf"\b{name}\(", text):
+                seen.add(name)
+                todo.append(body)
+    return texts
+
+
 def reply_codes(code: str) -> set[str]:
     """Success codes a piece of Lua can reply with (not errors)."""
-    found = set(re.findall(r"\{'(\w+)', 'now'", code))
-    for name, (params, body) in COMMON_FUNCS.items():
-        if not name.endswith("_reply") or f"{name}(" not in code:
-            continue
-        if params and params[0] == "code":
-            found |= set(re.findall(rf"\b{name}\('(\w+)'", code))
-        else:
-            found |= set(re.findall(r"\{'(\w+)', 'now'", body))
+    found: set[str] = set()
+    for text in reached(code):
+        found |= set(re.findall(r"\{'(\w+)', 'now'", text))
+        for name, (params, _body) in COMMON_FUNCS.items():
+            if name.endswith("_reply") and params and params[0] == "code":
+                found |= set(re.findall(rf"\b{name}\('(\w+)'", text))
     return found
 
 
 def fail_codes(code: str) -> set[str]:
-    return set(re.findall(r"\bfail\('(\w+)'", code))
+    return {c for text in reached(code) for c in re.findall(r"\bfail\('(\w+)'", text)}
 
 
 def test_names_are_the_lua_files() -> None:
@@ -125,8 +139,31 @@ def test_every_error_code_is_in_the_error_table() -> None:
         assert fail_codes(code) <= set(ERRORS), name
 
 
-def _script_of(node: ast.AST) -> str | None:
-    """The script named by the one ``Call("name", ...)`` inside ``node``, if there is one."""
+CLIENT_TREES = [ast.parse(inspect.getsource(m)) for m in (core, gpuboss_client.sync, gpuboss_client.aio)]
+
+
+def _passed_to(func: ast.FunctionDef, param: str) -> set[str]:
+    """The string constants every call of ``func`` in the client passes as its ``param``."""
+    index = [a.arg for a in func.args.args].index(param)
+    found: set[str] = set()
+    for tree in CLIENT_TREES:
+        for n in ast.walk(tree):
+            if not isinstance(n, ast.Call):
+                continue
+            callee = n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None)
+            if callee != func.name:
+                continue
+            given = n.args[index] if len(n.args) > index else None
+            given = next((k.value for k in n.keywords if k.arg == param), given)
+            assert isinstance(given, ast.Constant), f"{func.name}: {ast.unparse(n)}"
+            found.add(str(given.value))
+    assert found, f"nothing calls {func.name} with a constant {param}"
+    return found
+
+
+def _scripts_of(node: ast.AST, func: ast.FunctionDef) -> set[str] | None:
+    """The scripts named by the one ``Call(name, ...)`` inside ``node``, if there is one: a
+    constant, or a parameter of ``func`` (``mark(lease, verb)``), resolved from its call sites."""
     calls = [
         n for n in ast.walk(node)
         if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "Call"
@@ -134,23 +171,26 @@ def _script_of(node: ast.AST) -> str | None:
     if len(calls) != 1:
         return None
     first = calls[0].args[0]
+    if isinstance(first, ast.Name) and first.id in [a.arg for a in func.args.args]:
+        return _passed_to(func, first.id)
     assert isinstance(first, ast.Constant), ast.unparse(node)
-    return str(first.value)
+    return {str(first.value)}
 
 
 def _expected_by_script() -> dict[str, set[str]]:
     """For each script, the reply codes the core accepts where it calls it (read from its AST).
 
     ``parse_reply((yield Call("x", ...)), codes)`` and ``reply = yield Call("x", ...)`` followed
-    by ``parse_reply(reply, codes)`` in the same function are both understood.
+    by ``parse_reply(reply, codes)`` in the same function are both understood, and so is a script
+    name passed in as a parameter (``Call(verb, ...)``).
     """
-    tree = ast.parse(inspect.getsource(core))
+    tree = CLIENT_TREES[0]
     out: dict[str, set[str]] = {}
     for func in ast.walk(tree):
         if not isinstance(func, ast.FunctionDef):
             continue
         bound = {
-            t.id: _script_of(n.value)
+            t.id: _scripts_of(n.value, func)
             for n in ast.walk(func)
             if isinstance(n, ast.Assign) and isinstance(n.value, ast.Yield)
             for t in n.targets
@@ -164,15 +204,16 @@ def _expected_by_script() -> dict[str, set[str]]:
             ):
                 continue
             arg = node.args[0]
-            name = bound.get(arg.id) if isinstance(arg, ast.Name) else _script_of(arg)
-            assert name is not None, f"cannot tell which script {ast.unparse(node)} parses"
+            names = bound.get(arg.id) if isinstance(arg, ast.Name) else _scripts_of(arg, func)
+            assert names, f"cannot tell which script {ast.unparse(node)} parses"
             accepted = node.args[1]
             if isinstance(accepted, ast.Name):
                 value: Any = getattr(core, accepted.id)
             else:
                 assert isinstance(accepted, ast.Call), ast.unparse(accepted)
                 value = ast.literal_eval(accepted.args[0])
-            out.setdefault(name, set()).update(value)
+            for name in names:
+                out.setdefault(name, set()).update(value)
     return out
 
 
@@ -195,10 +236,10 @@ def test_common_declares_the_keys_in_pool_keys_order() -> None:
     assert [int(i) for i, _ in declared] == list(range(1, len(declared) + 1))
     pk = PoolKeys("p")
     assert pk.script_keys() == [getattr(pk, name) for _, name in declared]
-    binds = re.search(r"local PREFIX = KEYS\[1\]\nlocal ([\w, ]+) = ([\w\[\], ]+)\n", COMMON)
-    assert binds is not None
-    names = [n.strip() for n in binds.group(1).split(",")]
-    indexes = [int(i) for i in re.findall(r"KEYS\[(\d+)\]", binds.group(2))]
+    binds = re.findall(r"^local (K_[\w, ]+) = (KEYS\[[\w\[\], ]+)$", COMMON, re.M)
+    assert binds, "_common.lua binds KEYS[2..] to K_ names"
+    names = [n.strip() for lhs, _ in binds for n in lhs.split(",")]
+    indexes = [int(i) for _, rhs in binds for i in re.findall(r"KEYS\[(\d+)\]", rhs)]
     assert [n.removeprefix("K_").lower() for n in names] == [name for _, name in declared[1:]]
     assert indexes == list(range(2, len(declared) + 1))
 
@@ -212,9 +253,14 @@ def test_no_script_scans_the_keyspace() -> None:
 
 def test_lua_key_builders_agree_with_pool_keys(real_redis: redis.Redis) -> None:
     pk = PoolKeys("p-1.x")
-    probe = COMMON + "\nreturn {lease_key('L'), device_key('D'), device_leases_key('D'), wake_key('L')}"
+    probe = COMMON + (
+        "\nreturn {lease_key('L'), device_key('D'), device_leases_key('D'), wake_key('L'),"
+        " evictable_key('D'), K_CONFIG}"
+    )
     got = real_redis.eval(probe, len(pk.script_keys()), *pk.script_keys())
-    assert got == [pk.lease("L"), pk.device("D"), pk.device_leases("D"), pk.wake("L")]
+    assert got == [
+        pk.lease("L"), pk.device("D"), pk.device_leases("D"), pk.wake("L"), pk.evictable("D"), pk.config,
+    ]  # fmt: skip
 
 
 def test_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.Redis) -> None:
@@ -245,9 +291,27 @@ def test_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.Redis) ->
     assert all(k == keys.POOLS or str(k).startswith("gpuboss:{pk}:v1:") for k in real_redis.keys("*"))
 
 
+def test_eviction_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.Redis) -> None:
+    boss = Boss(real_redis, holder="k")
+    boss.add_device("gpu0", 1024, pool="pk")
+    boss.configure_pool("pk", min_residency=1, aging=2)
+    warm = boss.acquire(512, pool="pk", request_id="warm", ttl=60)
+    warm.idle()
+    pk = PoolKeys("pk")
+    assert real_redis.hgetall(pk.config) == {"min_residency_ms": "1000", "aging_ms": "2000"}
+    assert real_redis.zrange(pk.evictable("gpu0"), 0, -1) == ["warm"]
+    assert set(real_redis.keys("*")) == {
+        keys.POOLS, pk.devices, pk.device("gpu0"), pk.device_leases("gpu0"), pk.lease("warm"),
+        pk.expiry, pk.events, pk.seq, pk.config, pk.evictable("gpu0"),
+    }  # fmt: skip
+    warm.busy()  # in use and not preemptible: out of the eviction index again
+    assert real_redis.exists(pk.evictable("gpu0")) == 0
+
+
 def test_pool_keys_share_one_hash_slot() -> None:
     pk = PoolKeys("gpu-farm")
     every = [*pk.script_keys(), pk.lease("a"), pk.device("d"), pk.device_leases("d"), pk.wake("a")]
+    every += [pk.evictable("d"), pk.config]
     tags = {re.search(r"\{([^}]*)\}", k).group(1) for k in every}  # type: ignore[union-attr]
     assert tags == {"gpu-farm"}
     assert all(k.startswith(f"{keys.ROOT}:{{gpu-farm}}:{keys.SCHEMA}:") for k in every)

@@ -352,10 +352,11 @@ end
 -- The fewest victims on device d, taken in eviction order, that make room for r; or nil.
 local function plan_on(d, r, level, now, cfg, cache)
   local need = r.mib - room(d, r)
-  if r.exclusive == '1' then
-    -- Everything on the device must go, and no other request may have been promised room there.
+  if r.exclusive == '1' or d.exclusive ~= '' then
+    -- Everything on the device must go (an exclusive holder is alone on it), and no other
+    -- request may have been promised room there.
     local own = r.claim_device == d.name and r.claim_mib or 0
-    if d.exclusive ~= '' or d.claimed - own > 0 then return nil end
+    if d.claimed - own > 0 then return nil end
     need = d.used
   end
   local list = cache[d.name]
@@ -428,16 +429,18 @@ end
 -- Ask the victims to give their memory back by their grace deadline, and promise r the room on d
 -- (the free part now and what the victims free), so nobody else takes it meanwhile.
 local function start_eviction(r, d, victims, now)
-  r.claim_device, r.claim_mib = d.name, r.mib
-  redis.call('HINCRBY', device_key(d.name), 'claimed_mib', r.mib)
-  redis.call('HSET', lease_key(r.id), 'claim_device', d.name, 'claim_mib', r.mib)
-  d.claimed = d.claimed + r.mib
+  -- An exclusive request is promised the whole device.
+  local claim = r.exclusive == '1' and d.budget or r.mib
+  r.claim_device, r.claim_mib = d.name, claim
+  redis.call('HINCRBY', device_key(d.name), 'claimed_mib', claim)
+  redis.call('HSET', lease_key(r.id), 'claim_device', d.name, 'claim_mib', claim)
+  d.claimed = d.claimed + claim
   for _, v in ipairs(victims) do
     local deadline = int(now + tonumber(v.grace_ms or DEFAULT_GRACE_MS))
     redis.call('HSET', lease_key(v.id), 'state', 'evicting', 'evict_deadline', deadline,
                'evicted_for', r.id)
     v.state, v.evict_deadline = 'evicting', deadline
-    redis.call('ZREM', evictable_key(d.name), v.id)
+    for _, name in ipairs(lease_devices(v)) do redis.call('ZREM', evictable_key(name), v.id) end
     redis.call('ZADD', K_EXPIRY, int(due_at(v)), v.id)
     if v.notify then redis.call('PUBLISH', v.notify, 'evict ' .. v.id .. ' ' .. deadline) end
     event('evicting', {'lease', v.id, 'holder', v.holder, 'device', d.name, 'mib', v.mib,

@@ -295,7 +295,7 @@ class Lease:
         """Environment for a process using this lease: ``CUDA_VISIBLE_DEVICES`` and the lease."""
         env = {"GPUBOSS_LEASE_ID": self.id, "GPUBOSS_LEASE_TOKEN": str(self.token)}
         env["GPUBOSS_DEVICE"] = ",".join(self.devices)
-        if self.cuda_indexes:
+        if self.cuda_indexes and len(self.cuda_indexes) == len(self.devices):  # all of them known
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cuda_indexes))
         return env
 

@@ -14,8 +14,16 @@ if token == nil then return fail('bad_request', 'token must be a non-negative in
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
 local l, err = held_lease(id, token, now)
-if dirty then settle_all(now) end
-if err then return err end
+if err then
+  if dirty then settle_all(now) end
+  return err
+end
+if dirty then
+  -- What was reaped may let a waiter evict this very lease: look at it again after settling.
+  settle_all(now)
+  l = load_lease(id)
+  if TERMINAL[l.state] then return ended_reply(l, now) end
+end
 if l.state == 'evicting' then return {'evicting', 'now', now, 'evict_deadline', l.evict_deadline} end
 if l.state == 'idle' then
   redis.call('HSET', lease_key(id), 'state', 'active', 'used_at', int(now))

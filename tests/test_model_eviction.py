@@ -1,0 +1,542 @@
+"""Model-based test of eviction: the real Lua scripts, driven through ``Boss``, checked by invariants.
+
+A hypothesis state machine on one pool (two devices on one host, for gangs, and maybe a third on
+another) acquires at once (preemptible or not, gangs of two), queues waiters (the acquire script
+with wait=1, which may evict), marks leases idle and busy, releases, heartbeats, force-releases,
+cancels waiters, lets victims that ignore their notice run past their (short) grace deadline and
+reaps them, and knocks on revoked leases with their old token. It does not predict which victims
+the engine picks; instead a ledger replays the event stream and after every step checks:
+
+* the events of each lease follow its life (queued, granted, idle/busy, evicting, one terminal
+  event, nothing after it); fencing tokens strictly increase; a gang is granted all its devices on
+  one host at once;
+* every grant fitted: on each of its devices, memory that evictions promised to another waiter
+  was not given away (only the claimant, or a lease that fits beside the claim, gets it);
+* every ``evicting`` event: the victim was idle, or active, preemptible and of strictly lower
+  priority than the requester; the requester was a single-device waiter (a try-once request or a
+  gang evicts nobody) that fitted on no device the waiters ahead of it left free, without evicting;
+* a victim is only ever released, revoked, expired or force-released, and only a victim is revoked;
+* Redis agrees with the ledger: lease states, each device's ``used_mib`` (gangs count on every
+  device) within its budget, its ``claimed_mib`` the sum of its waiters' claims;
+* a revoked lease is fenced: its token neither releases, renews, idles nor wakes it, and nothing
+  changes when it tries.
+
+TTLs are long, so nothing expires of itself; grace periods are 1 to 50 ms (or long), and a victim
+that ignores its notice is revoked once Redis TIME has passed its deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import ClassVar, cast
+
+import fakeredis
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from gpuboss_client import Boss, _core
+from gpuboss_client._core import Lease, LeaseInfo
+from gpuboss_client.errors import (
+    AcquireTimeout,
+    GpubossError,
+    InsufficientVram,
+    LeaseEvicted,
+    LeaseLost,
+)
+from gpuboss_client.keys import PoolKeys
+
+POOL = "evict"
+HOLDER, HOST, PID = "svc", "h1", 4242
+TTL_S = 600.0
+TTL_MS = 600_000
+TOTALS = (4, 8, 12)
+SIZES = (1, 2, 3, 4, 6, 8)
+PRIORITIES = (10, 50, 50, 90)
+GRACES_MS = (1, 20, 50, 600_000)  # short ones are revoked in a run; the long one never is
+TERMINAL = frozenset({"released", "expired", "revoked", "force_released", "cancelled", "abandoned"})
+HELD = frozenset({"active", "idle", "evicting"})  # granted and not ended
+VICTIM_ENDS = frozenset({"released", "revoked", "expired", "force_released"})
+
+Event = dict[str, str]
+Hash = dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What the machine asked for under one lease id."""
+
+    id: str
+    mib: int
+    priority: int
+    preemptible: bool
+    gang: int
+    waits: bool  # queued with wait=1 (may evict) rather than tried once
+
+
+class Ledger:
+    """Lease states, device use and claims, replayed from the event stream, with the checks."""
+
+    def __init__(self, budget: dict[str, int], host: dict[str, str], requests: dict[str, Request]) -> None:
+        self.budget, self.host, self.requests = budget, host, requests
+        self.used = dict.fromkeys(budget, 0)
+        self.claims: dict[str, tuple[str, int]] = {}  # waiter -> (device, MiB) promised to it
+        self.state: dict[str, str] = {}
+        self.devices: dict[str, tuple[str, ...]] = {}
+        self.seq: dict[str, int] = {}  # queue arrival order of waiters
+        self.max_token = 0
+        self.evicted: set[str] = set()
+
+    def claimed(self, device: str, but: str | None = None) -> int:
+        return sum(mib for w, (d, mib) in self.claims.items() if d == device and w != but)
+
+    def apply(self, e: Event, seq_of: Callable[[str], int]) -> None:
+        if "lease" not in e:
+            return
+        name, lid = e["event"], e["lease"]
+        req = self.requests[lid]
+        was = self.state.get(lid)
+        assert was not in TERMINAL, f"{e} after {lid} ended ({was})"
+        if name == "queued":
+            assert was is None, e
+            assert req.waits, e
+            self.state[lid], self.seq[lid] = "queued", seq_of(lid)
+        elif name == "granted":
+            self.grant(e, req, was)
+        elif name == "idle":
+            assert was == "active", e
+            self.state[lid] = "idle"
+        elif name == "busy":
+            assert was == "idle", e
+            self.state[lid] = "active"
+        elif name == "evicting":
+            self.evict(e, req, was)
+        else:
+            assert name in TERMINAL, e
+            if was == "queued":
+                assert "device" not in e, e
+                assert name != "revoked", e
+                self.claims.pop(lid, None)
+            else:
+                assert was in HELD, e
+                assert e.get("device") == ",".join(self.devices[lid]), e
+                for d in self.devices[lid]:
+                    self.used[d] -= req.mib
+            if was == "evicting":
+                assert name in VICTIM_ENDS, f"victim {lid} ended as {name}"
+            assert name != "revoked" or was == "evicting", f"{lid} revoked while {was}"
+            self.state[lid] = name
+
+    def grant(self, e: Event, req: Request, was: str | None) -> None:
+        lid = req.id
+        assert was in (None, "queued"), e
+        devices = tuple(e["device"].split(","))
+        # A gang gets all its devices at once, distinct and on one host.
+        assert len(devices) == len(set(devices)) == req.gang, e
+        assert len({self.host[d] for d in devices}) == 1, e
+        token = int(e["token"])
+        assert token > self.max_token, "fencing tokens must strictly increase"
+        self.max_token = token
+        for d in devices:
+            # Within budget, and memory promised to other waiters is not handed out.
+            room = self.budget[d] - self.used[d] - self.claimed(d, but=lid)
+            assert room >= req.mib, f"{lid} granted {req.mib} MiB on {d} with {room} MiB unpromised"
+            self.used[d] += req.mib
+        self.claims.pop(lid, None)
+        self.state[lid], self.devices[lid] = "active", devices
+
+    def evict(self, e: Event, victim: Request, was: str | None) -> None:
+        r = self.requests[e["for"]]
+        device = e["device"]
+        # The victim was idle, or active, preemptible and of strictly lower priority.
+        assert was == "idle" or (was == "active" and victim.preemptible and victim.priority < r.priority), (
+            f"{victim} evicted while {was} for {r}"
+        )
+        assert device in self.devices[victim.id], e
+        assert (int(e["priority"]), int(e["mib"])) == (victim.priority, victim.mib), e
+        # Only a queued single-device waiter evicts, in one batch on one device.
+        assert (r.waits, r.gang, self.state.get(r.id)) == (True, 1, "queued"), f"{r} evicted {victim}"
+        if r.id in self.claims:
+            assert self.claims[r.id] == (device, r.mib), e
+        else:
+            self.no_room(r)
+            self.claims[r.id] = (device, r.mib)
+        self.state[victim.id] = "evicting"
+        self.evicted.add(victim.id)
+
+    def no_room(self, r: Request) -> None:
+        """Nothing is evicted when free memory suffices: the requester fits on no device that the
+        waiters ahead of it (still queued, so they did not fit either) leave to it."""
+        mine = (-r.priority, self.seq[r.id])
+        blocked: set[str] = set()
+        for w, state in self.state.items():
+            if state == "queued" and w != r.id:
+                ahead = self.requests[w]
+                if (-ahead.priority, self.seq[w]) < mine:
+                    blocked |= {d for d, b in self.budget.items() if b >= ahead.mib}
+        for d, b in self.budget.items():
+            if b >= r.mib and d not in blocked:
+                room = b - self.used[d] - self.claimed(d)
+                assert room < r.mib, f"{r.id} evicted though {d} had {room} MiB free and unpromised"
+
+
+def _lease_obj(h: Hash, lease_id: str) -> Lease:
+    """A client-side lease object for a lease hash (any holder process could rebuild one)."""
+    info = LeaseInfo(
+        id=lease_id, pool=POOL, state=h["state"], holder=HOLDER, holder_host=HOST, holder_pid=PID,
+        mib=int(h["mib"]), priority=int(h["priority"]), device=h["device"], token=int(h["token"]),
+        cuda_indexes=(), device_host=h.get("device_host"), ttl_ms=TTL_MS, expires_at_ms=None,
+        requested_at_ms=None, granted_at_ms=None, ended_at_ms=None, reason=None,
+    )  # fmt: skip
+    return Lease(info, deadline=math.inf, clock=time.monotonic)
+
+
+def _lost_cls(state: str) -> type[LeaseLost]:
+    """What a held-lease call raises for a lease that ended in ``state``."""
+    return LeaseEvicted if state == "revoked" else LeaseLost
+
+
+class EvictionMachine(RuleBasedStateMachine):
+    """Drives the scripts; subclasses say how to connect."""
+
+    connect: ClassVar[Callable[[], redis.Redis]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.r = type(self).connect()
+        self.r.flushdb()
+        self.boss = Boss(self.r, holder=HOLDER, host=HOST, pid=PID)
+        self.keys = PoolKeys(POOL)
+        self.requests: dict[str, Request] = {}
+        self.ledger = Ledger({}, {}, self.requests)
+        self.n = 0
+        self.last_event = "0-0"
+        self.step: list[Event] = []  # events of the last step
+
+    def teardown(self) -> None:
+        self.boss.close()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _new(self, mib: int, priority: int, preemptible: bool, gang: int, waits: bool) -> Request:
+        self.n += 1
+        req = Request(f"{'w' if waits else 'a'}{self.n}", mib, priority, preemptible, gang, waits)
+        self.requests[req.id] = req
+        return req
+
+    def _hash(self, lease_id: str) -> Hash:
+        return cast(Hash, self.r.hgetall(self.keys.lease(lease_id)))
+
+    def _pick(self, data: st.DataObject, waiters: bool = False) -> str:
+        """Any request made so far (mostly a waiter if ``waiters``). The draw never depends on
+        lease states: those hang on timing (a victim past its deadline is revoked by whichever call
+        comes next), and hypothesis needs the same draws to replay an example."""
+        ids = sorted(self.requests, key=lambda i: int(i[1:]))
+        if waiters and any(i.startswith("w") for i in ids) and data.draw(st.booleans(), label="waiter"):
+            ids = [i for i in ids if i.startswith("w")]
+        return data.draw(st.sampled_from(ids), label="id")
+
+    def _fits_ever(self, mib: int, gang: int) -> bool:
+        hosts: dict[str, int] = {}
+        for d, b in self.ledger.budget.items():
+            if b >= mib:
+                hosts[self.ledger.host[d]] = hosts.get(self.ledger.host[d], 0) + 1
+        return any(n >= gang for n in hosts.values())
+
+    def _redis_ms(self) -> int:
+        secs, micros = self.r.time()
+        return int(secs) * 1000 + int(micros) // 1000
+
+    # --- rules -------------------------------------------------------------------------------
+
+    @initialize(totals=st.lists(st.sampled_from(TOTALS), min_size=2, max_size=3))
+    def start(self, totals: list[int]) -> None:
+        """g0 and g1 on one host (gangs of two fit there), g2 alone on another."""
+        for i, total in enumerate(totals):
+            name, host = f"g{i}", "h1" if i < 2 else "h2"
+            assert self.boss.add_device(name, total, pool=POOL, host=host)
+            self.ledger.budget[name], self.ledger.host[name] = total, host
+            self.ledger.used[name] = 0
+
+    @rule(
+        mib=st.sampled_from(SIZES),
+        priority=st.sampled_from(PRIORITIES),
+        preemptible=st.booleans(),
+        grace_ms=st.sampled_from(GRACES_MS),
+        gang=st.sampled_from((1, 1, 2)),
+    )
+    def acquire_now(self, mib: int, priority: int, preemptible: bool, grace_ms: int, gang: int) -> None:
+        """``timeout=0``: granted at once or AcquireTimeout, and never evicts."""
+        req = self._new(mib, priority, preemptible, gang, waits=False)
+        try:
+            lease = self.boss.acquire(
+                mib, priority=priority, pool=POOL, ttl=TTL_S, timeout=0, request_id=req.id,
+                preemptible=preemptible, grace=grace_ms / 1000, devices=gang,
+            )  # fmt: skip
+        except InsufficientVram:
+            assert not self._fits_ever(mib, gang)
+            assert self._hash(req.id) == {}
+            return
+        except AcquireTimeout:
+            assert self._fits_ever(mib, gang)
+            assert self._hash(req.id) == {}, "a busy try-once request leaves nothing behind"
+            return
+        h = self._hash(req.id)
+        assert (h["state"], h["device"], int(h["token"])) == ("active", ",".join(lease.devices), lease.token)
+
+    @rule(
+        mib=st.sampled_from(SIZES),
+        priority=st.sampled_from(PRIORITIES),
+        preemptible=st.booleans(),
+        grace_ms=st.sampled_from(GRACES_MS),
+        gang=st.sampled_from((1, 1, 1, 2)),
+    )
+    def enqueue(self, mib: int, priority: int, preemptible: bool, grace_ms: int, gang: int) -> None:
+        """The acquire script with wait=1, as a blocking acquire sends it: granted, or queued
+        (having maybe asked victims to make room)."""
+        req = self._new(mib, priority, preemptible, gang, waits=True)
+        if not self._fits_ever(mib, gang):
+            return
+        args: list[str | int] = [
+            req.id, HOLDER, HOST, PID, mib, priority, "", TTL_MS, "{}", 1,
+            int(preemptible), grace_ms, "", 0, gang,
+        ]  # fmt: skip
+        reply = self.boss._scripts["acquire"](keys=self.keys.script_keys(), args=args)
+        code, fields = _core.parse_reply(reply, frozenset({"granted", "queued"}))
+        self._sync()
+        if code == "queued":
+            evicting = [e for e in self.step if e["event"] == "evicting" and e["for"] == req.id]
+            assert int(fields["evicting"]) == len(evicting)
+        assert self.ledger.state[req.id] == ("queued" if code == "queued" else "active")
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data(), verb=st.sampled_from(("idle", "idle", "busy", "release", "heartbeat")))
+    def use(self, data: st.DataObject, verb: str) -> None:
+        """A holder's call with the lease's token, whatever became of the lease: a held one
+        moves on, an ended one refuses (a revoked one with LeaseEvicted) and nothing changes."""
+        lid = self._pick(data)
+        h = self._hash(lid)
+        if "token" not in h:  # never granted: there is no token to call with
+            return
+        before = self.ledger.state[lid]
+        lease = _lease_obj(h, lid)
+        error: GpubossError | None = None
+        info: LeaseInfo | None = None
+        try:
+            if verb == "idle":
+                self.boss.idle(lease)
+            elif verb == "busy":
+                self.boss.busy(lease)
+            elif verb == "release":
+                self.boss.release(lease)
+            else:
+                info = self.boss.heartbeat(lease)
+        except GpubossError as exc:
+            error = exc
+        self._sync()
+        after = self.ledger.state[lid]
+        if before in TERMINAL:
+            # Fenced: refused (a release of a released lease is a retry), and nothing changes.
+            if verb == "release" and before == "released":
+                assert error is None, error
+            else:
+                assert type(error) is _lost_cls(before), error
+                assert error.details.get("state") == before, error
+            assert self._hash(lid) == h
+            assert all(e.get("lease") != lid for e in self.step)
+            return
+        if after in TERMINAL and not (verb == "release" and after == "released"):
+            # Only a victim whose deadline passed meanwhile ends other than by its own release.
+            assert (before, after) == ("evicting", "revoked"), lid
+            assert type(error) is LeaseEvicted, error
+            return
+        if verb == "busy" and after == "evicting":
+            assert type(error) is LeaseEvicted, error
+            return
+        assert error is None, error
+        if verb == "idle":
+            assert after in ("idle", "evicting")
+        elif verb == "busy":
+            assert after == "active"
+        elif verb == "release":
+            assert after == "released"
+        else:
+            assert info is not None
+            assert info.state == after
+            assert after == before or after == "evicting"
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def force_release(self, data: st.DataObject) -> None:
+        """Operator release, no token: ends a lease or a waiter (or tells how it ended)."""
+        lid = self._pick(data)
+        if lid not in self.ledger.state:  # a try-once request that was refused: no such lease
+            return
+        info = self.boss.force_release(lid, pool=POOL)
+        self._sync()
+        assert info.state == self.ledger.state[lid]
+        assert info.state in TERMINAL
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        """A waiter gives up: its claim goes, and those behind it may be granted at once. Cancelling
+        anything else answers how it stands and changes nothing of it."""
+        lid = self._pick(data, waiters=True)
+        before = self.ledger.state.get(lid)
+        if before is None:
+            return
+        reply = self.boss._scripts["cancel"](keys=self.keys.script_keys(), args=[lid, HOLDER])
+        code, fields = _core.parse_reply(reply, frozenset({"cancelled", "granted", "ended"}))
+        self._sync()
+        after = self.ledger.state[lid]
+        if before == "queued":
+            assert code == "cancelled"
+            assert after == "cancelled"
+        elif after in TERMINAL:
+            assert code == "ended"
+            assert fields["state"] == after
+        else:
+            assert code == "granted"
+            assert fields["state"] == after
+
+    @rule()
+    def ignore_notices(self) -> None:
+        """Victims that do not give their memory back are revoked once their deadline passes."""
+        deadlines = {
+            i: int(self._hash(i)["evict_deadline"]) for i, s in self.ledger.state.items() if s == "evicting"
+        }
+        due = max((d for d in deadlines.values() if d - self._redis_ms() < 1000), default=None)
+        if due is None:
+            return
+        while self._redis_ms() <= due:  # Redis TIME is the clock the scripts go by
+            pass
+        self.boss.reap(POOL)
+        self._sync()
+        for i, d in deadlines.items():
+            if d <= due:
+                assert self.ledger.state[i] == "revoked", i
+        now = self._redis_ms()
+        for i, s in self.ledger.state.items():
+            if s == "evicting":
+                assert int(self._hash(i)["evict_deadline"]) > due, f"{i} outlived its deadline"
+        assert now > due
+
+    # --- checks after every step ---------------------------------------------------------------
+
+    def _sync(self, raw: list[tuple[str, Event]] | None = None) -> None:
+        """Feed the new events (read now, or ``raw``) to the ledger, which checks each of them."""
+        if raw is None:
+            raw = cast(list[tuple[str, Event]], self.r.xrange(self.keys.events, min="(" + self.last_event))
+        if raw:
+            self.last_event = raw[-1][0]
+        self.step = [fields for _, fields in raw]
+
+        def seq_of(lease_id: str) -> int:
+            return int(cast(str, self.r.hget(self.keys.lease(lease_id), "seq")))
+
+        for e in self.step:
+            self.ledger.apply(e, seq_of)
+
+    @invariant()
+    def redis_agrees(self) -> None:
+        self._sync()
+        # Listing may itself reap a victim past its deadline (and settle the queue), so the
+        # listing is compared only with a snapshot that no event separates from it.
+        infos = self.boss.leases(POOL)
+        devices = self.boss.devices(POOL)
+        ids = sorted(self.requests)
+        names = sorted(self.ledger.budget)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xrange(self.keys.events, min="(" + self.last_event)
+        for i in ids:
+            pipe.hgetall(self.keys.lease(i))
+        for d in names:
+            pipe.hgetall(self.keys.device(d))
+        out = pipe.execute()
+        raw = cast(list[tuple[str, Event]], out[0])
+        hashes: dict[str, Hash] = dict(zip(ids, out[1 : 1 + len(ids)], strict=True))
+        dev_hashes: dict[str, Hash] = dict(zip(names, out[1 + len(ids) :], strict=True))
+        self._sync(raw)
+        ledger = self.ledger
+        for i, h in hashes.items():
+            assert h.get("state") == ledger.state.get(i), (i, h, ledger.state.get(i))
+            if h.get("state") == "evicting":
+                # (it stays evicting even if the request it makes room for gives up meanwhile)
+                assert int(h["evict_deadline"]) > 0, h
+                assert h.get("evicted_for") in self.requests, h
+        claims: dict[str, int] = {}
+        held: dict[str, int] = {}
+        for h in hashes.values():
+            if h.get("state") == "queued" and int(h.get("claim_mib", 0)) > 0:
+                claims[h["claim_device"]] = claims.get(h["claim_device"], 0) + int(h["claim_mib"])
+            if h.get("state") in HELD:
+                for d in h["device"].split(","):  # a gang counts on each of its devices
+                    held[d] = held.get(d, 0) + int(h["mib"])
+        for name, dh in dev_hashes.items():
+            used, claimed = int(dh["used_mib"]), int(dh.get("claimed_mib", 0))
+            assert used == held.get(name, 0) == ledger.used[name], (name, used, held, ledger.used)
+            assert used <= ledger.budget[name], (name, used)
+            assert 0 <= claimed == claims.get(name, 0) == ledger.claimed(name), (name, claimed, claims)
+        assert {d.name: d.budget_mib for d in devices} == ledger.budget
+        if not raw:  # the listings saw the same state as the snapshot
+            assert {i.id: (i.state, i.mib, i.token) for i in infos} == {
+                i: (h["state"], int(h["mib"]), int(h["token"]) if "token" in h else None)
+                for i, h in hashes.items()
+                if h and h["state"] not in TERMINAL
+            }
+            assert {d.name: d.used_mib for d in devices} == {
+                n: int(h["used_mib"]) for n, h in dev_hashes.items()
+            }
+
+
+BASE = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _machine(name: str, connect: Callable[[], redis.Redis]) -> type[EvictionMachine]:
+    return type(name, (EvictionMachine,), {"connect": staticmethod(connect)})
+
+
+def test_eviction_model_fakeredis() -> None:
+    server = fakeredis.FakeServer()
+    machine = _machine("FakeRedisEviction", lambda: fakeredis.FakeRedis(server=server, decode_responses=True))
+    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=50, stateful_step_count=25))
+
+
+def test_eviction_model_redis(redis_url: str) -> None:
+    machine = _machine("RedisEviction", lambda: redis.Redis.from_url(redis_url, decode_responses=True))
+    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=20, stateful_step_count=25))
+
+
+def test_busy_does_not_revive_a_lease_evicted_by_the_same_call(boss: Boss) -> None:
+    """What the machine's lifecycle check forbids (``busy`` after ``evicting``), pinned down: a victim
+    revoked in passing lets the head waiter in, and the waiter behind it evicts the idle lease
+    being taken back, in the same call."""
+    keys = PoolKeys("p")
+    boss.add_device("g0", 8, pool="p")
+    warm = boss.acquire(4, priority=90, pool="p", timeout=0, ttl=TTL_S)
+    batch = boss.acquire(4, priority=10, pool="p", timeout=0, ttl=TTL_S, preemptible=True, grace=0.2)
+    boss.idle(warm)
+    for waiter in ("w1", "w2"):  # w1 evicts batch; w2, behind it, waits
+        args: list[str | int] = [waiter, HOLDER, HOST, PID, 4, 50, "", TTL_MS, "{}", 1, 0, 10000, "", 0, 1]
+        boss._scripts["acquire"](keys=keys.script_keys(), args=args)
+    deadline = int(cast(str, boss.redis.hget(keys.lease(batch.id), "evict_deadline")))
+    while True:  # Redis TIME past batch's deadline: the next call revokes it in passing
+        secs, micros = boss.redis.time()
+        if int(secs) * 1000 + int(micros) // 1000 > deadline:
+            break
+    with pytest.raises(LeaseEvicted):  # w2 evicts warm in the same call: it must not be busy again
+        boss.busy(warm)
+    assert boss.redis.hget(keys.lease(warm.id), "state") == "evicting"

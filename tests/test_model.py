@@ -55,9 +55,9 @@ HOLDER, HOST, PID = "svc", "h1", 4242
 TTL_S = 600.0
 TTL_MS = 600_000
 DEVICE_NAMES = ("g0", "g1", "g2")
-TOTALS = (4, 8, 12)
+TOTALS = (12, 8, 16)
 RESERVES = (0, 4)
-SIZES = (1, 2, 3, 4, 6, 8)
+SIZES = (8, 6, 4, 3, 2, 1)
 PRIORITIES = (10, 50, 50, 90)  # equal priorities often, for FIFO
 WANTS = ("", "", *DEVICE_NAMES)  # best fit twice as often as any one device
 TERMINAL = frozenset({"released", "expired", "revoked", "force_released", "cancelled", "abandoned"})
@@ -418,7 +418,7 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @rule(
         data=st.data(),
-        how=st.sampled_from(("now", "wait", "wait", "behind")),
+        how=st.sampled_from(("now", "wait", "behind", "behind")),
         mib=st.sampled_from(SIZES),
         priority=st.sampled_from(PRIORITIES),
         want=st.sampled_from(WANTS),
@@ -428,11 +428,16 @@ class LeaseMachine(RuleBasedStateMachine):
         the priority of a waiter, which may fit but comes after that waiter on every device the
         waiter could use (the case that decides queue order)."""
         wait = how != "now"
+        room = {self.model.budget(d) - self.model.used(d) for d in self.model.devices}
         if how == "behind" and self.model.queue():
             priority = data.draw(st.sampled_from(sorted({ml.priority for ml in self.model.queue()})))
-            room = {self.model.budget(d) - self.model.used(d) for d in self.model.devices}
             mib = data.draw(st.sampled_from(sorted({1, 2, 3} | {r for r in room if r > 0})), label="mib")
-            wait = data.draw(st.booleans(), label="wait")
+            wait = data.draw(st.sampled_from((True, True, False)), label="wait")
+        elif how == "behind":
+            # Nobody waits yet: a request just too big for the room there is (if a device is
+            # big enough) to wait first, or one that fills the biggest device.
+            budgets = [self.model.budget(d) for d in self.model.devices]
+            mib = max(1, min(max(room | {0}) + 1, max([*budgets, 0])))
         if wait:
             self.enqueue(mib, priority, want)
         else:
@@ -459,14 +464,16 @@ class LeaseMachine(RuleBasedStateMachine):
         assert self._acquire_script(lease_id, mib, priority, want, wait=True) == expected
 
     @precondition(lambda self: self.model.leases)
-    @rule(data=st.data(), force=st.sampled_from((False, False, True)))
-    def finish(self, data: st.DataObject, force: bool) -> None:
-        """End something: a holder's release (of a granted lease), or an operator's force-release
-        (of anything)."""
-        if force or not any(ml.state == "active" for ml in self.model.leases.values()):
-            self.force_release(data)
-        else:
+    @rule(data=st.data(), how=st.sampled_from(("release", "cancel", "release", "force")))
+    def finish(self, data: st.DataObject, how: str) -> None:
+        """End something: a holder's release (of a granted lease), a waiter's cancel, or an
+        operator's force-release (of anything, and of whatever the others cannot end)."""
+        if how == "cancel" and self.model.queue():
+            self.cancel(data)
+        elif how == "release" and any(ml.state == "active" for ml in self.model.leases.values()):
             self.release(data)
+        else:
+            self.force_release(data)
 
     def release(self, data: st.DataObject) -> None:
         """Release with the lease's token; queued requests that now fit are granted."""
@@ -497,8 +504,9 @@ class LeaseMachine(RuleBasedStateMachine):
         self._check_reply(code, fields, ml)
 
     def force_release(self, data: st.DataObject) -> None:
-        """Operator release, no token: ends a lease or a waiter (or tells how it ended)."""
-        ml = self._pick(data, lambda ml: ml.live)
+        """Operator release, no token: ends a lease (mostly a granted one, so that waiters stay
+        waiting) or a waiter, or tells how it ended."""
+        ml = self._pick(data, lambda ml: ml.state == "active")
         self.model.release(ml, force=True)
         info = self.boss.force_release(ml.id, pool=POOL)
         assert (info.id, info.state, info.reason) == (ml.id, ml.state, ml.reason or None)

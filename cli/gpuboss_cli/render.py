@@ -139,19 +139,7 @@ def split_queue(leases: Iterable[LeaseInfo]) -> tuple[list[LeaseInfo], list[Leas
 
 def device_dict(d: DeviceInfo) -> dict[str, Any]:
     """A device as JSON, sizes in MiB, budget and free included."""
-    return {
-        "pool": d.pool,
-        "name": d.name,
-        "host": d.host,
-        "cuda_index": d.cuda_index,
-        "total_mib": d.total_mib,
-        "reserved_mib": d.reserved_mib,
-        "unmanaged_mib": d.unmanaged_mib,
-        "budget_mib": d.budget_mib,
-        "used_mib": d.used_mib,
-        "free_mib": d.free_mib,
-        "leases": d.leases,
-    }
+    return d.to_dict()
 
 
 def lease_dict(x: LeaseInfo) -> dict[str, Any]:

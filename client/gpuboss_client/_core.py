@@ -190,6 +190,22 @@ class DeviceInfo:
         """Budget not leased now (negative when unmanaged use grew past it)."""
         return self.budget_mib - self.used_mib
 
+    def to_dict(self) -> dict[str, Any]:
+        """The device as JSON, sizes in MiB, budget and free included."""
+        return {
+            "pool": self.pool,
+            "name": self.name,
+            "host": self.host,
+            "cuda_index": self.cuda_index,
+            "total_mib": self.total_mib,
+            "reserved_mib": self.reserved_mib,
+            "unmanaged_mib": self.unmanaged_mib,
+            "budget_mib": self.budget_mib,
+            "used_mib": self.used_mib,
+            "free_mib": self.free_mib,
+            "leases": self.leases,
+        }
+
     @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> DeviceInfo:
         try:
@@ -224,21 +240,7 @@ class PoolStatus:
             "now_ms": self.now_ms,
             "granted": self.granted,
             "queued": self.queued,
-            "devices": [
-                {
-                    "name": d.name,
-                    "host": d.host,
-                    "cuda_index": d.cuda_index,
-                    "total_mib": d.total_mib,
-                    "reserved_mib": d.reserved_mib,
-                    "unmanaged_mib": d.unmanaged_mib,
-                    "budget_mib": d.budget_mib,
-                    "used_mib": d.used_mib,
-                    "free_mib": d.free_mib,
-                    "leases": d.leases,
-                }
-                for d in self.devices
-            ],
+            "devices": [d.to_dict() for d in self.devices],
         }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from support import dump_all
 
 from gpuboss_client import (
     BadRequest,
@@ -37,17 +38,6 @@ from gpuboss_client._core import parse_reply
 GiB = 1024
 LONG = 3600.0
 KEYS = PoolKeys("default").script_keys()
-
-
-def dump_all(r: redis.Redis) -> dict[str, tuple[str, bytes]]:
-    """Every key of the database with its TYPE and DUMP."""
-    keys = sorted(str(k) for k in r.scan_iter("*", count=1000))
-    pipe = r.pipeline(transaction=False)
-    for key in keys:
-        pipe.type(key)
-        pipe.dump(key)  # binary even on a decoding client
-    replies = pipe.execute()
-    return {key: (str(replies[2 * i]), replies[2 * i + 1]) for i, key in enumerate(keys)}
 
 
 @contextmanager

@@ -14,12 +14,7 @@ Each test runs ``tests/holder.py`` in its own OS process, reads what it prints, 
 
 from __future__ import annotations
 
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +22,7 @@ from typing import TypeAlias, cast
 
 import pytest
 import redis
+from support import LINE_WAIT_S, Child
 
 from gpuboss_client import Boss, PoolKeys
 
@@ -35,55 +31,6 @@ pytestmark = pytest.mark.slow
 HOLDER = Path(__file__).with_name("holder.py")
 DEVICE_MIB = 10 * 1024
 Entry: TypeAlias = tuple[str, dict[str, str]]  # one stream entry: id, fields
-LINE_WAIT_S = 15.0  # generous: a child on a loaded machine may take seconds to start
-
-
-class Child:
-    """A ``holder.py`` process; its output lines are read by a thread and waited for with a bound."""
-
-    def __init__(self, redis_url: str, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HOLDER), *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, env={**os.environ, "GPUBOSS_REDIS_URL": redis_url},
-        )  # fmt: skip
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, prefix: str, timeout: float = LINE_WAIT_S) -> list[str]:
-        """Block until the child prints a line starting with ``prefix``; return its words."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {prefix!r} line within {timeout} s; output: {self.seen}") from None
-            if line is None:
-                raise AssertionError(
-                    f"child exited {self.proc.wait()} before {prefix!r}; output: {self.seen}"
-                )
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line.split()
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -104,7 +51,7 @@ def own(real_redis: redis.Redis) -> Boss:
 
 
 def start(children: list[Child], redis_url: str, *args: str) -> Child:
-    child = Child(redis_url, *args, "--pool", "crash")
+    child = Child(HOLDER, redis_url, *args, "--pool", "crash")
     children.append(child)
     return child
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from support import in_thread, other, redis_ms, snapshot, wait_for
 
 from gpuboss_client import (
     AcquireTimeout,
@@ -41,21 +41,6 @@ POOL = PoolKeys("default")
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def redis_ms(r: redis.Redis) -> int:
-    """Redis's own clock, in ms (what the scripts compare expiries with)."""
-    sec, usec = r.time()
-    return int(sec) * 1000 + int(usec) // 1000
-
-
-def wait_for(what: str, pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll Redis-side state until ``pred`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.002)  # polling Redis with a deadline: there is nothing to block on
 
 
 def wait_past(r: redis.Redis, ms: int) -> None:
@@ -176,25 +161,6 @@ def enqueue(boss: Boss, vram: int | str, rid: str, **kw: Any) -> Stepper:
     assert s.blocked, f"{rid} was expected to queue, got {s.value or s.error!r}"
     assert state(boss.redis, rid, kw.get("pool", "default")) == "queued"
     return s
-
-
-def other(boss: Boss, holder: str) -> Boss:
-    """Another client (another holder) over the same Redis."""
-    return Boss(boss.redis, holder=holder)
-
-
-def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 # --- placement -------------------------------------------------------------------------------
@@ -424,28 +390,6 @@ def test_heartbeat_returns_state_and_extends_expiry(boss: Boss) -> None:
     assert boss.leases()[0].expires_at_ms == info.expires_at_ms
     assert lease.deadline > deadline
     assert log.names() == []  # a heartbeat is not a transition
-
-
-def snapshot(r: redis.Redis) -> dict[str, Any]:
-    """Every key with its type and content (portable across both tiers)."""
-    out: dict[str, Any] = {}
-    for key in sorted(r.scan_iter("*")):
-        kind = r.type(key)
-        value: Any
-        if kind == "hash":
-            value = r.hgetall(key)
-        elif kind == "set":
-            value = sorted(r.smembers(key))
-        elif kind == "zset":
-            value = r.zrange(key, 0, -1, withscores=True)
-        elif kind == "list":
-            value = r.lrange(key, 0, -1)
-        elif kind == "stream":
-            value = r.xrange(key)
-        else:
-            value = r.get(key)
-        out[key] = (kind, value)
-    return out
 
 
 def test_wrong_token_is_refused_and_changes_nothing(boss: Boss) -> None:

@@ -14,7 +14,6 @@ the notice, ``on_evict``, release and wake-up path end to end.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from support import Events, claimed, field, join_evict_thread, other, redis_ms, snapshot, state, used
 
 from gpuboss_client import (
     AcquireTimeout,
@@ -47,12 +47,6 @@ LLM, TTS, ASR = "low", "normal", "high"  # llmux's tiers: 10 < 50 < 90
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def redis_ms(r: redis.Redis) -> int:
-    """Redis's own clock, in ms (what the scripts compare times with)."""
-    sec, usec = r.time()
-    return int(sec) * 1000 + int(usec) // 1000
-
-
 def wait_past(r: redis.Redis, ms: int) -> None:
     """Wait until Redis's clock has passed ``ms`` (polling Redis with a deadline)."""
     deadline = time.monotonic() + 5.0
@@ -67,70 +61,8 @@ def tick(r: redis.Redis) -> None:
     wait_past(r, redis_ms(r))
 
 
-def field(r: redis.Redis, lease_id: str, name: str) -> str | None:
-    value = r.hget(POOL.lease(lease_id), name)
-    return None if value is None else str(value)
-
-
-def state(r: redis.Redis, lease_id: str) -> str | None:
-    return field(r, lease_id, "state")
-
-
 def states(r: redis.Redis, *leases: Lease | str) -> list[str | None]:
     return [state(r, x if isinstance(x, str) else x.id) for x in leases]
-
-
-def claimed(r: redis.Redis, device: str = "gpu0") -> int:
-    """MiB of ``device`` promised to requests whose victims are giving memory back."""
-    return int(r.hget(POOL.device(device), "claimed_mib") or 0)
-
-
-def used(r: redis.Redis, device: str = "gpu0") -> int:
-    return int(r.hget(POOL.device(device), "used_mib") or 0)
-
-
-class Events:
-    """The pool's event stream; :meth:`new` returns the entries appended since the last call."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        self.r, self.seen = r, 0
-        self.new()
-
-    def new(self) -> list[dict[str, str]]:
-        entries: list[tuple[str, dict[str, str]]] = self.r.xrange(POOL.events)  # type: ignore[assignment]
-        out = [dict(fields) for _id, fields in entries[self.seen :]]
-        self.seen = len(entries)
-        return out
-
-    def pairs(self) -> list[tuple[str, str]]:
-        return [(e["event"], e.get("lease", "")) for e in self.new()]
-
-
-def snapshot(r: redis.Redis) -> dict[str, Any]:
-    """Every key with its type and content, the event stream included (works on both tiers)."""
-    out: dict[str, Any] = {}
-    for key in sorted(r.scan_iter("*")):
-        kind = r.type(key)
-        value: Any
-        if kind == "hash":
-            value = r.hgetall(key)
-        elif kind == "set":
-            value = sorted(r.smembers(key))
-        elif kind == "zset":
-            value = r.zrange(key, 0, -1, withscores=True)
-        elif kind == "list":
-            value = r.lrange(key, 0, -1)
-        elif kind == "stream":
-            value = r.xrange(key)
-        else:
-            value = r.get(key)
-        out[key] = (kind, value)
-    return out
-
-
-def other(boss: Boss, holder: str) -> Boss:
-    """Another client (another holder, its own notice channel) over the same Redis."""
-    return Boss(boss.redis, holder=holder)
 
 
 def request(
@@ -216,14 +148,6 @@ def load(boss: Boss, model: str, vram: int | str, priority: int | str, **kw: Any
     lease = boss.acquire(vram, priority=priority, ttl=60, request_id=model, **kw)
     lease.idle()
     return lease
-
-
-def join_evict_thread(lease: Lease) -> None:
-    """Wait for the client's thread that ran ``on_evict`` and released ``lease`` to finish."""
-    for t in threading.enumerate():
-        if t.name == f"gpuboss-evict-{lease.id}":
-            t.join(5)
-            assert not t.is_alive()
 
 
 # --- the seeds -------------------------------------------------------------------------------

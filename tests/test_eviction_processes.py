@@ -18,12 +18,7 @@ high priority. The claims:
 
 from __future__ import annotations
 
-import os
-import queue
 import secrets
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
+from support import Child
 
 from gpuboss_client import Boss, PoolKeys
 
@@ -41,65 +37,11 @@ HOLDER = Path(__file__).with_name("evict_holder.py")
 POOL = "evict"
 DEVICE_MIB = 8 * 1024
 Entry: TypeAlias = tuple[str, dict[str, str]]  # one stream entry: id, fields
-LINE_WAIT_S = 15.0  # generous: a child on a loaded machine may take seconds to start
 
 
 def mono_ns() -> int:
     """System-wide monotonic time: comparable with the holder's timestamps."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
-class Child:
-    """An ``evict_holder.py`` process; a thread reads its lines, waited for with a bound."""
-
-    def __init__(self, redis_url: str, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HOLDER), "--pool", POOL, *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, env={**os.environ, "GPUBOSS_REDIS_URL": redis_url},
-        )  # fmt: skip
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, prefix: str, timeout: float = LINE_WAIT_S) -> list[str]:
-        """Block until the child prints a line starting with ``prefix``; return its words."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {prefix!r} line within {timeout} s; output: {self.seen}") from None
-            if line is None:
-                raise AssertionError(
-                    f"child exited {self.proc.wait()} before {prefix!r}; output: {self.seen}"
-                )
-            self.seen.append(line)
-            if line.startswith(prefix):
-                return line.split()
-
-    def finish(self, timeout: float = LINE_WAIT_S) -> list[str]:
-        """Wait for the child to exit 0; return every line it printed."""
-        assert self.proc.wait(timeout) == 0, f"holder failed; output: {self.seen}"
-        self._reader.join(timeout)
-        while (line := self.lines.get_nowait()) is not None:
-            self.seen.append(line)
-        return self.seen
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 @pytest.fixture
@@ -112,7 +54,7 @@ def children() -> Iterator[list[Child]]:
 
 
 def start(children: list[Child], redis_url: str, *args: str) -> Child:
-    child = Child(redis_url, *args)
+    child = Child(HOLDER, redis_url, "--pool", POOL, *args)
     children.append(child)
     return child
 

@@ -26,6 +26,20 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
+from support import (
+    Events,
+    claimed,
+    dump_all,
+    field,
+    in_thread,
+    join_evict_thread,
+    other,
+    redis_ms,
+    snapshot,
+    state,
+    used,
+    wait_for,
+)
 
 from gpuboss_client import (
     AcquireTimeout,
@@ -46,38 +60,6 @@ POOL = PoolKeys("default")
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def redis_ms(r: redis.Redis) -> int:
-    """Redis's own clock, in ms (what the scripts compare times with)."""
-    sec, usec = r.time()
-    return int(sec) * 1000 + int(usec) // 1000
-
-
-def wait_for(what: str, pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll Redis-side state until ``pred`` holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.002)  # polling Redis with a deadline: there is nothing to block on
-
-
-def field(r: redis.Redis, lease_id: str, name: str) -> str | None:
-    value = r.hget(POOL.lease(lease_id), name)
-    return None if value is None else str(value)
-
-
-def state(r: redis.Redis, lease_id: str) -> str | None:
-    return field(r, lease_id, "state")
-
-
-def used(r: redis.Redis, device: str = "gpu0") -> int:
-    return int(r.hget(POOL.device(device), "used_mib") or 0)
-
-
-def claimed(r: redis.Redis, device: str = "gpu0") -> int:
-    return int(r.hget(POOL.device(device), "claimed_mib") or 0)
 
 
 def exclusive_of(r: redis.Redis, device: str = "gpu0") -> str | None:
@@ -109,67 +91,12 @@ def check_books(r: redis.Redis) -> None:
             assert held[name] == {excl[name]}, f"{name} is shared while held exclusively"
 
 
-class Events:
-    """The pool's event stream; :meth:`new` returns the entries appended since the last call."""
-
-    def __init__(self, r: redis.Redis) -> None:
-        self.r, self.seen = r, 0
-        self.new()
-
-    def new(self) -> list[dict[str, str]]:
-        entries: list[tuple[str, dict[str, str]]] = self.r.xrange(POOL.events)  # type: ignore[assignment]
-        out = [dict(fields) for _id, fields in entries[self.seen :]]
-        self.seen = len(entries)
-        return out
-
-    def pairs(self) -> list[tuple[str, str]]:
-        return [(e["event"], e.get("lease", "")) for e in self.new()]
-
-
-def snapshot(r: redis.Redis) -> dict[str, Any]:
-    """Every key with its type and content, the event stream included (works on both tiers)."""
-    out: dict[str, Any] = {}
-    for key in sorted(r.scan_iter("*")):
-        kind = r.type(key)
-        value: Any
-        if kind == "hash":
-            value = r.hgetall(key)
-        elif kind == "set":
-            value = sorted(r.smembers(key))
-        elif kind == "zset":
-            value = r.zrange(key, 0, -1, withscores=True)
-        elif kind == "list":
-            value = r.lrange(key, 0, -1)
-        elif kind == "stream":
-            value = r.xrange(key)
-        else:
-            value = r.get(key)
-        out[key] = (kind, value)
-    return out
-
-
-def dump_all(r: redis.Redis) -> dict[str, tuple[str, bytes]]:
-    """Every key of the database with its TYPE and DUMP (real Redis only)."""
-    keys = sorted(str(k) for k in r.scan_iter("*", count=1000))
-    pipe = r.pipeline(transaction=False)
-    for key in keys:
-        pipe.type(key)
-        pipe.dump(key)  # binary even on a decoding client
-    replies = pipe.execute()
-    return {key: (str(replies[2 * i]), replies[2 * i + 1]) for i, key in enumerate(keys)}
-
-
 @contextmanager
 def unchanged(r: redis.Redis) -> Iterator[None]:
     before = dump_all(r)
     assert before, "the scenario should have written keys"
     yield
     assert dump_all(r) == before
-
-
-def other(boss: Boss, holder: str) -> Boss:
-    """Another client (another holder, its own notice channel) over the same Redis."""
-    return Boss(boss.redis, holder=holder)
 
 
 def host(boss: Boss, name: str, *sizes: int | str, first: int = 0) -> list[str]:
@@ -249,33 +176,11 @@ def load(boss: Boss, rid: str, vram: int | str, priority: int | str, **kw: Any) 
     return lease
 
 
-def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
-
-
 def joined(t: threading.Thread, out: dict[str, Any]) -> Any:
     t.join(5)
     assert not t.is_alive(), "the waiter was not woken"
     assert "error" not in out, out
     return out["value"]
-
-
-def join_evict_thread(lease: Lease) -> None:
-    """Wait for the client's thread that ran ``on_evict`` and released ``lease`` to finish."""
-    for t in threading.enumerate():
-        if t.name == f"gpuboss-evict-{lease.id}":
-            t.join(5)
-            assert not t.is_alive()
 
 
 def end(boss: Boss, lease: Lease, how: str) -> str:

@@ -1,0 +1,202 @@
+"""Helpers shared by the test modules that drive the engine on real Redis and on fakeredis.
+
+Most of them read the ``default`` pool's keys straight from Redis, poll with a deadline, run a call in a
+thread and take snapshots of the whole database;
+:class:`Child` runs a holder script in its own process. Test modules import them with
+``from support import ...`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from gpuboss_client import Boss, Lease, PoolKeys
+
+POOL = PoolKeys("default")
+LINE_WAIT_S = 15.0  # generous: a child on a loaded machine may take seconds to start
+
+
+def redis_ms(r: redis.Redis) -> int:
+    """Redis's own clock, in ms (what the scripts compare times with)."""
+    sec, usec = r.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def wait_for(what: str, pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll Redis-side state until ``pred`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.002)  # polling Redis with a deadline: there is nothing to block on
+
+
+def field(r: redis.Redis, lease_id: str, name: str) -> str | None:
+    """One field of a lease's hash in the ``default`` pool, or None if it is not there."""
+    value = r.hget(POOL.lease(lease_id), name)
+    return None if value is None else str(value)
+
+
+def state(r: redis.Redis, lease_id: str) -> str | None:
+    """The ``state`` field of a lease in the ``default`` pool."""
+    return field(r, lease_id, "state")
+
+
+def used(r: redis.Redis, device: str = "gpu0") -> int:
+    """MiB of ``device`` held by leases, as the device hash says."""
+    return int(r.hget(POOL.device(device), "used_mib") or 0)
+
+
+def claimed(r: redis.Redis, device: str = "gpu0") -> int:
+    """MiB of ``device`` promised to requests whose victims are giving memory back."""
+    return int(r.hget(POOL.device(device), "claimed_mib") or 0)
+
+
+class Events:
+    """The pool's event stream; :meth:`new` returns the entries appended since the last call."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r, self.seen = r, 0
+        self.new()
+
+    def new(self) -> list[dict[str, str]]:
+        """The entries appended since the last call, as dicts of their fields."""
+        entries: list[tuple[str, dict[str, str]]] = self.r.xrange(POOL.events)  # type: ignore[assignment]
+        out = [dict(fields) for _id, fields in entries[self.seen :]]
+        self.seen = len(entries)
+        return out
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The new entries as ``(event, lease)`` pairs (``lease`` is empty where none is named)."""
+        return [(e["event"], e.get("lease", "")) for e in self.new()]
+
+
+def snapshot(r: redis.Redis) -> dict[str, Any]:
+    """Every key with its type and content, the event stream included (works on both tiers)."""
+    out: dict[str, Any] = {}
+    for key in sorted(r.scan_iter("*")):
+        kind = r.type(key)
+        value: Any
+        if kind == "hash":
+            value = r.hgetall(key)
+        elif kind == "set":
+            value = sorted(r.smembers(key))
+        elif kind == "zset":
+            value = r.zrange(key, 0, -1, withscores=True)
+        elif kind == "list":
+            value = r.lrange(key, 0, -1)
+        elif kind == "stream":
+            value = r.xrange(key)
+        else:
+            value = r.get(key)
+        out[key] = (kind, value)
+    return out
+
+
+def dump_all(r: redis.Redis) -> dict[str, tuple[str, bytes]]:
+    """Every key of the database with its TYPE and DUMP (real Redis only)."""
+    keys = sorted(str(k) for k in r.scan_iter("*", count=1000))
+    pipe = r.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+        pipe.dump(key)  # binary even on a decoding client
+    replies = pipe.execute()
+    return {key: (str(replies[2 * i]), replies[2 * i + 1]) for i, key in enumerate(keys)}
+
+
+def other(boss: Boss, holder: str) -> Boss:
+    """Another client (another holder, its own notice channel) over the same Redis."""
+    return Boss(boss.redis, holder=holder)
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` in a daemon thread; the dict gets its ``value`` or its ``error`` once it ends."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def join_evict_thread(lease: Lease) -> None:
+    """Wait for the client's thread that ran ``on_evict`` and released ``lease`` to finish."""
+    for t in threading.enumerate():
+        if t.name == f"gpuboss-evict-{lease.id}":
+            t.join(5)
+            assert not t.is_alive()
+
+
+class Child:
+    """A holder script run in its own process; a thread reads its lines, waited for with a bound."""
+
+    def __init__(self, script: Path, redis_url: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, env={**os.environ, "GPUBOSS_REDIS_URL": redis_url},
+        )  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, prefix: str, timeout: float = LINE_WAIT_S) -> list[str]:
+        """Block until the child prints a line starting with ``prefix``; return its words."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {prefix!r} line within {timeout} s; output: {self.seen}") from None
+            if line is None:
+                raise AssertionError(
+                    f"child exited {self.proc.wait()} before {prefix!r}; output: {self.seen}"
+                )
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line.split()
+
+    def finish(self, timeout: float = LINE_WAIT_S) -> list[str]:
+        """Wait for the child to exit 0; return every line it printed."""
+        assert self.proc.wait(timeout) == 0, f"holder failed; output: {self.seen}"
+        self._reader.join(timeout)
+        while (line := self.lines.get_nowait()) is not None:
+            self.seen.append(line)
+        return self.seen
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the child."""
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        """Kill the child if it still runs, wait for it and close its output."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()

@@ -488,6 +488,26 @@ def test_waiter_granted_while_it_cancels_gets_the_lease(boss: Boss) -> None:
     boss.release(s.lease)
 
 
+def test_a_waiter_that_gives_up_lets_the_one_behind_it_in(boss: Boss) -> None:
+    boss.add_device("gpu0", 8 * GiB)
+    boss.acquire(6 * GiB)
+    big = Stepper(boss, core.acquire(request(4 * GiB, "big"), boss.holder, lambda: 0.0)).run()
+    small = Stepper(boss, core.acquire(request(2 * GiB, "small"), boss.holder, lambda: 0.0)).run()
+    assert big.blocked
+    assert small.blocked  # 2 GiB would fit, but the 4 GiB waiter ahead holds the device back
+    assert state(boss.redis, "small") == "queued"
+    _cancel(boss, "big")
+    assert state(boss.redis, "big") == "cancelled"
+    assert state(boss.redis, "small") == "active"  # granted by the cancel itself
+    assert small.resume().lease.device == "gpu0"  # and woken with its grant
+    assert used(boss) == 8 * GiB
+
+
+def _cancel(boss: Boss, lease_id: str) -> None:
+    reply = boss._scripts["cancel"](keys=POOL.script_keys(), args=[lease_id, boss.holder.name])
+    assert core.parse_reply(reply, frozenset({"cancelled"}))[0] == "cancelled"
+
+
 # --- expiry and reaping ----------------------------------------------------------------------
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import fakeredis
 import pytest
 import redis
+import redis.asyncio as aioredis
+from support import Tier
 
 from gpuboss_client import Boss
 
@@ -95,3 +97,18 @@ def rclient(request: pytest.FixtureRequest, redis_url: str) -> Iterator[redis.Re
 def boss(rclient: redis.Redis) -> Boss:
     """A client for holder "test" over both tiers."""
     return Boss(rclient, holder="test")
+
+
+@pytest.fixture(params=["redis", "fakeredis"])
+def tier(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Tier]:
+    """Sync and async clients on the real Redis (flushed) and on one fakeredis server."""
+    if request.param == "redis":
+        sync: redis.Redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        sync.flushdb()
+        t = Tier(sync, lambda: aioredis.Redis.from_url(redis_url, decode_responses=True))
+    else:
+        server = fakeredis.FakeServer()
+        sync = fakeredis.FakeRedis(server=server, decode_responses=True)
+        t = Tier(sync, lambda: fakeredis.FakeAsyncRedis(server=server, decode_responses=True))
+    yield t
+    sync.close()

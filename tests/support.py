@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from gpuboss_client import Boss, Lease, PoolKeys
 
@@ -200,3 +202,11 @@ class Child:
         self._reader.join()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
+
+
+@dataclass
+class Tier:
+    """One backend for scenarios that need the sync and the asyncio client on the same data."""
+
+    sync: redis.Redis
+    make_async: Callable[[], aioredis.Redis]

@@ -11,15 +11,12 @@ import asyncio
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import fakeredis
 import pytest
 import redis
-import redis.asyncio as aioredis
-from support import in_thread, other, redis_ms, snapshot, wait_for
+from support import Tier, in_thread, other, redis_ms, snapshot, wait_for
 
 from gpuboss_client import (
     AcquireTimeout,
@@ -811,26 +808,6 @@ def test_bytes_client_works(redis_url: str) -> None:
 
 
 # --- AsyncBoss -------------------------------------------------------------------------------
-
-
-@dataclass
-class Tier:
-    sync: redis.Redis
-    make_async: Callable[[], aioredis.Redis]
-
-
-@pytest.fixture(params=["redis", "fakeredis"])
-def tier(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Tier]:
-    if request.param == "redis":
-        sync: redis.Redis = redis.Redis.from_url(redis_url, decode_responses=True)
-        sync.flushdb()
-        t = Tier(sync, lambda: aioredis.Redis.from_url(redis_url, decode_responses=True))
-    else:
-        server = fakeredis.FakeServer()
-        sync = fakeredis.FakeRedis(server=server, decode_responses=True)
-        t = Tier(sync, lambda: fakeredis.FakeAsyncRedis(server=server, decode_responses=True))
-    yield t
-    sync.close()
 
 
 async def await_for(what: str, pred: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import fakeredis
 import pytest
 import redis
-import redis.asyncio as aioredis
-from support import Events, claimed, field, join_evict_thread, other, redis_ms, snapshot, state, used
+from support import Events, Tier, claimed, field, join_evict_thread, other, redis_ms, snapshot, state, used
 
 from gpuboss_client import (
     AcquireTimeout,
@@ -759,26 +755,6 @@ def test_aging_lets_an_old_low_priority_waiter_overtake(boss: Boss, aging: float
 
 
 # --- AsyncBoss -------------------------------------------------------------------------------
-
-
-@dataclass
-class Tier:
-    sync: redis.Redis
-    make_async: Callable[[], aioredis.Redis]
-
-
-@pytest.fixture(params=["redis", "fakeredis"])
-def tier(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Tier]:
-    if request.param == "redis":
-        sync: redis.Redis = redis.Redis.from_url(redis_url, decode_responses=True)
-        sync.flushdb()
-        t = Tier(sync, lambda: aioredis.Redis.from_url(redis_url, decode_responses=True))
-    else:
-        server = fakeredis.FakeServer()
-        sync = fakeredis.FakeRedis(server=server, decode_responses=True)
-        t = Tier(sync, lambda: fakeredis.FakeAsyncRedis(server=server, decode_responses=True))
-    yield t
-    sync.close()
 
 
 def test_async_idle_busy_plan_and_an_async_on_evict(tier: Tier) -> None:

@@ -19,15 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
-import fakeredis
 import pytest
 import redis
-import redis.asyncio as aioredis
 from support import (
     Events,
+    Tier,
     claimed,
     dump_all,
     field,
@@ -700,26 +698,6 @@ def test_bad_gang_and_exclusive_input_changes_nothing(real_redis: redis.Redis) -
 
 
 # --- AsyncBoss -------------------------------------------------------------------------------
-
-
-@dataclass
-class Tier:
-    sync: redis.Redis
-    make_async: Callable[[], aioredis.Redis]
-
-
-@pytest.fixture(params=["redis", "fakeredis"])
-def tier(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Tier]:
-    if request.param == "redis":
-        sync: redis.Redis = redis.Redis.from_url(redis_url, decode_responses=True)
-        sync.flushdb()
-        t = Tier(sync, lambda: aioredis.Redis.from_url(redis_url, decode_responses=True))
-    else:
-        server = fakeredis.FakeServer()
-        sync = fakeredis.FakeRedis(server=server, decode_responses=True)
-        t = Tier(sync, lambda: fakeredis.FakeAsyncRedis(server=server, decode_responses=True))
-    yield t
-    sync.close()
 
 
 async def until(what: str, pred: Callable[[], bool]) -> None:

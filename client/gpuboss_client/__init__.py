@@ -5,7 +5,7 @@
 ...     os.environ.update(lease.env)
 """
 
-from ._core import DeviceInfo, Lease, LeaseInfo, Plan, PoolStatus
+from ._core import Beat, DeviceInfo, Event, Lease, LeaseInfo, LeaseRef, Plan, PoolStatus
 from .aio import AsyncBoss, AsyncLeaseContext
 from .errors import (
     ERRORS,
@@ -14,6 +14,7 @@ from .errors import (
     BadRequest,
     DeviceBusy,
     DeviceNotFound,
+    Forbidden,
     GpubossError,
     InsufficientVram,
     LeaseEvicted,
@@ -23,7 +24,9 @@ from .errors import (
     NotFound,
     PoolNotFound,
     ProtocolError,
+    QueueFull,
     RequestConflict,
+    Unauthorized,
 )
 from .keys import PoolKeys
 from .scripts import script_shas
@@ -40,10 +43,13 @@ __all__ = [
     "AsyncLeaseContext",
     "BackendUnavailable",
     "BadRequest",
+    "Beat",
     "Boss",
     "DeviceBusy",
     "DeviceInfo",
     "DeviceNotFound",
+    "Event",
+    "Forbidden",
     "GpubossError",
     "InsufficientVram",
     "Lease",
@@ -53,13 +59,16 @@ __all__ = [
     "LeaseLost",
     "LeaseNotFound",
     "LeaseNotHeld",
+    "LeaseRef",
     "NotFound",
     "Plan",
     "PoolKeys",
     "PoolNotFound",
     "PoolStatus",
     "ProtocolError",
+    "QueueFull",
     "RequestConflict",
+    "Unauthorized",
     "parse_mib",
     "parse_priority",
     "script_shas",

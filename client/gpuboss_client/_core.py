@@ -35,11 +35,14 @@ from .keys import POOLS, PoolKeys, valid_name, valid_pool
 from .units import parse_mib, parse_priority, parse_ttl_ms
 
 __all__ = [
+    "Beat",
     "Call",
     "Command",
     "DeviceInfo",
+    "Event",
     "Lease",
     "LeaseInfo",
+    "LeaseRef",
     "PoolStatus",
 ]
 
@@ -137,6 +140,22 @@ class LeaseInfo:
         """The devices held: one, or a gang's."""
         return tuple(self.device.split(",")) if self.device else ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The lease as JSON: every field, times in Redis ms, plus ``cuda_index`` and ``devices``."""
+        doc = dataclasses.asdict(self)
+        doc["cuda_indexes"] = list(self.cuda_indexes)
+        return doc | {"cuda_index": self.cuda_index, "devices": list(self.devices)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> LeaseInfo:
+        """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
+        try:
+            kwargs = {f.name: doc[f.name] for f in dataclasses.fields(cls)}
+            kwargs["cuda_indexes"] = tuple(kwargs["cuda_indexes"])
+            return cls(**kwargs)
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed lease document: {dict(doc)!r}") from exc
+
     @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> LeaseInfo:
         try:
@@ -207,6 +226,14 @@ class DeviceInfo:
         }
 
     @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> DeviceInfo:
+        """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
+        try:
+            return cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed device document: {dict(doc)!r}") from exc
+
+    @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> DeviceInfo:
         try:
             return cls(
@@ -235,6 +262,7 @@ class PoolStatus:
     queued: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The pool as JSON: counts, Redis time and each device's :meth:`DeviceInfo.to_dict`."""
         return {
             "pool": self.pool,
             "now_ms": self.now_ms,
@@ -242,6 +270,15 @@ class PoolStatus:
             "queued": self.queued,
             "devices": [d.to_dict() for d in self.devices],
         }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> PoolStatus:
+        """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
+        try:
+            devices = [DeviceInfo.from_dict(d) for d in doc["devices"]]
+            return cls(doc["pool"], doc["now_ms"], devices, doc["granted"], doc["queued"])
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed pool document: {dict(doc)!r}") from exc
 
 
 def fence_margin(ttl_s: float) -> float:
@@ -520,6 +557,7 @@ _CANCEL = frozenset({"cancelled", "granted", "ended"})
 _RELEASE = frozenset({"released", "ended"})
 _BEAT = frozenset({"ok", "ended"})
 _OK = frozenset({"ok"})
+_MARK = frozenset({"ok", "evicting", "ended"})
 
 
 def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
@@ -567,38 +605,116 @@ def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
             return _granted(req, holder, granted, sent, clock)
 
 
+@dataclass(frozen=True, slots=True)
+class LeaseRef:
+    """What a holder needs to act on its lease: pool, id and fencing token (no local state).
+
+    The boss service acts for HTTP holders with these; :class:`Lease` carries the same three.
+    """
+
+    pool: str
+    id: str
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """A held lease's state as a heartbeat, ``idle`` or ``busy`` found it (times in Redis ms).
+
+    ``state`` is ``active``, ``idle`` or ``evicting``; when evicting, give the memory back (release)
+    before ``evict_deadline_ms``.
+    """
+
+    id: str
+    state: str
+    now_ms: int
+    expires_at_ms: int | None
+    evict_deadline_ms: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _ref(ref: LeaseRef) -> PoolKeys:
+    _check_name("lease id", ref.id)
+    if isinstance(ref.token, bool) or not isinstance(ref.token, int) or ref.token < 0:
+        raise BadRequest(f"token must be an int >= 0, not {ref.token!r}")
+    return _check_pool(ref.pool)
+
+
+def release_ref(ref: LeaseRef) -> Op[None]:
+    """Release with the lease's token; raises LeaseLost (or LeaseEvicted) if it had ended otherwise."""
+    keys = _ref(ref)
+    code, f = parse_reply((yield Call("release", keys.script_keys(), [ref.id, ref.token, 0])), _RELEASE)
+    if code == "ended":
+        raise _lost(ref.id, f)
+
+
+def heartbeat_ref(ref: LeaseRef, ttl_ms: int) -> Op[Beat]:
+    """Renew a lease for ``ttl_ms`` from now and learn its state; raises LeaseLost if it ended."""
+    keys = _ref(ref)
+    reply = yield Call("heartbeat", keys.script_keys(), [ref.id, ref.token, ttl_ms])
+    code, f = parse_reply(reply, _BEAT)
+    if code == "ended":
+        raise _lost(ref.id, f)
+    deadline = _opt_int(f.get("evict_deadline")) if f["state"] == "evicting" else None
+    return Beat(ref.id, f["state"], int(f["now"]), int(f["expires_at"]), deadline)
+
+
+def mark_ref(ref: LeaseRef, verb: str) -> Op[Beat]:
+    """``idle`` or ``busy``: move a held lease between kept-warm and in-use.
+
+    Returns the lease's state; ``evicting`` means it is being evicted and must be given back (a
+    caller of ``busy`` should treat that as an error). Raises LeaseLost if the lease had ended.
+    """
+    if verb not in ("idle", "busy"):
+        raise BadRequest(f"verb must be idle or busy, not {verb!r}")
+    keys = _ref(ref)
+    code, f = parse_reply((yield Call(verb, keys.script_keys(), [ref.id, ref.token])), _MARK)
+    if code == "ended":
+        raise _lost(ref.id, f)
+    if code == "evicting":
+        return Beat(ref.id, "evicting", int(f["now"]), None, int(f["evict_deadline"]))
+    return Beat(ref.id, f["state"], int(f["now"]), None, None)
+
+
+def lease_info(pool: str, lease_id: str) -> Op[LeaseInfo]:
+    """One lease or waiter as Redis holds it (ended ones linger a while); LeaseNotFound if gone."""
+    keys = _check_pool(pool)
+    _check_name("lease id", lease_id)
+    flat = yield Command(("HGETALL", keys.lease(lease_id)))
+    fields = flat if isinstance(flat, dict) else _pairs(flat or [])
+    if not fields:
+        raise error_for("lease_not_found", f"no lease {lease_id} in pool {pool}")
+    return LeaseInfo.from_fields(pool, {_text(k): _text(v) for k, v in fields.items()})
+
+
 def release(lease: Lease) -> Op[None]:
     """Release with the lease's token; raises LeaseLost if it had ended otherwise."""
-    keys = PoolKeys(lease.pool)
-    code, f = parse_reply((yield Call("release", keys.script_keys(), [lease.id, lease.token, 0])), _RELEASE)
-    if code == "ended":
-        err = _lost(lease.id, f)
+    try:
+        yield from release_ref(LeaseRef(lease.pool, lease.id, lease.token))
+    except LeaseLost as err:
         lease._mark_lost(err.message)
-        raise err
+        raise
     lease._released = True
     lease._mark_lost("released")
 
 
 def heartbeat(lease: Lease, clock: Clock) -> Op[LeaseInfo]:
     """Renew the lease and learn its state; marks it lost (and raises) if it has ended."""
-    keys = PoolKeys(lease.pool)
     sent = clock()
     try:
-        reply = yield Call("heartbeat", keys.script_keys(), [lease.id, lease.token, lease.ttl_ms])
-        code, f = parse_reply(reply, _BEAT)
-    except LeaseLost:
+        beat = yield from heartbeat_ref(LeaseRef(lease.pool, lease.id, lease.token), lease.ttl_ms)
+    except LeaseLost as err:
+        lease._mark_lost(err.message)
         raise
     except (LeaseNotFound, LeaseNotHeld) as exc:
         lease._mark_lost(exc.message)
         raise LeaseLost(f"lease {lease.id} is lost: {exc.message}", lease=lease.id) from exc
-    if code == "ended":
-        err = _lost(lease.id, f)
-        lease._mark_lost(err.message)
-        raise err
-    if f["state"] == "evicting":
-        lease._evict_notice(int(f["evict_deadline"]))
-    info = dataclasses.replace(lease.info, state=f["state"], expires_at_ms=int(f["expires_at"]))
-    lease._renewed(sent, info, int(f["now"]))
+    if beat.evict_deadline_ms is not None:
+        lease._evict_notice(beat.evict_deadline_ms)
+    info = dataclasses.replace(lease.info, state=beat.state, expires_at_ms=beat.expires_at_ms)
+    lease._renewed(sent, info, beat.now_ms)
     return info
 
 
@@ -699,6 +815,73 @@ def reap(pool: str | None) -> Op[int]:
     return total
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of a pool's event stream: ``name`` (granted, released, expired, evicting, ...)."""
+
+    pool: str
+    id: str  # the stream entry id, "<ms>-<n>": resume reading after it
+    name: str
+    fields: dict[str, str]
+
+    @property
+    def time_ms(self) -> int:
+        """Redis time of the event, ms."""
+        return int(self.id.split("-", 1)[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool, "id": self.id, "time_ms": self.time_ms, "event": self.name} | {
+            "fields": self.fields
+        }
+
+    @classmethod
+    def from_entry(cls, pool: str, entry: Any) -> Event:
+        entry_id, flat = entry
+        fields = _pairs(flat)
+        return cls(pool, _text(entry_id), fields.pop("event", "?"), fields)
+
+
+#: the most entries one read returns
+MAX_EVENTS = 1000
+
+
+def _count(count: int) -> int:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_EVENTS:
+        raise BadRequest(f"count must be an int from 1 to {MAX_EVENTS}, not {count!r}")
+    return count
+
+
+def recent_events(pool: str | None, count: int) -> Op[list[Event]]:
+    """The last ``count`` events of one pool or all pools, oldest first."""
+    _count(count)
+    out: list[Event] = []
+    for keys in (yield from _pools(pool)):
+        entries = yield Command(("XREVRANGE", keys.events, "+", "-", "COUNT", count))
+        out += [Event.from_entry(keys.pool, e) for e in entries or []]
+    out.sort(key=lambda e: tuple(map(int, e.id.split("-"))))
+    return out[-count:]
+
+
+def read_events(cursors: Mapping[str, str], count: int, block_ms: int | None) -> Op[list[Event]]:
+    """Events after each pool's cursor (an entry id, or ``"$"`` for only new ones), oldest first.
+
+    With ``block_ms``, waits up to that long for the first one (``XREAD BLOCK``).
+    """
+    _count(count)
+    if not cursors:
+        return []
+    pools = {_check_pool(p).events: p for p in cursors}
+    args: list[str | int] = ["XREAD", "COUNT", count]
+    if block_ms is not None:
+        args += ["BLOCK", max(1, int(block_ms))]
+    args += ["STREAMS", *pools, *cursors.values()]
+    reply = yield Command(tuple(args))
+    streams = reply.items() if isinstance(reply, dict) else (reply or [])
+    out = [Event.from_entry(pools[_text(key)], e) for key, entries in streams for e in entries]
+    out.sort(key=lambda e: tuple(map(int, e.id.split("-"))))
+    return out
+
+
 def close(lease: Lease) -> Op[str | None]:
     """Release a lease on leaving its context; returns why it was lost, or None if it was not."""
     if lease._released:  # given back already (by on_evict's handling, or by hand)
@@ -732,20 +915,15 @@ def raise_if_lost(lease: Lease, reason: str | None, exc: BaseException | None) -
     exc.add_note(f"gpuboss: {message}")
 
 
-_MARK = frozenset({"ok", "evicting", "ended"})
-
-
 def mark(lease: Lease, verb: str) -> Op[None]:
-    """``idle`` or ``busy``: move a held lease between kept-warm and in-use."""
-    code, f = parse_reply(
-        (yield Call(verb, PoolKeys(lease.pool).script_keys(), [lease.id, lease.token])), _MARK
-    )
-    if code == "ended":
-        err = _lost(lease.id, f)
+    """``idle`` or ``busy`` on a held lease; ``busy`` raises LeaseEvicted if it is being evicted."""
+    try:
+        beat = yield from mark_ref(LeaseRef(lease.pool, lease.id, lease.token), verb)
+    except LeaseLost as err:
         lease._mark_lost(err.message)
-        raise err
-    if code == "evicting":
-        lease._evict_notice(int(f["evict_deadline"]))
+        raise
+    if beat.evict_deadline_ms is not None:
+        lease._evict_notice(beat.evict_deadline_ms)
         if verb == "busy":
             raise LeaseEvicted(f"lease {lease.id} is being evicted: give it back", lease=lease.id)
 

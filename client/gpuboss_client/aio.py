@@ -15,7 +15,7 @@ import redis
 import redis.asyncio as aioredis
 
 from . import _core as core
-from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
+from ._core import Call, Clock, DeviceInfo, Event, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
 from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
 from .scripts import NAMES, source
 
@@ -72,7 +72,8 @@ class AsyncBoss:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _run(self, op: Op[T]) -> T:
+    async def run(self, op: Op[T]) -> T:
+        """Drive one operation of :mod:`gpuboss_client.ops` (what every method here does)."""
         reply: Any = None
         try:
             while True:
@@ -120,7 +121,7 @@ class AsyncBoss:
             exclusive=exclusive, devices=devices,
         )  # fmt: skip
         await self._ensure_listener()
-        return self._held_lease(await self._run(core.acquire(req, self.holder, self._clock)), on_evict)
+        return self._held_lease(await self.run(core.acquire(req, self.holder, self._clock)), on_evict)
 
     def lease(
         self,
@@ -152,26 +153,26 @@ class AsyncBoss:
 
     async def release(self, lease: Lease) -> None:
         """Release a lease; raises :class:`LeaseLost` if it had already ended otherwise."""
-        await self._run(core.release(lease))
+        await self.run(core.release(lease))
 
     async def heartbeat(self, lease: Lease) -> LeaseInfo:
         """Renew a lease for another TTL and return its state; raises LeaseLost if it ended."""
         try:
-            return await self._run(core.heartbeat(lease, self._clock))
+            return await self.run(core.heartbeat(lease, self._clock))
         finally:
             self._dispatch(lease)
 
     async def idle(self, lease: Lease) -> None:
         """Keep ``lease`` warm: resident but not in use, evictable least recently used first."""
         try:
-            await self._run(core.mark(lease, "idle"))
+            await self.run(core.mark(lease, "idle"))
         finally:
             self._dispatch(lease)
 
     async def busy(self, lease: Lease) -> None:
         """Take a warm lease back into use; raises :class:`LeaseEvicted` if it was evicted."""
         try:
-            await self._run(core.mark(lease, "busy"))
+            await self.run(core.mark(lease, "busy"))
         finally:
             self._dispatch(lease)
 
@@ -187,13 +188,13 @@ class AsyncBoss:
         devices: int = 1,
     ) -> Plan:
         """Dry run: would a request be granted now, evict whom, wait behind how many, or never fit?"""
-        return await self._run(core.plan(vram, vram_gb, priority, device, pool, exclusive, devices))
+        return await self.run(core.plan(vram, vram_gb, priority, device, pool, exclusive, devices))
 
     async def configure_pool(
         self, pool: str = core.DEFAULT_POOL, *, min_residency: float = 0, aging: float = 0
     ) -> None:
         """Set ``pool``'s minimum residency and aging period (see :meth:`Boss.configure_pool`)."""
-        await self._run(core.configure_pool(pool, min_residency, aging))
+        await self.run(core.configure_pool(pool, min_residency, aging))
 
     async def add_device(
         self,
@@ -206,13 +207,13 @@ class AsyncBoss:
         cuda_index: int | None = None,
     ) -> bool:
         """Add a device of ``vram`` (``reserved`` of it never leased), or update it; True if new."""
-        return await self._run(
+        return await self.run(
             core.add_device(name, vram, reserved=reserved, pool=pool, host=host, cuda_index=cuda_index)
         )
 
     async def remove_device(self, name: str, *, pool: str = core.DEFAULT_POOL, force: bool = False) -> None:
         """Remove a device; refused with :class:`DeviceBusy` while it has leases, unless forced."""
-        await self._run(core.remove_device(name, pool=pool, force=force))
+        await self.run(core.remove_device(name, pool=pool, force=force))
 
     async def devices(self, pool: str | None = None) -> list[DeviceInfo]:
         """Devices of ``pool``, or of every pool."""
@@ -220,19 +221,34 @@ class AsyncBoss:
 
     async def leases(self, pool: str | None = None) -> list[LeaseInfo]:
         """Live leases and waiting requests of ``pool``, or of every pool."""
-        return await self._run(core.leases(pool))
+        return await self.run(core.leases(pool))
 
     async def status(self, pool: str | None = None) -> list[PoolStatus]:
         """Per pool: devices with budgets and usage, granted and queued counts."""
-        return await self._run(core.status(pool))
+        return await self.run(core.status(pool))
 
     async def force_release(self, lease_id: str, pool: str | None = None) -> LeaseInfo:
         """Operator: end a lease or waiter without its token (searching every pool if needed)."""
-        return await self._run(core.force_release(lease_id, pool))
+        return await self.run(core.force_release(lease_id, pool))
 
     async def reap(self, pool: str | None = None) -> int:
         """End expired leases and abandoned waiters now; returns how many."""
-        return await self._run(core.reap(pool))
+        return await self.run(core.reap(pool))
+
+    async def events(self, pool: str | None = None, *, count: int = 100) -> list[Event]:
+        """The last ``count`` events of ``pool`` or of every pool, oldest first."""
+        return await self.run(core.recent_events(pool, count))
+
+    async def tail_events(
+        self, cursors: Mapping[str, str], *, count: int = 100, block: float | None = None
+    ) -> list[Event]:
+        """Events after each pool's cursor (an event id, or ``"$"`` for only new ones).
+
+        With ``block`` seconds, waits that long for the first one; continue from the last id seen
+        per pool.
+        """
+        block_ms = None if block is None else int(block * 1000)
+        return await self.run(core.read_events(cursors, count, block_ms))
 
     def _held_lease(self, lease: Lease, on_evict: AsyncEvictCallback | None) -> Lease:
         lease._boss = self
@@ -312,7 +328,7 @@ class AsyncLeaseContext:
 
     async def __aenter__(self) -> Lease:
         await self._boss._ensure_listener()
-        lease = await self._boss._run(core.acquire(self._req, self._boss.holder, self._boss._clock))
+        lease = await self._boss.run(core.acquire(self._req, self._boss.holder, self._boss._clock))
         self.lease = self._boss._held_lease(lease, self._on_evict)
         self._task = asyncio.create_task(self._beat(lease), name=f"gpuboss-heartbeat-{lease.id}")
         return lease
@@ -341,7 +357,7 @@ class AsyncLeaseContext:
         self._task.cancel()
         await asyncio.wait([self._task])  # a cancellation of the caller still propagates
         try:
-            reason = await self._boss._run(core.close(self.lease))
+            reason = await self._boss.run(core.close(self.lease))
         except BackendUnavailable as err:
             log.warning("could not release lease %s (it expires by itself): %s", self.lease.id, err)
             reason = self.lease.lost_reason

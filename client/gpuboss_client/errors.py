@@ -15,6 +15,7 @@ __all__ = [
     "BadRequest",
     "DeviceBusy",
     "DeviceNotFound",
+    "Forbidden",
     "GpubossError",
     "InsufficientVram",
     "LeaseEvicted",
@@ -24,7 +25,9 @@ __all__ = [
     "NotFound",
     "PoolNotFound",
     "ProtocolError",
+    "QueueFull",
     "RequestConflict",
+    "Unauthorized",
     "error_for",
 ]
 
@@ -160,6 +163,31 @@ class ProtocolError(GpubossError):
     exit_code = 13
 
 
+class Unauthorized(GpubossError):
+    """The boss service needs a bearer token and got none, or one it does not know."""
+
+    code = "unauthorized"
+    http_status = 401
+    exit_code = 15
+
+
+class Forbidden(GpubossError):
+    """The token is valid but may not do this: another holder's lease, or an operator route."""
+
+    code = "forbidden"
+    http_status = 403
+    exit_code = 16
+
+
+class QueueFull(GpubossError):
+    """The pool's queue is at its cap; try again later."""
+
+    code = "queue_full"
+    retryable = True
+    http_status = 429
+    exit_code = 17
+
+
 ERRORS: dict[str, type[GpubossError]] = {
     cls.code: cls
     for cls in (
@@ -176,6 +204,9 @@ ERRORS: dict[str, type[GpubossError]] = {
         AcquireTimeout,
         BackendUnavailable,
         ProtocolError,
+        Unauthorized,
+        Forbidden,
+        QueueFull,
     )
 }
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import redis
 
 from . import _core as core
-from ._core import Call, Clock, DeviceInfo, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
+from ._core import Call, Clock, DeviceInfo, Event, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
 from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
 from .scripts import NAMES, source
 
@@ -71,7 +71,8 @@ class Boss:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, op: Op[T]) -> T:
+    def run(self, op: Op[T]) -> T:
+        """Drive one operation of :mod:`gpuboss_client.ops` (what every method here does)."""
         reply: Any = None
         try:
             while True:
@@ -119,7 +120,7 @@ class Boss:
             exclusive=exclusive, devices=devices,
         )  # fmt: skip
         self._ensure_listener()
-        return self._held_lease(self._run(core.acquire(req, self.holder, self._clock)), on_evict)
+        return self._held_lease(self.run(core.acquire(req, self.holder, self._clock)), on_evict)
 
     def lease(
         self,
@@ -151,26 +152,26 @@ class Boss:
 
     def release(self, lease: Lease) -> None:
         """Release a lease; raises :class:`LeaseLost` if it had already ended otherwise."""
-        self._run(core.release(lease))
+        self.run(core.release(lease))
 
     def heartbeat(self, lease: Lease) -> LeaseInfo:
         """Renew a lease for another TTL and return its state; raises LeaseLost if it ended."""
         try:
-            return self._run(core.heartbeat(lease, self._clock))
+            return self.run(core.heartbeat(lease, self._clock))
         finally:
             self._dispatch(lease)
 
     def idle(self, lease: Lease) -> None:
         """Keep ``lease`` warm: resident but not in use, evictable least recently used first."""
         try:
-            self._run(core.mark(lease, "idle"))
+            self.run(core.mark(lease, "idle"))
         finally:
             self._dispatch(lease)
 
     def busy(self, lease: Lease) -> None:
         """Take a warm lease back into use; raises :class:`LeaseEvicted` if it was evicted."""
         try:
-            self._run(core.mark(lease, "busy"))
+            self.run(core.mark(lease, "busy"))
         finally:
             self._dispatch(lease)
 
@@ -186,14 +187,14 @@ class Boss:
         devices: int = 1,
     ) -> Plan:
         """Dry run: would a request be granted now, evict whom, wait behind how many, or never fit?"""
-        return self._run(core.plan(vram, vram_gb, priority, device, pool, exclusive, devices))
+        return self.run(core.plan(vram, vram_gb, priority, device, pool, exclusive, devices))
 
     def configure_pool(
         self, pool: str = core.DEFAULT_POOL, *, min_residency: float = 0, aging: float = 0
     ) -> None:
         """Set ``pool``'s minimum residency (a younger lease is evicted only if nothing else fits)
         and aging period (a waiter rises one priority level, 10, per period; 0 = strict priority)."""
-        self._run(core.configure_pool(pool, min_residency, aging))
+        self.run(core.configure_pool(pool, min_residency, aging))
 
     def add_device(
         self,
@@ -206,13 +207,13 @@ class Boss:
         cuda_index: int | None = None,
     ) -> bool:
         """Add a device of ``vram`` (``reserved`` of it never leased), or update it; True if new."""
-        return self._run(
+        return self.run(
             core.add_device(name, vram, reserved=reserved, pool=pool, host=host, cuda_index=cuda_index)
         )
 
     def remove_device(self, name: str, *, pool: str = core.DEFAULT_POOL, force: bool = False) -> None:
         """Remove a device; refused with :class:`DeviceBusy` while it has leases, unless forced."""
-        self._run(core.remove_device(name, pool=pool, force=force))
+        self.run(core.remove_device(name, pool=pool, force=force))
 
     def devices(self, pool: str | None = None) -> list[DeviceInfo]:
         """Devices of ``pool``, or of every pool."""
@@ -220,19 +221,34 @@ class Boss:
 
     def leases(self, pool: str | None = None) -> list[LeaseInfo]:
         """Live leases and waiting requests of ``pool``, or of every pool."""
-        return self._run(core.leases(pool))
+        return self.run(core.leases(pool))
 
     def status(self, pool: str | None = None) -> list[PoolStatus]:
         """Per pool: devices with budgets and usage, granted and queued counts."""
-        return self._run(core.status(pool))
+        return self.run(core.status(pool))
 
     def force_release(self, lease_id: str, pool: str | None = None) -> LeaseInfo:
         """Operator: end a lease or waiter without its token (searching every pool if needed)."""
-        return self._run(core.force_release(lease_id, pool))
+        return self.run(core.force_release(lease_id, pool))
 
     def reap(self, pool: str | None = None) -> int:
         """End expired leases and abandoned waiters now; returns how many."""
-        return self._run(core.reap(pool))
+        return self.run(core.reap(pool))
+
+    def events(self, pool: str | None = None, *, count: int = 100) -> list[Event]:
+        """The last ``count`` events of ``pool`` or of every pool, oldest first."""
+        return self.run(core.recent_events(pool, count))
+
+    def tail_events(
+        self, cursors: Mapping[str, str], *, count: int = 100, block: float | None = None
+    ) -> list[Event]:
+        """Events after each pool's cursor (an event id, or ``"$"`` for only new ones).
+
+        With ``block`` seconds, waits that long for the first one; continue from the last id seen
+        per pool.
+        """
+        block_ms = None if block is None else int(block * 1000)
+        return self.run(core.read_events(cursors, count, block_ms))
 
     def _held_lease(self, lease: Lease, on_evict: EvictCallback | None) -> Lease:
         lease._boss = self
@@ -315,7 +331,7 @@ class LeaseContext:
 
     def __enter__(self) -> Lease:
         self._boss._ensure_listener()
-        lease = self._boss._run(core.acquire(self._req, self._boss.holder, self._boss._clock))
+        lease = self._boss.run(core.acquire(self._req, self._boss.holder, self._boss._clock))
         self.lease = self._boss._held_lease(lease, self._on_evict)
         self._thread = threading.Thread(
             target=self._beat, args=(lease,), name=f"gpuboss-heartbeat-{lease.id}", daemon=True
@@ -347,7 +363,7 @@ class LeaseContext:
         self._stop.set()
         self._thread.join()
         try:
-            reason = self._boss._run(core.close(self.lease))
+            reason = self._boss.run(core.close(self.lease))
         except BackendUnavailable as err:
             log.warning("could not release lease %s (it expires by itself): %s", self.lease.id, err)
             reason = self.lease.lost_reason

@@ -1,0 +1,38 @@
+"""The client's operations, for programs that drive them with :meth:`Boss.run` / :meth:`AsyncBoss.run`.
+
+Each is a generator over Redis steps (see ``_core``); ``Boss`` and ``AsyncBoss`` methods are thin
+wrappers around them. The boss service uses them to act for HTTP holders, who present a
+:class:`LeaseRef` (pool, id, token) instead of holding a :class:`~gpuboss_client.Lease` object.
+"""
+
+from ._core import (
+    MAX_EVENTS,
+    AcquireRequest,
+    Beat,
+    Event,
+    Holder,
+    LeaseRef,
+    acquire,
+    heartbeat_ref,
+    lease_info,
+    mark_ref,
+    read_events,
+    recent_events,
+    release_ref,
+)
+
+__all__ = [
+    "MAX_EVENTS",
+    "AcquireRequest",
+    "Beat",
+    "Event",
+    "Holder",
+    "LeaseRef",
+    "acquire",
+    "heartbeat_ref",
+    "lease_info",
+    "mark_ref",
+    "read_events",
+    "recent_events",
+    "release_ref",
+]

@@ -21,18 +21,17 @@ from rich.console import Console
 from rich.text import Text
 
 import gpuboss_client
-from gpuboss_client import BackendUnavailable, BadRequest, Boss, GpubossError, LeaseNotHeld
-
-from .render import (
-    device_dict,
-    devices_table,
-    human_mib,
-    lease_dict,
-    leases_table,
-    queue_table,
+from gpuboss_client import (
+    BackendUnavailable,
+    BadRequest,
+    Boss,
+    GpubossError,
+    LeaseNotHeld,
     split_queue,
-    status_doc,
+    status_document,
 )
+
+from .render import devices_table, human_mib, leases_table, queue_table
 from .settings import HOLDER, Settings, redact
 
 __all__ = ["app", "exit_with", "main"]
@@ -154,7 +153,7 @@ def status(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = False) -
         pools = boss.status(pool)
         leases = boss.leases(pool)
     if as_json:
-        _print_json(status_doc(pools, leases))
+        _print_json(status_document(pools, leases))
         return
     console = _console()
     if not any(s.devices for s in pools) and not leases:
@@ -187,7 +186,7 @@ def leases_cmd(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = Fals
         leases = boss.leases(pool)
         now_ms = {s.pool: s.now_ms for s in boss.status(pool)} if leases and not as_json else {}
     if as_json:
-        _print_json({"leases": [lease_dict(x) for x in leases]})
+        _print_json({"leases": [x.to_dict() for x in leases]})
         return
     console = _console()
     if not leases:
@@ -335,7 +334,7 @@ def devices_list(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = Fa
     with connect(ctx) as boss:
         devices = boss.devices(pool)
     if as_json:
-        _print_json({"devices": [device_dict(d) for d in devices]})
+        _print_json({"devices": [d.to_dict() for d in devices]})
         return
     console = _console()
     if not devices:

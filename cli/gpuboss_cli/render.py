@@ -6,25 +6,19 @@ shape is stable for scripts.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from gpuboss_client import PRIORITIES, DeviceInfo, LeaseInfo, PoolStatus
+from gpuboss_client import PRIORITIES, DeviceInfo, LeaseInfo
 
 __all__ = [
-    "device_dict",
     "devices_table",
     "human_mib",
-    "lease_dict",
     "leases_table",
     "queue_table",
-    "split_queue",
-    "status_doc",
 ]
 
 _PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
@@ -125,39 +119,3 @@ def queue_table(title: str, waiters: Sequence[LeaseInfo], now_ms: int) -> Table:
         for i, x in enumerate(waiters, 1)
     ]
     return _table(title, columns, rows, {"#", "vram", "priority", "waiting s", "expires in s"})
-
-
-def split_queue(leases: Iterable[LeaseInfo]) -> tuple[list[LeaseInfo], list[LeaseInfo]]:
-    """Granted leases (soonest expiry first, as listed) and waiters in queue order."""
-    granted: list[LeaseInfo] = []
-    waiters: list[LeaseInfo] = []
-    for x in leases:
-        (waiters if x.state == "queued" else granted).append(x)
-    waiters.sort(key=lambda x: (-x.priority, x.requested_at_ms or 0))
-    return granted, waiters
-
-
-def device_dict(d: DeviceInfo) -> dict[str, Any]:
-    """A device as JSON, sizes in MiB, budget and free included."""
-    return d.to_dict()
-
-
-def lease_dict(x: LeaseInfo) -> dict[str, Any]:
-    """A lease or waiter as JSON: every field of :class:`LeaseInfo`, times in Redis ms."""
-    return dataclasses.asdict(x)
-
-
-def status_doc(pools: Sequence[PoolStatus], leases: Sequence[LeaseInfo]) -> dict[str, Any]:
-    """``{"pools": {name: {pool, now_ms, granted, queued, devices, leases, queue}}}``.
-
-    ``granted``/``queued`` are counts; ``leases`` lists the granted leases and ``queue`` the
-    waiters in queue order.
-    """
-    doc: dict[str, Any] = {}
-    for s in pools:
-        granted, waiters = split_queue(x for x in leases if x.pool == s.pool)
-        doc[s.pool] = s.to_dict() | {
-            "leases": [lease_dict(x) for x in granted],
-            "queue": [lease_dict(x) for x in waiters],
-        }
-    return {"pools": doc}

@@ -5,7 +5,18 @@
 ...     os.environ.update(lease.env)
 """
 
-from ._core import Beat, DeviceInfo, Event, Lease, LeaseInfo, LeaseRef, Plan, PoolStatus
+from ._core import (
+    Beat,
+    DeviceInfo,
+    Event,
+    Lease,
+    LeaseInfo,
+    LeaseRef,
+    Plan,
+    PoolStatus,
+    split_queue,
+    status_document,
+)
 from .aio import AsyncBoss, AsyncLeaseContext
 from .errors import (
     ERRORS,
@@ -72,4 +83,6 @@ __all__ = [
     "parse_mib",
     "parse_priority",
     "script_shas",
+    "split_queue",
+    "status_document",
 ]

@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 import weakref
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
@@ -279,6 +279,33 @@ class PoolStatus:
             return cls(doc["pool"], doc["now_ms"], devices, doc["granted"], doc["queued"])
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"malformed pool document: {dict(doc)!r}") from exc
+
+
+def split_queue(leases: Iterable[LeaseInfo]) -> tuple[list[LeaseInfo], list[LeaseInfo]]:
+    """Granted leases (in the order given) and waiters in queue order (priority, then arrival)."""
+    granted: list[LeaseInfo] = []
+    waiters: list[LeaseInfo] = []
+    for x in leases:
+        (waiters if x.state == "queued" else granted).append(x)
+    waiters.sort(key=lambda x: (-x.priority, x.requested_at_ms or 0))
+    return granted, waiters
+
+
+def status_document(pools: Sequence[PoolStatus], leases: Sequence[LeaseInfo]) -> dict[str, Any]:
+    """``{"pools": {name: {pool, now_ms, granted, queued, devices, leases, queue}}}``: the JSON of
+    ``gpuboss status --json`` and the service's ``GET /v1/status``.
+
+    ``granted``/``queued`` are counts; ``leases`` lists the granted leases and ``queue`` the
+    waiters in queue order.
+    """
+    doc: dict[str, Any] = {}
+    for s in pools:
+        granted, waiters = split_queue(x for x in leases if x.pool == s.pool)
+        doc[s.pool] = s.to_dict() | {
+            "leases": [x.to_dict() for x in granted],
+            "queue": [x.to_dict() for x in waiters],
+        }
+    return {"pools": doc}
 
 
 def fence_margin(ttl_s: float) -> float:

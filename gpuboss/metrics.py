@@ -1,0 +1,7 @@
+"""``/metrics`` in Prometheus format (placeholder until it is built)."""
+
+from fastapi import APIRouter
+
+__all__ = ["router"]
+
+router = APIRouter()

@@ -31,6 +31,9 @@ from gpuboss_client import (
     status_document,
 )
 
+from . import agent as agent_cmd
+from . import run as run_cmd
+from . import serve as serve_cmd
 from .render import devices_table, human_mib, leases_table, queue_table
 from .settings import HOLDER, Settings, redact
 
@@ -356,6 +359,15 @@ def devices_remove(
     with connect(ctx) as boss:
         boss.remove_device(name, pool=pool, force=force)
     _say(_console(), f"removed device {name} from pool {pool}")
+
+
+# Commands that live in modules of their own.
+app.command("serve")(serve_cmd.serve)
+app.command("agent")(agent_cmd.agent)
+app.command(
+    "run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(run_cmd.run)
 
 
 def main() -> None:

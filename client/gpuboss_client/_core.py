@@ -93,7 +93,9 @@ def parse_reply(reply: Any, expected: frozenset[str]) -> tuple[str, dict[str, An
     raise error_for(code, _text(fields.get("message", f"unexpected reply {code!r}")))
 
 
-def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+def _pairs(flat: Sequence[Any] | Mapping[Any, Any]) -> dict[str, str]:
+    if isinstance(flat, Mapping):  # redis-py parses some replies (XRANGE entries) into dicts
+        return {_text(k): _text(v) for k, v in flat.items()}
     return {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=False)}
 
 
@@ -709,11 +711,10 @@ def lease_info(pool: str, lease_id: str) -> Op[LeaseInfo]:
     """One lease or waiter as Redis holds it (ended ones linger a while); LeaseNotFound if gone."""
     keys = _check_pool(pool)
     _check_name("lease id", lease_id)
-    flat = yield Command(("HGETALL", keys.lease(lease_id)))
-    fields = flat if isinstance(flat, dict) else _pairs(flat or [])
+    fields = _pairs((yield Command(("HGETALL", keys.lease(lease_id)))) or [])
     if not fields:
         raise error_for("lease_not_found", f"no lease {lease_id} in pool {pool}")
-    return LeaseInfo.from_fields(pool, {_text(k): _text(v) for k, v in fields.items()})
+    return LeaseInfo.from_fields(pool, {"id": lease_id} | fields)
 
 
 def release(lease: Lease) -> Op[None]:

@@ -1,0 +1,1009 @@
+"""The boss service's HTTP API: FastAPI over :class:`gpuboss_client.AsyncBoss`.
+
+Each route validates its input, checks who may do it (:mod:`gpuboss.auth`) and runs one client
+operation; the logic of leasing lives in the client and the Lua scripts, never here. Every error
+is a :class:`gpuboss_client.GpubossError` rendered by the one exception handler as
+``{"error", "message", "retryable", ...}`` with the error's HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+import redis
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gpuboss_client import (
+    ERRORS,
+    AsyncBoss,
+    BackendUnavailable,
+    BadRequest,
+    Event,
+    Forbidden,
+    GpubossError,
+    LeaseEvicted,
+    NotFound,
+    ProtocolError,
+    QueueFull,
+    Unauthorized,
+    __version__,
+    ops,
+    script_shas,
+    split_queue,
+    status_document,
+)
+from gpuboss_client.keys import valid_pool
+from gpuboss_client.scripts import source
+from gpuboss_client.units import MAX_TTL_MS, parse_ttl_ms
+
+from . import dashboard, metrics
+from .auth import HolderDep, OperatorDep, Principal, ReaderDep
+from .hub import EventHub, Subscription, event_key
+from .reaper import Reaper
+from .settings import ServiceSettings
+
+__all__ = ["create_app", "lifespan"]
+
+log = logging.getLogger("gpuboss")
+
+BOSS_HOLDER = "gpuboss-boss"
+DEFAULT_POOL = "default"
+#: an acquire that gives no timeout_s waits this long (or max_wait_s, if that is shorter)
+DEFAULT_WAIT_S = 30.0
+#: what Retry-After says for the retryable errors
+RETRY_AFTER_S = 1
+#: an SSE stream sends a comment this often when nothing happens, so proxies keep it open
+KEEPALIVE_S = 15.0
+#: the most events a reconnecting stream replays from Redis (the size of a pool's capped stream)
+REPLAY_MAX = 10_000
+MAX_SECONDS = MAX_TTL_MS / 1000
+#: the largest request body taken (a lease request with 4 KiB of labels is far smaller)
+MAX_BODY_BYTES = 64 * 1024
+
+
+# --- request and response documents ---------------------------------------------------------------
+
+
+def _check_text(value: Any) -> None:
+    # JSON may carry lone surrogates, which Redis cannot store as UTF-8: refuse them as bad input.
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+
+
+class RequestDoc(BaseModel):
+    """A request body: unknown fields are refused, and types are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="after")
+    def _unicode(self) -> RequestDoc:
+        for name in type(self).model_fields:
+            _check_text(getattr(self, name))
+        return self
+
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+Size = Annotated[int | str, Field(description='MiB as an int, or a size like "8GiB", "512MiB", "1.5G"')]
+Priority = Annotated[int | str, Field(description='"low" (10), "normal" (50), "high" (90), or 0-100')]
+PoolName = Annotated[str, Field(description="1-64 of [A-Za-z0-9_.-]", max_length=64)]
+
+
+class AcquireBody(RequestDoc):
+    """Lease ``vram`` (or ``vram_gb``) on ``device`` or the best fit in ``pool``."""
+
+    vram: Size | None = None
+    vram_gb: float | None = Field(default=None, gt=0, description="GiB; give exactly one of vram and vram_gb")
+    priority: Priority = "normal"
+    pool: PoolName = DEFAULT_POOL
+    device: str | None = Field(default=None, max_length=64, description="a device name; null: best fit")
+    devices: int = Field(default=1, ge=1, le=16, description="a gang: the same amount on N devices of a host")
+    ttl_s: Seconds = Field(default=10.0, description="the lease expires this long after the last heartbeat")
+    timeout_s: float = Field(
+        default=DEFAULT_WAIT_S,
+        ge=0,
+        description="seconds to wait in the queue (0: try once); at most the service's max_wait_s",
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="e.g. the model name; 4 KiB at most")
+    request_id: str | None = Field(
+        default=None, max_length=64, description="the lease id; retrying the same one never grants twice"
+    )
+    preemptible: bool = Field(default=False, description="a request of higher priority may evict it")
+    grace_s: float = Field(default=10.0, ge=0, le=MAX_SECONDS, description="time to give memory back")
+    exclusive: bool = Field(default=False, description="nothing else may share the device")
+    holder: str | None = Field(
+        default=None, max_length=128, description='who holds it: default the token\'s name, or "http"'
+    )
+    host: str | None = Field(default=None, max_length=255, description="default: the caller's address")
+    pid: int | None = Field(default=None, ge=0, le=2**32 - 1, description="default: 0")
+
+
+class TokenBody(RequestDoc):
+    """A held lease's pool and fencing token."""
+
+    pool: PoolName = DEFAULT_POOL
+    token: int = Field(ge=0, description="the lease's fencing token, from the acquire")
+
+
+class HeartbeatBody(TokenBody):
+    """Renew a held lease."""
+
+    ttl_s: Seconds | None = Field(default=None, description="new lifetime from now; null: the lease's own")
+
+
+class PlanBody(RequestDoc):
+    """A request to judge, without acting on it."""
+
+    vram: Size | None = None
+    vram_gb: float | None = Field(default=None, gt=0)
+    priority: Priority = "normal"
+    pool: PoolName = DEFAULT_POOL
+    device: str | None = Field(default=None, max_length=64)
+    exclusive: bool = False
+    devices: int = Field(default=1, ge=1, le=16)
+
+
+class DeviceBody(RequestDoc):
+    """A device's size and place."""
+
+    vram: Size
+    reserved: Size = Field(default=0, description="headroom never leased")
+    pool: PoolName = DEFAULT_POOL
+    host: str | None = Field(default=None, max_length=255, description="default: the boss's host name")
+    cuda_index: int | None = Field(default=None, ge=0, le=1023)
+
+
+class PoolBody(RequestDoc):
+    """Which pool to act on; null searches (or acts on) every pool."""
+
+    pool: PoolName | None = None
+
+
+class PoolConfigBody(RequestDoc):
+    """A pool's eviction and starvation guards, seconds (0 turns either off)."""
+
+    min_residency_s: float = Field(default=0, ge=0, le=MAX_SECONDS)
+    aging_s: float = Field(default=0, ge=0, le=MAX_SECONDS)
+
+
+class Doc(BaseModel):
+    """A response document (fields exactly as the client's ``to_dict``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDoc(BaseModel):
+    """An error: its stable code, a message, whether retrying may help, and details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="stable code, e.g. lease_not_found")
+    message: str
+    retryable: bool
+
+
+class DeviceDoc(Doc):
+    pool: str
+    name: str
+    host: str
+    cuda_index: int | None
+    total_mib: int
+    reserved_mib: int
+    unmanaged_mib: int
+    budget_mib: int
+    used_mib: int
+    free_mib: int
+    leases: int
+
+
+class LeaseDoc(Doc):
+    id: str
+    pool: str
+    state: str = Field(description="queued, active, idle, evicting, or how it ended")
+    holder: str
+    holder_host: str
+    holder_pid: int
+    mib: int
+    priority: int
+    device: str | None = Field(description="the device (a gang's joined by commas); a waiter's wish")
+    token: int | None
+    cuda_indexes: list[int]
+    cuda_index: int | None
+    devices: list[str]
+    device_host: str | None
+    ttl_ms: int
+    expires_at_ms: int | None
+    requested_at_ms: int | None
+    granted_at_ms: int | None
+    ended_at_ms: int | None
+    reason: str | None
+    labels: dict[str, str]
+
+
+class GrantDoc(LeaseDoc):
+    env: dict[str, str] = Field(description="CUDA_VISIBLE_DEVICES, GPUBOSS_LEASE_ID, ... for the process")
+
+
+class BeatDoc(Doc):
+    id: str
+    state: str = Field(description="active, idle, or evicting: release before evict_deadline_ms")
+    now_ms: int
+    expires_at_ms: int | None
+    evict_deadline_ms: int | None
+
+
+class PoolDoc(Doc):
+    pool: str
+    now_ms: int
+    granted: int
+    queued: int
+    devices: list[DeviceDoc]
+    leases: list[LeaseDoc]
+    queue: list[LeaseDoc]
+
+
+class StatusDoc(Doc):
+    pools: dict[str, PoolDoc]
+
+
+class DevicesDoc(Doc):
+    devices: list[DeviceDoc]
+
+
+class LeasesDoc(Doc):
+    leases: list[LeaseDoc]
+
+
+class QueueDoc(Doc):
+    queue: list[LeaseDoc]
+
+
+class EventDoc(Doc):
+    pool: str
+    id: str = Field(description="the stream entry id, <ms>-<n>")
+    time_ms: int
+    event: str
+    fields: dict[str, str]
+
+
+class EventsDoc(Doc):
+    events: list[EventDoc]
+
+
+class PlanDoc(Doc):
+    outcome: Literal["grant", "evict", "wait", "never"]
+    device: str | None
+    victims: list[str]
+    ahead: int
+    largest_mib: int
+
+
+class ReleasedDoc(Doc):
+    id: str
+    state: Literal["released"]
+
+
+class DevicePutDoc(Doc):
+    created: bool
+    device: DeviceDoc
+
+
+class DeviceRemovedDoc(Doc):
+    removed: str
+    pool: str
+
+
+class ReapedDoc(Doc):
+    reaped: int
+
+
+class PoolConfigDoc(Doc):
+    pool: str
+    min_residency_s: float
+    aging_s: float
+
+
+class HealthDoc(Doc):
+    status: Literal["ok"]
+    version: str
+
+
+class ReadyDoc(Doc):
+    status: Literal["ready"]
+    redis: Literal["ok"]
+    scripts: dict[str, str] = Field(description="SHA1 of each Lua script, loaded in Redis")
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+_BY_STATUS: dict[int, type[GpubossError]] = {
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    429: QueueFull,
+    503: BackendUnavailable,
+}
+
+
+def _error_of(request: Request, exc: Exception) -> tuple[GpubossError, int, dict[str, str]]:
+    if isinstance(exc, GpubossError):
+        return exc, exc.http_status, {}
+    if isinstance(exc, RequestValidationError):
+        problems = [
+            {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+        message = "; ".join(f"{p['where']}: {p['problem']}" for p in problems) or "bad request"
+        return BadRequest(message, problems=problems), 400, {}
+    if isinstance(exc, StarletteHTTPException):
+        cls = _BY_STATUS.get(exc.status_code, BadRequest if exc.status_code < 500 else GpubossError)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return cls(message), exc.status_code, dict(exc.headers or {})
+    # A bug: the server logs the traceback (Starlette re-raises it after this reply).
+    return GpubossError("internal error; the service log has the details"), 500, {}
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """The one exception handler: every error as ``GpubossError.to_dict()`` with its status."""
+    err, status, headers = _error_of(request, exc)
+    if err.retryable:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if isinstance(err, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(err.to_dict(), status_code=status, headers=headers)
+
+
+def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error codes a route may answer with."""
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(ERRORS[code].http_status, []).append(code)
+    out: dict[int | str, dict[str, Any]] = {}
+    for status, names in sorted(by_status.items()):
+        doc: dict[str, Any] = {"model": ErrorDoc, "description": "error: " + ", ".join(names)}
+        if any(ERRORS[name].retryable for name in names):
+            doc["headers"] = {
+                "Retry-After": {
+                    "description": "seconds to wait before retrying",
+                    "schema": {"type": "integer"},
+                }
+            }
+        out[status] = doc
+    return out
+
+
+_REDIS = ("backend_unavailable", "protocol_error")
+_READ = ("bad_request", "unauthorized", *_REDIS)
+_HOLD = ("bad_request", "unauthorized", "forbidden", *_REDIS)
+_LEASE = (*_HOLD, "lease_not_found", "lease_not_held", "lease_lost", "lease_evicted")
+_PLACE = ("pool_not_found", "device_not_found", "insufficient_vram", "request_conflict")
+_ACQUIRE = (*_LEASE, *_PLACE, "acquire_timeout", "queue_full")
+
+
+#: one message of the event stream, as OpenAPI 3.1 describes an item of ``text/event-stream``
+_SSE: dict[str, Any] = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "required": ["id", "event", "data"],
+            "properties": {
+                "id": {"type": "string", "description": "<pool>/<entry id>: send it back as Last-Event-ID"},
+                "event": {"type": "string", "description": "the event's name: granted, released, ..."},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/EventDoc"},
+                },
+                "retry": {"type": "integer"},
+            },
+        }
+    }
+}
+
+
+# --- dependencies ---------------------------------------------------------------------------------
+# All async: FastAPI runs a plain ``def`` dependency in a worker thread, which costs more than it does.
+
+
+async def get_boss(request: Request) -> AsyncBoss:
+    """The service's client (made by the lifespan)."""
+    boss: AsyncBoss = request.app.state.boss
+    return boss
+
+
+async def get_settings(request: Request) -> ServiceSettings:
+    """The service's settings."""
+    settings: ServiceSettings = request.app.state.settings
+    return settings
+
+
+async def get_hub(request: Request) -> EventHub:
+    """The service's event hub."""
+    hub: EventHub = request.app.state.hub
+    return hub
+
+
+BossDep = Annotated[AsyncBoss, Depends(get_boss)]
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
+HubDep = Annotated[EventHub, Depends(get_hub)]
+PoolQuery = Annotated[str | None, Query(description="only this pool (default: every pool)", max_length=64)]
+OnePoolQuery = Annotated[str, Query(description="the lease's pool", max_length=64)]
+
+
+async def _held(boss: AsyncBoss, who: Principal, pool: str, lease_id: str) -> None:
+    """For a holder token: refuse a lease another holder holds (reading it costs one round trip)."""
+    if not who.is_operator:
+        who.check_holds(await boss.run(ops.lease_info(pool, lease_id)))
+
+
+async def _redis_call(what: str, call: Any) -> Any:
+    """Await a plain Redis call, mapping its failures onto the error tree."""
+    try:
+        return await call
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
+    except redis.RedisError as exc:
+        raise ProtocolError(f"Redis refused {what}: {exc}") from exc
+
+
+async def load_scripts(client: Any) -> dict[str, str]:
+    """Make sure Redis has every Lua script cached (loading the missing ones); their SHAs by name."""
+    shas = script_shas()
+    loaded = await _redis_call("SCRIPT EXISTS", client.script_exists(*shas.values()))
+    for (name, sha), present in zip(shas.items(), loaded, strict=True):
+        if not present:
+            got = await _redis_call("SCRIPT LOAD", client.script_load(source(name)))
+            if got != sha:
+                raise ProtocolError(f"Redis loaded script {name} as {got}, expected {sha}")
+    return shas
+
+
+# --- routes ---------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["health"], summary="The process is up", response_model=HealthDoc)
+async def healthz() -> dict[str, Any]:
+    """Answers while the process runs, whether or not Redis is reachable."""
+    return {"status": "ok", "version": __version__}
+
+
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="Redis is reachable and the scripts are loaded",
+    response_model=ReadyDoc,
+    responses=_errors(*_REDIS),
+)
+async def readyz(boss: BossDep, settings: SettingsDep) -> dict[str, Any]:
+    """Pings Redis and checks (``SCRIPT EXISTS``) that every Lua script is cached, loading any that
+    are missing (after a Redis restart); answers 503 ``backend_unavailable`` when Redis is not
+    reachable within ``redis_timeout_s``."""
+    try:
+        async with asyncio.timeout(settings.redis_timeout_s):
+            await _redis_call("PING", boss.redis.ping())
+            shas = await load_scripts(boss.redis)
+    except TimeoutError:
+        raise BackendUnavailable(f"Redis did not answer within {settings.redis_timeout_s} s") from None
+    return {"status": "ready", "redis": "ok", "scripts": shas}
+
+
+@router.get(
+    "/v1/status",
+    tags=["status"],
+    summary="Devices, leases and queue of every pool",
+    response_model=StatusDoc,
+    responses=_errors(*_READ, "pool_not_found"),
+)
+async def get_status(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
+    """Per pool: counts, Redis time, devices with budgets, granted leases and the queue in order."""
+    return status_document(await boss.status(pool), await boss.leases(pool))
+
+
+@router.get(
+    "/v1/devices",
+    tags=["status"],
+    summary="Devices and their memory",
+    response_model=DevicesDoc,
+    responses=_errors(*_READ, "pool_not_found"),
+)
+async def get_devices(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
+    """Every device of ``pool`` (or of every pool), sizes in MiB."""
+    return {"devices": [d.to_dict() for d in await boss.devices(pool)]}
+
+
+@router.get(
+    "/v1/leases",
+    tags=["status"],
+    summary="Live leases and waiters",
+    response_model=LeasesDoc,
+    responses=_errors(*_READ, "pool_not_found"),
+)
+async def get_leases(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
+    """Every live lease and waiting request, soonest expiry first per pool."""
+    return {"leases": [x.to_dict() for x in await boss.leases(pool)]}
+
+
+@router.get(
+    "/v1/queue",
+    tags=["status"],
+    summary="Waiters in queue order",
+    response_model=QueueDoc,
+    responses=_errors(*_READ, "pool_not_found"),
+)
+async def get_queue(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
+    """The waiting requests, by priority and then arrival."""
+    return {"queue": [x.to_dict() for x in split_queue(await boss.leases(pool))[1]]}
+
+
+@router.get(
+    "/v1/leases/{id}",
+    tags=["leases"],
+    summary="One lease or waiter",
+    response_model=LeaseDoc,
+    responses=_errors(*_READ, "lease_not_found"),
+)
+async def get_lease(
+    id: str, boss: BossDep, _: ReaderDep, pool: OnePoolQuery = DEFAULT_POOL
+) -> dict[str, Any]:
+    """A lease as Redis holds it; an ended one stays readable for two minutes."""
+    return (await boss.run(ops.lease_info(pool, id))).to_dict()
+
+
+@router.post(
+    "/v1/leases",
+    tags=["leases"],
+    status_code=201,
+    summary="Acquire a lease (waits up to timeout_s)",
+    response_model=GrantDoc,
+    responses=_errors(*_ACQUIRE),
+)
+async def acquire(
+    body: AcquireBody, request: Request, boss: BossDep, settings: SettingsDep, who: HolderDep
+) -> dict[str, Any]:
+    """Grants at once when the memory is free, else waits in the pool's queue (a long poll) until
+    granted or ``timeout_s`` passes: then 503 ``acquire_timeout`` and the request has left the
+    queue. ``timeout_s`` above the service's ``max_wait_s`` is refused; without ``timeout_s`` it
+    waits 30 s or ``max_wait_s``, whichever is shorter. 429 ``queue_full`` when the pool already
+    has ``max_queue`` waiters. Retrying with the same ``request_id`` returns the same lease.
+
+    Heartbeat before ``ttl_s`` passes; eviction notices come in heartbeat replies."""
+    timeout = (
+        body.timeout_s if "timeout_s" in body.model_fields_set else min(DEFAULT_WAIT_S, settings.max_wait_s)
+    )
+    if timeout > settings.max_wait_s:
+        raise BadRequest(f"timeout_s must be at most {settings.max_wait_s} (max_wait_s), not {timeout}")
+    req = ops.AcquireRequest.build(
+        vram=body.vram, vram_gb=body.vram_gb, priority=body.priority, device=body.device, pool=body.pool,
+        ttl=body.ttl_s, timeout=timeout, labels=body.labels, request_id=body.request_id,
+        preemptible=body.preemptible, grace=body.grace_s, exclusive=body.exclusive, devices=body.devices,
+    )  # fmt: skip
+    client_host = request.client.host if request.client else ""
+    # No pub/sub channel: an HTTP holder learns of eviction from its heartbeat replies.
+    holder = ops.Holder(who.holder_for(body.holder), body.host or client_host, body.pid or 0, notify="")
+    if timeout > 0:
+        await _check_queue(boss, req, settings.max_queue)
+    lease = await boss.run(ops.acquire(req, holder, time.monotonic))
+    return lease.info.to_dict() | {"env": lease.env}
+
+
+async def _check_queue(boss: AsyncBoss, req: ops.AcquireRequest, cap: int) -> None:
+    # A soft cap (checked before acquiring, not inside the script); a retry of a request that is
+    # already waiting passes.
+    queue = req.keys.queue
+    if await _redis_call("ZCARD", boss.redis.zcard(queue)) < cap:
+        return
+    if await _redis_call("ZSCORE", boss.redis.zscore(queue, req.id)) is None:
+        raise QueueFull(f"pool {req.keys.pool} already has {cap} waiters; try again later")
+
+
+@router.post(
+    "/v1/leases/{id}/heartbeat",
+    tags=["leases"],
+    summary="Renew a lease and learn its state",
+    response_model=BeatDoc,
+    responses=_errors(*_LEASE),
+)
+async def heartbeat(id: str, body: HeartbeatBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+    """Pushes the expiry ``ttl_s`` (default: the lease's own TTL) into the future. ``state``
+    ``evicting`` means gpuboss wants the memory back: release before ``evict_deadline_ms``.
+    409 ``lease_lost`` (or ``lease_evicted``) when the lease has ended."""
+    if body.ttl_s is None:
+        info = await boss.run(ops.lease_info(body.pool, id))
+        who.check_holds(info)
+        ttl_ms = info.ttl_ms
+    else:
+        await _held(boss, who, body.pool, id)
+        ttl_ms = parse_ttl_ms(body.ttl_s, "ttl_s")
+    beat = await boss.run(ops.heartbeat_ref(ops.LeaseRef(body.pool, id, body.token), ttl_ms))
+    return beat.to_dict()
+
+
+@router.post(
+    "/v1/leases/{id}/release",
+    tags=["leases"],
+    summary="Release a lease",
+    response_model=ReleasedDoc,
+    responses=_errors(*_LEASE),
+)
+async def release(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+    """Frees the memory and, in the same step, grants the waiters that now fit. 409 ``lease_lost``
+    when it had already ended otherwise (expired, revoked, force-released)."""
+    await _held(boss, who, body.pool, id)
+    await boss.run(ops.release_ref(ops.LeaseRef(body.pool, id, body.token)))
+    return {"id": id, "state": "released"}
+
+
+@router.post(
+    "/v1/leases/{id}/idle",
+    tags=["leases"],
+    summary="Keep a lease warm (evictable)",
+    response_model=BeatDoc,
+    responses=_errors(*_LEASE),
+)
+async def idle(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+    """The model stays resident, but anyone who needs the room may evict it, least recently used
+    first. Keep heartbeating."""
+    await _held(boss, who, body.pool, id)
+    return (await boss.run(ops.mark_ref(ops.LeaseRef(body.pool, id, body.token), "idle"))).to_dict()
+
+
+@router.post(
+    "/v1/leases/{id}/busy",
+    tags=["leases"],
+    summary="Take a warm lease back into use",
+    response_model=BeatDoc,
+    responses=_errors(*_LEASE),
+)
+async def busy(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+    """409 ``lease_evicted`` when the lease is being evicted: release it and acquire again."""
+    await _held(boss, who, body.pool, id)
+    beat = await boss.run(ops.mark_ref(ops.LeaseRef(body.pool, id, body.token), "busy"))
+    if beat.state == "evicting":
+        raise LeaseEvicted(
+            f"lease {id} is being evicted: release it before {beat.evict_deadline_ms}",
+            lease=id,
+            evict_deadline_ms=beat.evict_deadline_ms,
+        )
+    return beat.to_dict()
+
+
+@router.post(
+    "/v1/plan",
+    tags=["status"],
+    summary="Dry run: what would happen to a request now",
+    response_model=PlanDoc,
+    responses=_errors(*_READ, "pool_not_found", "device_not_found"),
+)
+async def plan(body: PlanBody, boss: BossDep, _: ReaderDep) -> dict[str, Any]:
+    """``grant`` on a device, ``evict`` these victims, ``wait`` behind ``ahead`` requests, or
+    ``never`` (bigger than every budget). Changes nothing."""
+    p = await boss.plan(
+        body.vram, vram_gb=body.vram_gb, priority=body.priority, device=body.device, pool=body.pool,
+        exclusive=body.exclusive, devices=body.devices,
+    )  # fmt: skip
+    return dataclasses.asdict(p) | {"victims": list(p.victims)}
+
+
+@router.get(
+    "/v1/events",
+    tags=["events"],
+    summary="Recent events",
+    response_model=EventsDoc,
+    responses=_errors(*_READ),
+)
+async def get_events(
+    boss: BossDep,
+    _: ReaderDep,
+    pool: PoolQuery = None,
+    count: Annotated[int, Query(ge=1, le=ops.MAX_EVENTS)] = 100,
+) -> dict[str, Any]:
+    """The last ``count`` events of ``pool`` (or of every pool), oldest first."""
+    return {"events": [e.to_dict() for e in await boss.events(pool, count=count)]}
+
+
+@router.get(
+    "/v1/events/stream",
+    tags=["events"],
+    summary="Live events (server-sent events)",
+    response_class=StreamingResponse,
+    responses=_errors(*_READ) | {200: {"description": "server-sent events", "content": _SSE}},
+)
+async def stream_events(
+    boss: BossDep,
+    hub: HubDep,
+    _: ReaderDep,
+    pool: PoolQuery = None,
+    last: Annotated[int, Query(ge=0, le=ops.MAX_EVENTS, description="replay this many past events")] = 0,
+    last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
+) -> StreamingResponse:
+    """The last ``last`` events, then live ones as they happen. A reconnecting client (browsers'
+    ``EventSource`` do it by themselves) sends ``Last-Event-ID`` and gets what it missed. A comment
+    line every 15 s keeps idle connections open."""
+    if pool is not None and not valid_pool(pool):
+        raise BadRequest(f"pool must be 1-64 of [A-Za-z0-9_.-], not {pool!r}")
+    resume = _parse_event_id(last_event_id) if last_event_id else None
+    sub = hub.subscribe(pool)  # before reading the backlog, so nothing falls between the two
+    try:
+        backlog = await _backlog(boss, hub, pool, last, resume)
+    except BaseException:
+        sub.close()
+        raise
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(_sse(sub, backlog), media_type="text/event-stream", headers=headers)
+
+
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
+def _parse_event_id(text: str) -> tuple[str, str]:
+    pool, _, entry = text.partition("/")
+    if not valid_pool(pool) or not _ENTRY_ID.fullmatch(entry):
+        raise BadRequest(f"Last-Event-ID must be <pool>/<ms>-<n> as the stream sent it, not {text!r}")
+    return pool, entry
+
+
+async def _backlog(
+    boss: AsyncBoss, hub: EventHub, pool: str | None, last: int, resume: tuple[str, str] | None
+) -> list[Event]:
+    if resume is None:
+        return await boss.events(pool, count=last) if last else []
+    # Entry ids are Redis times, so the resumed id is also the right cursor for the other pools.
+    pools = [pool] if pool is not None else sorted({*await _redis_call("SMEMBERS", hub.pools()), resume[0]})
+    cursors = dict.fromkeys(pools, resume[1])
+    out: list[Event] = []
+    while len(out) < REPLAY_MAX:
+        page = await boss.tail_events(cursors, count=ops.MAX_EVENTS)
+        if not page:
+            break
+        out += page
+        cursors.update((e.pool, e.id) for e in page)
+    return out
+
+
+def _sse_message(event: Event) -> str:
+    data = json.dumps(event.to_dict(), separators=(",", ":"))
+    return f"id: {event.pool}/{event.id}\nevent: {event.name}\ndata: {data}\n\n"
+
+
+async def _sse(sub: Subscription, backlog: list[Event]) -> AsyncIterator[str]:
+    with sub:
+        seen: dict[str, tuple[int, int]] = {}
+        for past in backlog:
+            seen[past.pool] = max(seen.get(past.pool, (0, 0)), event_key(past.id))
+            yield _sse_message(past)
+        yield "retry: 2000\n\n"  # also tells a reader that the live part begins
+        while True:
+            try:
+                event = await sub.get(timeout=KEEPALIVE_S)
+            except TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            if event is None:  # the hub stopped, or dropped this subscriber for falling behind
+                return
+            if event.pool in seen and event_key(event.id) <= seen[event.pool]:
+                continue  # already sent from the backlog
+            yield _sse_message(event)
+
+
+@router.put(
+    "/v1/devices/{name}",
+    tags=["admin"],
+    summary="Add or update a device (operator)",
+    response_model=DevicePutDoc,
+    responses=_errors(*_HOLD, "device_not_found"),
+)
+async def put_device(name: str, body: DeviceBody, boss: BossDep, _: OperatorDep) -> dict[str, Any]:
+    """Adds a device of ``vram`` (``reserved`` of it never leased) to ``pool``, or updates it."""
+    created = await boss.add_device(
+        name, body.vram, reserved=body.reserved, pool=body.pool, host=body.host, cuda_index=body.cuda_index
+    )
+    for device in await boss.devices(body.pool):
+        if device.name == name:
+            return {"created": created, "device": device.to_dict()}
+    raise NotFound(f"device {name} was removed meanwhile")
+
+
+@router.delete(
+    "/v1/devices/{name}",
+    tags=["admin"],
+    summary="Remove a device (operator)",
+    response_model=DeviceRemovedDoc,
+    responses=_errors(*_HOLD, "device_not_found", "pool_not_found", "device_busy"),
+)
+async def delete_device(
+    name: str,
+    boss: BossDep,
+    _: OperatorDep,
+    pool: Annotated[str, Query(max_length=64)] = DEFAULT_POOL,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Refused with 409 ``device_busy`` while it has leases, unless ``force`` (which force-releases
+    them)."""
+    await boss.remove_device(name, pool=pool, force=force)
+    return {"removed": name, "pool": pool}
+
+
+@router.post(
+    "/v1/leases/{id}/force-release",
+    tags=["admin"],
+    summary="End a lease without its token (operator)",
+    response_model=LeaseDoc,
+    responses=_errors(*_HOLD, "lease_not_found", "pool_not_found", "lease_lost"),
+)
+async def force_release(
+    id: str, boss: BossDep, _: OperatorDep, body: Annotated[PoolBody | None, Body()] = None
+) -> dict[str, Any]:
+    """Frees a stale lease (or drops a waiter) in ``pool``, or in whichever pool has it. Returns
+    the ended lease."""
+    return (await boss.force_release(id, body.pool if body else None)).to_dict()
+
+
+@router.post(
+    "/v1/reap",
+    tags=["admin"],
+    summary="Reap expired leases now (operator)",
+    response_model=ReapedDoc,
+    responses=_errors(*_HOLD, "pool_not_found"),
+)
+async def reap(
+    boss: BossDep, _: OperatorDep, body: Annotated[PoolBody | None, Body()] = None
+) -> dict[str, Any]:
+    """Ends expired leases and abandoned waiters of ``pool`` (or of every pool) now; the reaper
+    does this every ``reap_interval_s`` anyway."""
+    return {"reaped": await boss.reap(body.pool if body else None)}
+
+
+@router.put(
+    "/v1/pools/{pool}/config",
+    tags=["admin"],
+    summary="Set a pool's eviction and starvation guards (operator)",
+    response_model=PoolConfigDoc,
+    responses=_errors(*_HOLD, "pool_not_found"),
+)
+async def configure_pool(pool: str, body: PoolConfigBody, boss: BossDep, _: OperatorDep) -> dict[str, Any]:
+    """``min_residency_s``: a lease younger than this is evicted only when nothing else makes
+    room. ``aging_s``: a waiter rises one priority level (10) per this many seconds waited."""
+    await boss.configure_pool(pool, min_residency=body.min_residency_s, aging=body.aging_s)
+    return {"pool": pool, "min_residency_s": body.min_residency_s, "aging_s": body.aging_s}
+
+
+# --- the application ------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Connect, load the scripts, register the configured devices, run the reaper and the event
+    hub; stop them and disconnect at exit. Fails to start when Redis is unreachable."""
+    settings: ServiceSettings = app.state.settings
+    url: str = app.state.redis_url
+    boss = AsyncBoss.from_url(url, holder=BOSS_HOLDER, socket_connect_timeout=settings.redis_timeout_s)
+    try:
+        shas = await load_scripts(boss.redis)
+        log.info("scripts: %s", " ".join(f"{name}={sha}" for name, sha in shas.items()))
+        for spec in settings.devices:
+            created = await boss.add_device(
+                spec.name, spec.mib, pool=settings.pool, cuda_index=spec.cuda_index
+            )
+            verb = "added" if created else "updated"
+            log.info("%s device %s: %d MiB in pool %s", verb, spec.name, spec.mib, settings.pool)
+        if not await boss.devices():
+            log.warning(
+                "no devices yet: nothing can be leased until some are added (--device gpu0=24GiB, "
+                "GPUBOSS_DEVICES, PUT /v1/devices/{name}, gpuboss devices add, or the agent)"
+            )
+    except BaseException as exc:
+        await boss.aclose()
+        if isinstance(exc, GpubossError):
+            log.error("cannot start: %s", exc.message)
+        raise
+    hub = EventHub(boss)
+    reaper = Reaper(boss, settings.reap_interval_s)
+    app.state.boss, app.state.hub, app.state.reaper = boss, hub, reaper
+    hub.start()
+    reaper.start()
+    try:
+        yield
+    finally:
+        await reaper.stop()
+        await hub.stop()
+        await boss.aclose()
+
+
+class BodyCap:
+    """Refuse a request whose ``Content-Length`` is over ``limit`` bytes: 413 ``bad_request``."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                err = BadRequest(f"the request body is over {self.limit} bytes")
+                await JSONResponse(err.to_dict(), status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+_TOO_LARGE = {
+    "description": f"error: bad_request (a body over {MAX_BODY_BYTES} bytes)",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDoc"}}},
+}
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    def build() -> dict[str, Any]:
+        # Validation problems are answered with 400 bad_request, never 422: drop FastAPI's 422 docs.
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+                    if "requestBody" in operation:
+                        operation["responses"]["413"] = _TOO_LARGE
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return build
+
+
+def create_app(settings: ServiceSettings, redis_url: str) -> FastAPI:
+    """The boss service for ``settings``, on the Redis at ``redis_url``."""
+    app = FastAPI(
+        title="gpuboss",
+        version=__version__,
+        summary="Share GPUs without running out of memory: VRAM leases coordinated through Redis.",
+        description="Lease GPU memory over HTTP, watch devices, leases and the queue, and operate the "
+        "pools. Errors are JSON `{error, message, retryable, ...}` with a stable `error` code. "
+        "With tokens configured, send `Authorization: Bearer <secret>`.",
+        lifespan=lifespan,
+        # The backstop for bodies sent without a length (answered in plain text); BodyCap answers
+        # the usual case, a declared length over MAX_BODY_BYTES, in JSON.
+        max_body_size=16 * MAX_BODY_BYTES,
+        openapi_tags=[
+            {"name": "leases", "description": "Acquire, heartbeat, release; a holder token acts on its own"},
+            {"name": "status", "description": "Devices, leases, queue, dry runs; any token"},
+            {"name": "events", "description": "The event log of every lease transition; any token"},
+            {"name": "admin", "description": "Devices, pools, force-release, reap; operator tokens"},
+            {"name": "health", "description": "Liveness and readiness; no token"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.redis_url = redis_url
+    for exc_type in (GpubossError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, handle_error)
+    app.add_middleware(BodyCap, limit=MAX_BODY_BYTES)
+    app.include_router(router)
+    app.include_router(dashboard.router)
+    app.include_router(metrics.router)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    return app

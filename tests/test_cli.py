@@ -44,6 +44,9 @@ runner = CliRunner()
 CLEAN_ENV: dict[str, str | None] = {
     "GPUBOSS_REDIS_URL": None,
     "GPUBOSS_REDIS_TIMEOUT_S": None,
+    "GPUBOSS_BOSS_URL": None,
+    "GPUBOSS_TOKEN": None,
+    "GPUBOSS_BOSS_TIMEOUT_S": None,
     "COLUMNS": None,
 }
 

@@ -1,7 +1,9 @@
 """``gpuboss``: the operator's command line.
 
-Every command talks to Redis through :mod:`gpuboss_client`, never directly. Errors from the client
-end the command through one helper, :func:`exit_with`: a red ``error[<code>]: <message>`` line on
+Every command talks to Redis through :mod:`gpuboss_client`, never directly, or, pointed at a boss
+service (``--boss-url`` or ``GPUBOSS_BOSS_URL``), to its HTTP API through
+:class:`gpuboss_cli.http.HttpBoss`, which has the same methods and results. Errors from either end
+the command through one helper, :func:`exit_with`: a red ``error[<code>]: <message>`` line on
 stderr, and the error's own exit code.
 """
 
@@ -9,15 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, Protocol
 
 import pydantic
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.live import Live
 from rich.text import Text
 
 import gpuboss_client
@@ -25,8 +31,14 @@ from gpuboss_client import (
     BackendUnavailable,
     BadRequest,
     Boss,
+    DeviceInfo,
+    Event,
     GpubossError,
+    LeaseInfo,
     LeaseNotHeld,
+    Plan,
+    PoolStatus,
+    Unauthorized,
     split_queue,
     status_document,
 )
@@ -34,18 +46,23 @@ from gpuboss_client import (
 from . import agent as agent_cmd
 from . import run as run_cmd
 from . import serve as serve_cmd
-from .render import devices_table, human_mib, leases_table, queue_table
+from .http import HttpBoss, is_http_url
+from .render import devices_table, event_line, human_mib, leases_table, queue_table, watch_frame
 from .settings import HOLDER, Settings, redact
 
-__all__ = ["app", "exit_with", "main"]
+__all__ = ["Backend", "app", "connect", "exit_with", "main"]
 
 DEFAULT_POOL = "default"
 PIPE_WIDTH = 250
+FOLLOW_BLOCK_S = 0.5  # how long one read of --follow blocks; new pools are looked for in between
+MAX_SEQ = 2**64 - 1  # the largest sequence number of a stream entry id
+MIN_INTERVAL_S, MAX_INTERVAL_S = 0.05, 3600.0
 ADD_HINT = "gpuboss devices add NAME --vram 24GiB"
 
 app = typer.Typer(
     name="gpuboss",
-    help="Operate gpuboss: devices, leases and the queue of a Redis-backed VRAM lease coordinator.",
+    help="Operate gpuboss: devices, leases and the queue of a Redis-backed VRAM lease coordinator, "
+    "through Redis directly or through a boss service (--boss-url).",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -62,16 +79,60 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document ins
 @dataclass(frozen=True, slots=True)
 class _Options:
     redis_url: str | None
+    boss_url: str | None = None
+    token: str | None = None
+
+
+class Backend(Protocol):
+    """What the commands need: :class:`gpuboss_client.Boss` (Redis) and :class:`HttpBoss` both are."""
+
+    def status(self, pool: str | None = None) -> list[PoolStatus]: ...
+    def leases(self, pool: str | None = None) -> list[LeaseInfo]: ...
+    def devices(self, pool: str | None = None) -> list[DeviceInfo]: ...
+    def events(self, pool: str | None = None, *, count: int = 100) -> list[Event]: ...
+    def reap(self, pool: str | None = None) -> int: ...
+    def force_release(self, lease_id: str, pool: str | None = None) -> LeaseInfo: ...
+    def remove_device(self, name: str, *, pool: str = ..., force: bool = False) -> None: ...
+    def configure_pool(self, pool: str = ..., *, min_residency: float = 0, aging: float = 0) -> None: ...
+
+    def plan(
+        self,
+        vram: int | str | None = None,
+        *,
+        vram_gb: float | None = None,
+        priority: int | str = "normal",
+        device: str | None = None,
+        pool: str = ...,
+        exclusive: bool = False,
+        devices: int = 1,
+    ) -> Plan: ...
+
+    def add_device(
+        self,
+        name: str,
+        vram: int | str,
+        *,
+        reserved: int | str = 0,
+        pool: str = ...,
+        host: str | None = None,
+        cuda_index: int | None = None,
+    ) -> bool: ...
 
 
 def exit_with(err: GpubossError, url: str | None = None) -> NoReturn:
     """End the command for ``err``: one red line on stderr, exit with ``err.exit_code``.
 
-    A :class:`BackendUnavailable` names the Redis URL tried (password masked).
+    ``url`` is where the command was sent: a Redis URL, or a boss service's ``http(s)://`` URL. A
+    :class:`BackendUnavailable` names it (password masked): "cannot reach Redis at URL"; over HTTP
+    :class:`HttpBoss` already words it, "cannot reach the boss at URL" or "the boss at URL cannot
+    reach Redis".
     """
     message = err.message
-    if isinstance(err, BackendUnavailable) and url is not None:
+    over_http = url is not None and is_http_url(url)
+    if isinstance(err, BackendUnavailable) and url is not None and not over_http:
         message = f"cannot reach Redis at {redact(url)}: {message}"
+    elif isinstance(err, Unauthorized) and over_http:
+        message += " (give the boss's token with --token or GPUBOSS_TOKEN)"
     line = " ".join(f"error[{err.code}]: {message}".split())
     Console(stderr=True, highlight=False, soft_wrap=True).print(Text(line, style="red"))
     raise typer.Exit(err.exit_code)
@@ -87,17 +148,41 @@ def _settings() -> Settings:
         raise BadRequest(f"bad setting: {problems}") from exc
 
 
+def _target(ctx: typer.Context, settings: Settings) -> tuple[str, bool]:
+    """(URL, whether it is a boss service): the options win over the environment, and a boss
+    URL in the environment wins over a Redis URL there."""
+    opts = ctx.find_object(_Options) or _Options(None)
+    if opts.redis_url is not None and opts.boss_url is not None:
+        raise BadRequest("give --redis-url or --boss-url, not both")
+    if opts.boss_url is not None:
+        return opts.boss_url, True
+    if opts.redis_url is not None:
+        return opts.redis_url, False
+    if settings.boss_url:
+        return settings.boss_url, True
+    return settings.redis_url, False
+
+
 @contextmanager
-def connect(ctx: typer.Context) -> Iterator[Boss]:
-    """A :class:`Boss` for the configured Redis; any GpubossError inside ends the command."""
+def connect(ctx: typer.Context, *, block_s: float = 0.0) -> Iterator[Backend]:
+    """A :class:`Boss` for the configured Redis, or an :class:`HttpBoss` for the configured boss
+    service; any GpubossError inside ends the command. ``block_s``: the longest a command blocks
+    in Redis (BLPOP), added to the read timeout."""
     url: str | None = None
     try:
         settings = _settings()
-        opts = ctx.find_object(_Options)
-        url = opts.redis_url if opts is not None and opts.redis_url is not None else settings.redis_url
+        url, over_http = _target(ctx, settings)
+        if over_http:
+            opts = ctx.find_object(_Options)
+            token = opts.token if opts is not None and opts.token is not None else settings.token
+            with HttpBoss(url, token=token, timeout=settings.boss_timeout_s) as http:
+                yield http
+            return
         timeout = settings.redis_timeout_s
         try:
-            boss = Boss.from_url(url, holder=HOLDER, socket_connect_timeout=timeout, socket_timeout=timeout)
+            boss = Boss.from_url(
+                url, holder=HOLDER, socket_connect_timeout=timeout, socket_timeout=timeout + block_s
+            )
         except ValueError as exc:  # redis-py's complaint about the URL itself
             raise BadRequest(f"bad Redis URL {redact(url)}: {exc}") from exc
         with boss:
@@ -144,9 +229,28 @@ def _global(
             help="Redis to use (default: $GPUBOSS_REDIS_URL, else redis://localhost:6379/0).",
         ),
     ] = None,
+    boss_url: Annotated[
+        str | None,
+        typer.Option(
+            "--boss-url",
+            metavar="URL",
+            help="Send commands to this boss service (http://host:8765) instead of Redis "
+            "(default: $GPUBOSS_BOSS_URL when set).",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            metavar="SECRET",
+            help="Bearer token for the boss service (default: $GPUBOSS_TOKEN, which keeps it out of "
+            "the process list).",
+        ),
+    ] = None,
 ) -> None:
-    """Operate gpuboss: devices, leases and the queue of a Redis-backed VRAM lease coordinator."""
-    ctx.obj = _Options(redis_url)
+    """Operate gpuboss: devices, leases and the queue of a Redis-backed VRAM lease coordinator,
+    through Redis directly or through a boss service (--boss-url)."""
+    ctx.obj = _Options(redis_url, boss_url, token)
 
 
 @app.command()
@@ -251,8 +355,10 @@ def plan(
     devices: Annotated[int, typer.Option("--devices", help="A gang of this many devices.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
-    """Say what would happen to a request right now, changing nothing: granted on a device, would
-    evict these leases, would wait behind N, or can never fit."""
+    """Say what would happen to a request right now, changing nothing.
+
+    Granted on a device, would evict these leases, would wait behind N, or can never fit.
+    """
     with connect(ctx) as boss:
         outcome = boss.plan(
             vram, priority=priority, device=device, pool=pool, exclusive=exclusive, devices=devices
@@ -313,7 +419,9 @@ def devices_add(
         str, typer.Option("--reserved", metavar="SIZE", help="Headroom never leased, e.g. 1GiB.")
     ] = "0",
     pool: OnePoolOpt = DEFAULT_POOL,
-    host: Annotated[str | None, typer.Option("--host", help="Its host (default: this one).")] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Its host (default: this one; over HTTP, the boss's).")
+    ] = None,
     cuda_index: Annotated[
         int | None, typer.Option("--cuda-index", help="Its CUDA index on that host.")
     ] = None,
@@ -361,12 +469,230 @@ def devices_remove(
     _say(_console(), f"removed device {name} from pool {pool}")
 
 
+def _event_id(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _tail(boss: Boss, pool: str | None, count: int, block: float) -> Iterator[Event]:
+    """The last ``count`` events, then new ones for ever, each exactly once, read from Redis.
+
+    Every pool's cursor is taken first and the recent events are cut at it, so nothing is shown
+    twice or lost in between. Without ``pool``, pools that appear later are picked up too.
+    """
+    names = [pool] if pool is not None else [s.pool for s in boss.status(None)]
+    cursors: dict[str, str] = {}
+    for name in names:
+        last = boss.events(name, count=1)
+        cursors[name] = last[-1].id if last else "0-0"
+    recent = boss.events(pool, count=count) if count else []
+    yield from (e for e in recent if e.pool in cursors and _event_id(e.id) <= _event_id(cursors[e.pool]))
+    pause = threading.Event()
+    floor = "0-0"  # where a pool found by the next look starts; see below
+    while True:
+        if cursors:
+            for event in boss.tail_events(cursors, count=1000, block=block):
+                cursors[event.pool] = event.id
+                yield event
+        else:
+            pause.wait(block)  # no pool yet: nothing to block on until one appears
+        if pool is None:
+            # A pool found now was not there at the previous look, so all its events came after
+            # every event seen before that look: start it there (from that millisecond on, as
+            # streams number their entries apart). A pool that comes back after losing its devices
+            # thus does not replay its old history.
+            seen = max(cursors.values(), key=_event_id, default="0-0")
+            for s in boss.status(None):
+                cursors.setdefault(s.pool, floor)
+            ms = _event_id(seen)[0]
+            floor = f"{ms - 1}-{MAX_SEQ}" if ms else "0-0"
+
+
+def _follow(boss: Backend, pool: str | None, count: int, block: float) -> Iterator[Event]:
+    """The last ``count`` events, then new ones as they happen: the boss's event stream over
+    HTTP, or blocking reads of the pools' Redis streams."""
+    if isinstance(boss, HttpBoss):
+        return boss.stream(pool, last=count)
+    if not isinstance(boss, Boss):
+        raise TypeError(f"cannot follow events of {boss!r}")
+    return _tail(boss, pool, count, block)
+
+
+@app.command("events")
+def events_cmd(
+    ctx: typer.Context,
+    pool: PoolOpt = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Then print new events as they happen, until Ctrl-C.")
+    ] = False,
+    count: Annotated[
+        int,
+        typer.Option(
+            "--count", "-n", metavar="N", help="How many recent events to print (1-1000; 0 with --follow)."
+        ),
+    ] = 20,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per event and line, instead of text.")
+    ] = False,
+) -> None:
+    """Recent events, oldest first; with --follow, then new ones as they happen.
+
+    Grants, waits, releases, expiries, evictions, device and pool changes, one a line: time, pool,
+    event, lease, holder, device, size, then the event's other fields. Ctrl-C ends --follow.
+    """
+    console = _console()
+
+    def show(event: Event) -> None:
+        if as_json:
+            typer.echo(json.dumps(event.to_dict()))
+        else:
+            _say(console, event_line(event))
+
+    try:
+        with connect(ctx) as boss:
+            if follow:
+                # a blocking read must end well within the Redis socket timeout
+                block = min(FOLLOW_BLOCK_S, _settings().redis_timeout_s / 2)
+                feed: Iterator[Event] = _follow(boss, pool, count, block)
+            else:
+                recent = boss.events(pool, count=count)
+                if not recent and not as_json:
+                    _say(console, "No events" + (f" in pool {pool}." if pool is not None else "."))
+                feed = iter(recent)
+            for event in feed:
+                show(event)
+    except KeyboardInterrupt:  # the way to stop --follow
+        return
+
+
+def _keys() -> Any:
+    """A context manager giving ``wait(seconds) -> bool``: waits, but returns True at once when q
+    is pressed. Meanwhile a terminal on stdin is in cbreak mode (keys arrive unbuffered, unechoed;
+    Ctrl-C still interrupts), restored on exit."""
+    return _cbreak_keys() if sys.stdin.isatty() else _no_keys()
+
+
+@contextmanager
+def _no_keys() -> Iterator[Callable[[float], bool]]:
+    pause = threading.Event()
+    yield pause.wait  # never set: waits the whole time, False
+
+
+@contextmanager
+def _cbreak_keys() -> Iterator[Callable[[float], bool]]:
+    import select
+    import termios
+    import time
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    closed = threading.Event()
+
+    def wait(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not closed.is_set() and (left := deadline - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0]:
+                data = os.read(fd, 64)
+                if not data:  # stdin closed: no more keys, only Ctrl-C
+                    closed.set()
+                elif b"q" in data.lower():
+                    return True
+        closed.wait(max(0.0, deadline - time.monotonic()))
+        return False
+
+    try:
+        yield wait
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    pool: PoolOpt = None,
+    interval: Annotated[
+        float, typer.Option("--interval", "-i", metavar="S", help="Seconds between refreshes.")
+    ] = 1.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print one frame and exit (for scripts and tests).")
+    ] = False,
+) -> None:
+    """A live view of devices, leases and the queue, like top; q or Ctrl-C quits.
+
+    Devices show as bars of memory in use, idle (kept warm, evictable) and free; the view is
+    redrawn every --interval seconds. --once prints a single frame.
+    """
+    if not MIN_INTERVAL_S <= interval <= MAX_INTERVAL_S:
+        exit_with(
+            BadRequest(
+                f"--interval must be {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g} seconds, not {interval:g}"
+            )
+        )
+    console = _console()
+    try:
+        with connect(ctx) as boss:
+            url, _ = _target(ctx, _settings())
+            where = redact(url) + (f", pool {pool}" if pool is not None else "")
+
+            def fetch() -> tuple[list[PoolStatus], list[LeaseInfo]]:
+                return boss.status(pool), boss.leases(pool)
+
+            last = fetch()  # an error here ends the command at once
+
+            def frame(error: str | None = None) -> RenderableType:
+                when = datetime.now().strftime("%H:%M:%S")
+                header = f"gpuboss watch: {where} at {when}"
+                header += "" if once else f", every {interval:g} s, q quits"
+                return watch_frame(*last, header=header, error=error)
+
+            def refreshed() -> RenderableType:
+                nonlocal last
+                try:
+                    last = fetch()
+                except BackendUnavailable as err:  # keep watching: show the last data, and why
+                    return frame(f"refresh failed: error[{err.code}]: {err.message}")
+                return frame()
+
+            if once:
+                console.print(frame())
+                return
+            _live(console, frame(), refreshed, interval)
+    except KeyboardInterrupt:  # Ctrl-C: a clean stop
+        return
+
+
+def _live(
+    console: Console, first: RenderableType, refreshed: Callable[[], RenderableType], interval: float
+) -> None:
+    """Show ``first``, then ``refreshed()`` every ``interval`` seconds, until q (or Ctrl-C).
+
+    On a terminal, in its alternate screen like top, restored on exit; printed to a pipe, one frame
+    after another.
+    """
+    with _keys() as wait:
+        if not console.is_terminal:
+            frame = first
+            while True:
+                console.print(frame)
+                console.print()
+                if wait(interval):
+                    return
+                frame = refreshed()
+        with Live(first, console=console, screen=True, auto_refresh=False) as live:
+            while not wait(interval):
+                live.update(refreshed(), refresh=True)
+
+
 # Commands that live in modules of their own.
 app.command("serve")(serve_cmd.serve)
 app.command("agent")(agent_cmd.agent)
+# Everything from the command's name on is the command's: its options are not run's.
 app.command(
     "run",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    context_settings={"allow_extra_args": True, "allow_interspersed_args": False},
+    options_metavar="[OPTIONS] [--] CMD [ARGS]...",
 )(run_cmd.run)
 
 

@@ -1,24 +1,30 @@
-"""Tables and JSON documents of devices, leases and the queue.
+"""Tables and JSON documents of devices, leases and the queue; event lines; the watch frame.
 
 Tables show sizes human-readable; JSON documents keep raw MiB and Redis milliseconds, and their
-shape is stable for scripts.
+shape is stable for scripts. Everything here is a pure function of the data it is given, so tests
+check what a command shows without running it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 
 from rich import box
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from gpuboss_client import PRIORITIES, DeviceInfo, LeaseInfo
+from gpuboss_client import PRIORITIES, DeviceInfo, Event, LeaseInfo, PoolStatus, split_queue
 
 __all__ = [
     "devices_table",
+    "event_line",
     "human_mib",
     "leases_table",
     "queue_table",
+    "usage_bar",
+    "watch_frame",
 ]
 
 _PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
@@ -119,3 +125,128 @@ def queue_table(title: str, waiters: Sequence[LeaseInfo], now_ms: int) -> Table:
         for i, x in enumerate(waiters, 1)
     ]
     return _table(title, columns, rows, {"#", "vram", "priority", "waiting s", "expires in s"})
+
+
+def event_line(event: Event) -> str:
+    """One event on one line: local time, pool, event, then lease, holder, device, size and the
+    rest of its fields as ``key=value`` (sizes human-readable)."""
+    when = datetime.fromtimestamp(event.time_ms / 1000).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    fields = {k: v for k, v in event.fields.items() if v != ""}
+    parts = [when, f"{event.pool:<10}", f"{event.name:<14}"]
+    parts += [f"{key}={fields.pop(key)}" for key in ("lease", "holder", "device") if key in fields]
+    for key in [k for k in fields if k == "mib" or k.endswith("_mib")]:
+        value = fields.pop(key)
+        size = human_mib(int(value)) if value.lstrip("-").isdigit() else value
+        parts.append(size if key == "mib" else f"{key.removesuffix('_mib')}={size}")
+    parts += [f"{k}={v}" for k, v in sorted(fields.items())]
+    return " ".join(parts)
+
+
+# The bar's segments, in order: what is not the budget, leased in use, leased but kept warm, free.
+BAR_STYLES = {"outside": "bright_black", "active": "red", "idle": "yellow", "free": "green"}
+_BAR_CHARS = {"outside": "▒", "active": "█", "idle": "▓", "free": "░"}
+
+
+def usage_bar(device: DeviceInfo, idle_mib: int, width: int = 30) -> Text:
+    """The device's memory as a bar ``width`` cells wide: reserved and unmanaged (grey), leased and
+    in use (red), leased but idle (yellow), free (green); every non-empty part gets a cell."""
+    idle = max(0, min(idle_mib, device.used_mib))
+    parts = {
+        "outside": device.reserved_mib + device.unmanaged_mib,
+        "active": device.used_mib - idle,
+        "idle": idle,
+        "free": max(device.free_mib, 0),
+    }
+    cells = _shares(parts, width)
+    bar = Text()
+    for k, n in cells.items():
+        bar.append(_BAR_CHARS[k] * n, style=BAR_STYLES[k])
+    return bar
+
+
+def _shares(parts: dict[str, int], width: int) -> dict[str, int]:
+    """``width`` cells split in proportion to ``parts`` (largest remainders get the spare cells);
+    a part that is not empty gets at least one cell while the width allows."""
+    total = sum(max(v, 0) for v in parts.values()) or 1
+    exact = {k: width * max(v, 0) / total for k, v in parts.items()}
+    cells = {k: int(x) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - cells[k], reverse=True)[: width - sum(cells.values())]:
+        cells[k] += 1
+    for k, v in parts.items():
+        if v > 0 and cells[k] == 0:
+            biggest = max(cells, key=lambda j: cells[j])
+            if cells[biggest] > 1:
+                cells[biggest] -= 1
+                cells[k] = 1
+    return cells
+
+
+def _idle_mib(pool: str, device: str, leases: Sequence[LeaseInfo]) -> int:
+    return sum(x.mib for x in leases if x.pool == pool and x.state == "idle" and device in x.devices)
+
+
+def _usage_table(title: str, status: PoolStatus, leases: Sequence[LeaseInfo], bar_width: int) -> Table:
+    table = Table(title=Text(title), title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
+    for col in ("device", "host", "cuda", "memory", "used", "idle", "free", "budget", "leases"):
+        table.add_column(
+            col, justify="left" if col in ("device", "host", "memory") else "right", no_wrap=True
+        )
+    for d in status.devices:
+        idle = _idle_mib(status.pool, d.name, leases)
+        table.add_row(
+            Text(d.name),
+            Text(d.host),
+            "-" if d.cuda_index is None else str(d.cuda_index),
+            usage_bar(d, idle, bar_width),
+            human_mib(d.used_mib - idle),
+            human_mib(idle),
+            Text(human_mib(d.free_mib), style="red" if d.free_mib < 0 else ""),
+            human_mib(d.budget_mib),
+            str(d.leases),
+        )
+    return table
+
+
+def watch_frame(
+    pools: Sequence[PoolStatus],
+    leases: Sequence[LeaseInfo],
+    *,
+    header: str,
+    error: str | None = None,
+    bar_width: int = 30,
+) -> RenderableType:
+    """One frame of ``gpuboss watch``: a header line, then per pool its devices as bars of
+    used / idle / free memory, its leases and its queue. ``error`` (the last refresh failed) shows
+    in red under the header, above the last data that could be read."""
+    parts: list[RenderableType] = [Text(header, style="bold")]
+    if error is not None:
+        parts.append(Text(error, style="red"))
+    legend = Text("memory: ")
+    for k, label in (
+        ("outside", "reserved+unmanaged"),
+        ("active", "in use"),
+        ("idle", "idle"),
+        ("free", "free"),
+    ):
+        legend.append(_BAR_CHARS[k] * 2, style=BAR_STYLES[k]).append(f" {label}  ")
+    parts.append(legend)
+    if not pools:
+        parts.append(Text("No devices. Add one with: gpuboss devices add NAME --vram 24GiB", style="yellow"))
+    for s in pools:
+        granted, waiters = split_queue(x for x in leases if x.pool == s.pool)
+        n = len(s.devices)
+        title = f"pool {s.pool}: {n} device{'' if n == 1 else 's'}, {s.granted} granted, {s.queued} queued"
+        parts.append(Text())
+        if s.devices:
+            parts.append(_usage_table(title, s, granted, bar_width))
+        else:
+            parts.append(Text(title, style="bold"))
+        if granted:
+            parts.append(leases_table(f"leases in pool {s.pool}", granted, {s.pool: s.now_ms}))
+        else:
+            parts.append(Text(f"No leases in pool {s.pool}."))
+        if waiters:
+            parts.append(queue_table(f"queue of pool {s.pool}", waiters, s.now_ms))
+        else:
+            parts.append(Text(f"Queue of pool {s.pool} is empty."))
+    return Group(*parts)

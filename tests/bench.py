@@ -2,7 +2,7 @@
 
 Run it as ``.venv/bin/python tests/bench.py`` (``--quick`` for a smoke run, ``--json PATH`` to keep
 the numbers). It starts its own ``redis-server`` on a free loopback port in a temporary directory
-and measures three things for each contender, and a fourth for gpuboss alone:
+and measures three things for each contender, a fourth for gpuboss alone and a fifth over HTTP:
 
 1. uncontended acquire + release pairs from one client process: pairs/s, per-pair latency p50/p99,
    and where the time goes: client CPU (``process_time``), server main-thread CPU (``INFO cpu``)
@@ -20,12 +20,17 @@ and measures three things for each contender, and a fourth for gpuboss alone:
    priority, round after round. It reports the time from the acquire call to the start of the
    holder's ``on_evict`` (notice over pub/sub) and to the requester holding the memory, on the
    system-wide monotonic clock. Between rounds it releases, and the holder, queued meanwhile, is
-   granted and idles again; the two processes take turns over a pipe, never by sleeping.
+   granted and idles again; the two processes take turns over a pipe, never by sleeping;
+5. the same uncontended pairs over HTTP: the service's app (``gpuboss.api.create_app``, what
+   ``gpuboss serve`` runs) under uvicorn in its own process on a free loopback port, against this
+   run's redis-server, driven by one keep-alive ``httpx.Client`` (POST /v1/leases with
+   ``timeout_s`` 0, then POST /v1/leases/{id}/release), interleaved with the direct client and
+   the locks on the same Redis. It adds the service process's CPU per pair (``/proc``).
 
 The locks get a 10 s expiry, like a lease's default TTL. Uncontended runs are split into rounds
 that alternate between contenders, so that noise from other work on the machine falls on all of
 them alike. With at least two CPUs, redis-server is pinned to one and every client process to
-another.
+another; the HTTP service shares redis-server's CPU, as it would sit beside Redis.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -51,8 +57,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import redis
 import redis_lock  # type: ignore[import-untyped]
+import uvicorn
 
 from gpuboss_client import Boss, Lease
 from gpuboss_client.keys import PoolKeys
@@ -62,6 +70,7 @@ GPUBOSS = "gpuboss"
 REDIS_PY = "redis-py Lock"
 REDIS_PY_FAST = "redis-py Lock sleep=0.001"
 PRLOCK = "python-redis-lock"
+HTTP = "gpuboss over HTTP"
 UNCONTENDED = (GPUBOSS, REDIS_PY, PRLOCK)
 CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK)
 LOCK_EXPIRE_S = 10  # the locks expire like a lease with the default 10 s TTL
@@ -69,6 +78,8 @@ HANDOFF_MIB = 1024  # the hand-off device fits exactly one lease of this size
 LIVE_DEVICE_MIB = 16 * 1024 * 1024  # room for every live lease plus the measured one
 EVICT_MIB = 1024  # the eviction device fits exactly one lease of this size
 EVICT_WAIT_S = 30  # bound on every step of an eviction round (each takes milliseconds)
+HTTP_MIB = 1024  # what each HTTP pair (and the direct pair beside it) leases
+SERVE_WAIT_S = 30  # bound on the HTTP service's start
 
 
 def mono_ns() -> int:
@@ -165,11 +176,11 @@ def lua_usec(client: redis.Redis) -> int:
 Pair = Callable[[], None]
 
 
-def gpuboss_pair(client: redis.Redis, pool: str) -> Pair:
+def gpuboss_pair(client: redis.Redis, pool: str, mib: int = 1) -> Pair:
     boss = Boss(client, holder="bench")
 
     def pair() -> None:
-        lease = boss.acquire(1, pool=pool, timeout=0)
+        lease = boss.acquire(mib, pool=pool, timeout=0)
         boss.release(lease)
 
     return pair
@@ -205,10 +216,11 @@ class PairStats:
     server_cpu_us: float = 0.0
     lua_us: int = 0
     latencies_ns: list[int] = field(default_factory=list)
+    boss_cpu_ns: int | None = None  # CPU of the HTTP service's process, where one runs
 
     def summary(self) -> dict[str, float]:
         lat = sorted(self.latencies_ns)
-        return {
+        out = {
             "pairs": self.pairs,
             "pairs_per_s": self.pairs / (self.elapsed_ns / 1e9),
             "mean_us": self.elapsed_ns / self.pairs / 1e3,
@@ -218,11 +230,25 @@ class PairStats:
             "server_cpu_us_per_pair": self.server_cpu_us / self.pairs,
             "lua_us_per_pair": self.lua_us / self.pairs,
         }
+        if self.boss_cpu_ns is not None:
+            out["boss_cpu_us_per_pair"] = self.boss_cpu_ns / self.pairs / 1e3
+        return out
 
 
-def time_pairs(pair: Pair, n: int, client: redis.Redis, stats: PairStats) -> None:
+def process_cpu_ns(pid: int) -> int:
+    """CPU time (user + system, every thread) of another process so far, from /proc, in ns."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def time_pairs(
+    pair: Pair, n: int, client: redis.Redis, stats: PairStats, boss_pid: int | None = None
+) -> None:
     client.config_resetstat()
     cpu_before = server_cpu_us(client)
+    boss_before = process_cpu_ns(boss_pid) if boss_pid is not None else 0
     lat = [0] * n
     clock = time.perf_counter_ns
     cpu_start = time.process_time_ns()
@@ -235,14 +261,18 @@ def time_pairs(pair: Pair, n: int, client: redis.Redis, stats: PairStats) -> Non
     stats.client_cpu_ns += time.process_time_ns() - cpu_start
     stats.server_cpu_us += server_cpu_us(client) - cpu_before
     stats.lua_us += lua_usec(client)
+    if boss_pid is not None:
+        stats.boss_cpu_ns = (stats.boss_cpu_ns or 0) + process_cpu_ns(boss_pid) - boss_before
     stats.pairs += n
     stats.latencies_ns += lat
 
 
 def interleaved(
-    pairs: dict[str, Pair], n: int, rounds: int, warmup: int, client: redis.Redis
+    pairs: dict[str, Pair], n: int, rounds: int, warmup: int, client: redis.Redis, boss_pid: int | None = None
 ) -> dict[str, PairStats]:
-    """``n`` pairs per contender, in ``rounds`` chunks that alternate between contenders."""
+    """``n`` pairs per contender, in ``rounds`` chunks that alternate between contenders.
+
+    With ``boss_pid``, every contender's stats also count that process's CPU while it ran."""
     for pair in pairs.values():
         for _ in range(warmup):
             pair()
@@ -252,7 +282,7 @@ def interleaved(
     while done < n:
         step = min(chunk, n - done)
         for name, pair in pairs.items():
-            time_pairs(pair, step, client, stats[name])
+            time_pairs(pair, step, client, stats[name], boss_pid)
         done += step
     return stats
 
@@ -518,6 +548,78 @@ def run_evictions(url: str, boss: Boss, client: redis.Redis, rounds: int, warmup
     return EvictStats(to_callback, to_holding, kinds.count("evicting"), kinds.count("revoked"))
 
 
+# --- over HTTP -------------------------------------------------------------------------------
+
+# What `gpuboss serve` runs, minus the embedded Redis and the command line: the service's own app
+# under uvicorn, against the benchmark's redis-server. Access logs are off so the number is the
+# API's cost, not the cost of writing a line per request.
+SERVE = """
+import sys
+import uvicorn
+from gpuboss.api import create_app
+from gpuboss.settings import ServiceSettings
+
+url, port = sys.argv[1], int(sys.argv[2])
+settings = ServiceSettings(redis_url=url, host="127.0.0.1", port=port, log_level="warning")
+uvicorn.run(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+"""
+
+
+@contextlib.contextmanager
+def http_service(url: str, cpu: int | None) -> Iterator[tuple[str, int]]:
+    """The HTTP service in its own process on a free loopback port: its base URL and pid, once ready."""
+    port = free_port()
+    # No tokens and no other settings from this shell: loopback without tokens, every caller an
+    # operator that names its holder in the body.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBOSS_")}
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, url, str(port)],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + SERVE_WAIT_S
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    sys.exit(f"the HTTP service did not start (exit {proc.poll()}):\n{log.read()}")
+                time.sleep(0.05)  # waiting for an external process to listen
+            if cpu is not None:
+                pin_process(proc.pid, cpu)
+            yield base, proc.pid
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def http_pair(http: httpx.Client, pool: str) -> Pair:
+    """Acquire (``timeout_s`` 0: try once) and release over the API, on one keep-alive connection."""
+    body = {"vram": HTTP_MIB, "timeout_s": 0, "holder": "bench", "pool": pool}
+
+    def pair() -> None:
+        got = http.post("/v1/leases", json=body)
+        if got.status_code != 201:
+            raise RuntimeError(f"acquire over HTTP: {got.status_code} {got.text}")
+        lease = got.json()
+        done = http.post(
+            f"/v1/leases/{lease['id']}/release", json={"pool": lease["pool"], "token": lease["token"]}
+        )
+        if done.status_code != 200:
+            raise RuntimeError(f"release over HTTP: {done.status_code} {done.text}")
+
+    return pair
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -651,6 +753,46 @@ def section_eviction(args: argparse.Namespace, url: str, client: redis.Redis, bo
     return stats
 
 
+HTTP_HEADER = [*PAIR_HEADER, "boss CPU µs"]
+
+
+def section_http(
+    args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss, cpu: int | None
+) -> dict[str, Any]:
+    boss.add_device("gpu0", "24GiB", pool="http")
+    with http_service(url, cpu) as (base, pid), httpx.Client(base_url=base, timeout=10) as http:
+        pairs = {
+            HTTP: http_pair(http, "http"),
+            GPUBOSS: gpuboss_pair(client, "http", HTTP_MIB),
+            REDIS_PY: redis_py_pair(client, "bench:http"),
+            PRLOCK: prlock_pair(client, "bench-http"),
+        }
+        stats = interleaved(pairs, args.http_pairs, args.rounds, args.warmup, client, pid)
+    summary = {k: v.summary() for k, v in stats.items()}
+    rows = [
+        [*row, fmt(s["boss_cpu_us_per_pair"])]
+        for row, s in zip(pair_rows(summary), summary.values(), strict=True)
+    ]
+    title = f"5. Uncontended acquire + release over HTTP and direct, {args.http_pairs:,} pairs each"
+    table(title, HTTP_HEADER, rows)
+    server = {
+        "app": "gpuboss.api.create_app under uvicorn, one process, access log off",
+        "pinning": f"HTTP service -> CPU {cpu} (with redis-server)" if cpu is not None else "none",
+        "uvicorn": uvicorn.__version__,
+        "httpx": httpx.__version__,
+        "event_loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11",
+    }
+    print("HTTP: one httpx.Client, keep-alive; each pair is POST /v1/leases (timeout_s 0) + POST .../release")
+    print("client CPU µs for HTTP: httpx in this process; boss CPU µs: the service process, every row")
+    print("  (for the other rows it is the service's own work meanwhile: reaper and event hub)")
+    print("service: " + ", ".join(f"{k} {v}" for k, v in server.items()))
+    http_row, direct = summary[HTTP], summary[GPUBOSS]
+    ratio = {"mean": http_row["mean_us"] / direct["mean_us"], "p50": http_row["p50_us"] / direct["p50_us"]}
+    print(f"HTTP / direct client per pair: {ratio['mean']:.1f}x (mean), {ratio['p50']:.1f}x (p50)")
+    return {"pairs": summary, "ratio_http_vs_direct": ratio, "server": server}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--pairs", type=int, default=20000, help="uncontended pairs per contender")
@@ -661,6 +803,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hold-us", type=int, default=50, help="busy work while holding, µs")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds for uncontended runs")
     ap.add_argument("--evict-rounds", type=int, default=500, help="measured eviction rounds")
+    ap.add_argument(
+        "--http-pairs", type=int, default=5000, help="pairs per contender over HTTP and beside it"
+    )
+    ap.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     ap.add_argument("--no-pin", action="store_true", help="do not pin redis-server and clients to CPUs")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
@@ -668,7 +814,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.pairs, args.live_pairs, args.levels = 400, 200, "10,1000"
         args.duration, args.rounds, args.evict_rounds = 0.4, 2, 30
+        args.http_pairs = 200
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.sections = {int(x) for x in args.sections.split(",")}
+    if not args.sections <= {1, 2, 3, 4, 5}:
+        ap.error("--sections takes numbers from 1 to 5")
     args.warmup = min(500, max(20, args.pairs // 20))
     args.evict_warmup = min(20, max(5, args.evict_rounds // 10))
     return args
@@ -701,13 +851,19 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in meta.items():
             print(f"{k:18} {v}")
         boss = Boss(client, holder="bench")
-        results = {
-            "meta": meta,
-            "uncontended": section_uncontended(args, client, boss),
-            "handoff": section_handoff(args, url, boss),
-            "live": section_live(args, client, boss),
-            "eviction": section_eviction(args, url, client, boss),
-        }
+        results: dict[str, Any] = {"meta": meta}
+        if 1 in args.sections:
+            results["uncontended"] = section_uncontended(args, client, boss)
+        if 2 in args.sections:
+            results["handoff"] = section_handoff(args, url, boss)
+        if 3 in args.sections:
+            results["live"] = section_live(args, client, boss)
+        if 4 in args.sections:
+            results["eviction"] = section_eviction(args, url, client, boss)
+        if 5 in args.sections:
+            # A fresh database, as section 3 has: its live leases would otherwise still be there.
+            client.flushall()
+            results["http"] = section_http(args, url, client, boss, server_cpu)
         client.close()
     load = round(os.getloadavg()[0], 2)
     results["meta"]["load_average_1m_at_end"] = load

@@ -1,4 +1,6 @@
-"""The benchmark still runs: ``tests/bench.py --quick`` against its own redis-server."""
+"""The benchmark still runs: ``tests/bench.py --quick`` against its own redis-server (and, for the HTTP
+section, the service's app under uvicorn). Structure only: every number is there and positive, no
+speed is asserted."""
 
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "## 2. Hand-off",
         "## 3. Uncontended pairs with N other live leases",
         "## 4. Eviction latency",
+        "## 5. Uncontended acquire + release over HTTP",
+        "HTTP / direct client per pair:",
         "on_evict p99:",
         "gpuboss / redis-py Lock per pair:",
         "pinning",
@@ -59,3 +63,15 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         assert 0 < eviction[measure]["p50_us"] <= eviction[measure]["p99_us"] <= eviction[measure]["max_us"]
     # The holder's on_evict starts before the requester can hold the memory it frees.
     assert eviction["to_callback"]["p50_us"] < eviction["to_holding"]["p50_us"]
+
+    http = results["http"]
+    assert set(http["pairs"]) == {"gpuboss over HTTP", *CONTENDERS}
+    for name, pair in http["pairs"].items():
+        assert pair["pairs"] == 200, name
+        assert pair["pairs_per_s"] > 0, name
+        assert 0 < pair["p50_us"] <= pair["p99_us"], name
+        assert pair["boss_cpu_us_per_pair"] >= 0, name
+    # 400 requests through the service cost it CPU time (counted in 10 ms clock ticks at worst).
+    assert http["pairs"]["gpuboss over HTTP"]["boss_cpu_us_per_pair"] > 0
+    assert http["ratio_http_vs_direct"]["mean"] > 0
+    assert http["server"]["app"].startswith("gpuboss.api.create_app")

@@ -18,6 +18,7 @@ key                                    type     holds
 ``gpuboss:{pool}:v1:seq``              string   arrival order and fencing tokens
 ``gpuboss:{pool}:v1:config``           hash     min_residency_ms, aging_ms
 ``gpuboss:{pool}:v1:device:<n>:evictable`` zset  idle and preemptible leases, eviction order
+``gpuboss:{pool}:v1:peaks``            hash     label ``k=v`` -> highest measured MiB of its leases
 =====================================  =======  ============================================
 
 The Lua scripts receive :meth:`PoolKeys.script_keys` as ``KEYS`` and build the per-lease and
@@ -83,6 +84,11 @@ class PoolKeys:
     @property
     def config(self) -> str:
         return self.prefix + "config"
+
+    @property
+    def peaks(self) -> str:
+        """Per label ``k=v``, the highest MiB the agent measured for a lease carrying it."""
+        return self.prefix + "peaks"
 
     def evictable(self, name: str) -> str:
         return f"{self.prefix}device:{name}:evictable"

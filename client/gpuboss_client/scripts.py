@@ -24,6 +24,7 @@ NAMES = (
     "heartbeat",
     "idle",
     "leases",
+    "measure",
     "plan",
     "reap",
     "release",

@@ -1,0 +1,362 @@
+"""The agent: registers this host's GPUs and keeps their budgets honest with live readings.
+
+Each pass (:meth:`Agent.run_once`) reads the devices and their processes from a
+:class:`~gpuboss.probe.DeviceProbe`, registers devices that are new or changed, attributes each
+process's memory to the leases of this host by the holder's pid (the process itself or its
+nearest ancestor that holds a lease on that device: ``gpuboss run`` holds the lease, its child
+uses the GPU), and records one :class:`~gpuboss_client.ops.Measurement` per device with one
+atomic script call (``lua/measure.lua``).
+
+**Unmanaged memory** of a device is what nobody can lease: the memory of processes that hold no
+lease on it, plus memory in use that no process explains (the driver's own reservation,
+processes NVML cannot see), plus what a holder uses beyond its lease. A holder's CUDA context
+belongs to the holder: declare it in the lease. Where NVML reports a process's usage as unknown
+and the process holds a lease, the lease's size is assumed. The value rises at once (so budgets
+shrink before anyone else can take the memory) and falls by an exponential moving average with
+weight ``smoothing`` per pass, never below 0. Counting is conservative: a lease held from
+another host, or from another pid namespace (a container), cannot be matched to its processes,
+so their memory counts as unmanaged too.
+
+**Findings** (events, once each when they appear): ``over_use`` and ``under_use`` per lease,
+``leak`` (a process using memory with no lease on the device for ``confirm_passes`` passes in a
+row), ``device_lost`` (a device vanished or fails: its budget drops to 0) and ``device_back``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpuboss.probe import DeviceProbe, ProbedDevice, ProbeError, ProcUse
+from gpuboss_client import BadRequest, Boss, DeviceInfo, DeviceNotFound, GpubossError, LeaseInfo, ops
+from gpuboss_client.keys import valid_name, valid_pool
+from gpuboss_client.units import MAX_MIB
+
+__all__ = ["Agent", "DeviceReading", "PassReport", "proc_parent"]
+
+log = logging.getLogger("gpuboss.agent")
+
+LIVE = frozenset({"active", "idle", "evicting"})
+#: ancestors of a process looked at to find the lease holder it works for
+MAX_ANCESTORS = 32
+#: pids named per device in a leak finding (the largest users)
+MAX_LEAK_PIDS = 256
+
+
+def proc_parent(pid: int) -> int | None:
+    """The parent pid of ``pid`` from ``/proc`` (Linux), or None if it cannot be read."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        return int(text.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReading:
+    """What one pass found on one device (MiB).
+
+    ``raw_unmanaged_mib`` is this pass's reading, ``unmanaged_mib`` the smoothed value recorded.
+    ``readings`` maps the leases measured to what their holders use.
+    """
+
+    device: str
+    state: str
+    seen_mib: int
+    raw_unmanaged_mib: int
+    unmanaged_mib: int
+    leak_pids: tuple[int, ...] = ()
+    leak_mib: int = 0
+    readings: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    """One pass: the devices read, those registered now, findings logged, and a probe error."""
+
+    devices: list[DeviceReading] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)
+    events: int = 0
+    error: str | None = None
+
+
+def _positive(what: str, value: float, top: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= top:
+        raise BadRequest(f"{what} must be a number above 0 and at most {top}, not {value!r}")
+    return float(value)
+
+
+def _int(what: str, value: int, top: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise BadRequest(f"{what} must be an int from 0 to {top}, not {value!r}")
+    return value
+
+
+class Agent:
+    """Registers this host's devices in ``pool`` and measures them every ``interval_s`` seconds.
+
+    ``smoothing`` (0 < s <= 1) is the weight of a new, lower reading of unmanaged memory (1: no
+    smoothing); higher readings count at once. ``reserved_mib`` is the headroom given to devices
+    it adds (an existing device keeps its own). Over-use: a holder using more than its lease by
+    over ``over_pct`` percent; under-use: a lease whose peak stays below ``under_pct`` percent
+    of its size once held ``under_after_s`` seconds. ``parent_of`` finds a process's parent pid
+    (default: ``/proc``).
+    """
+
+    def __init__(
+        self,
+        boss: Boss,
+        probe: DeviceProbe,
+        pool: str = "default",
+        host: str | None = None,
+        interval_s: float = 2.0,
+        smoothing: float = 0.3,
+        *,
+        reserved_mib: int = 0,
+        over_pct: int = 10,
+        under_pct: int = 50,
+        under_after_s: float = 60.0,
+        confirm_passes: int = 2,
+        parent_of: Callable[[int], int | None] = proc_parent,
+    ) -> None:
+        if not valid_pool(pool):
+            raise BadRequest(f"pool must be 1-64 of [A-Za-z0-9_.-], not {pool!r}")
+        self.boss = boss
+        self.probe = probe
+        self.pool = pool
+        self.host = socket.gethostname() if host is None else host
+        self.interval_s = _positive("interval_s", interval_s, 3600)
+        self.smoothing = _positive("smoothing", smoothing, 1)
+        self.reserved_mib = _int("reserved_mib", reserved_mib, MAX_MIB)
+        self.over_pct = _int("over_pct", over_pct, 10_000)
+        self.under_pct = _int("under_pct", under_pct, 100)
+        self.under_after_ms = _int("under_after_s", round(under_after_s * 1000), 86_400_000)
+        self.confirm_passes = max(1, _int("confirm_passes", confirm_passes, 100))
+        self.parent_of = parent_of
+        self._registered: dict[str, tuple[int, int | None]] = {}
+        self._known: set[str] | None = None  # devices this host's agent measures
+        self._smoothed: dict[str, int] = {}
+        self._unleased_passes: dict[tuple[str, int], int] = {}
+
+    # --- one pass ---------------------------------------------------------------------------
+
+    def run_once(self) -> PassReport:
+        """Read the devices once, register what is new, and record one measurement per device.
+
+        A probe that fails as a whole (NVML down) marks every device this agent measures lost
+        and is reported in ``error``; Redis errors raise.
+        """
+        report = PassReport()
+        if self._known is None:
+            self._known = self._load()
+        try:
+            probed = self.probe.devices()
+            procs = self.probe.processes()
+        except ProbeError as err:
+            log.error("cannot read the devices: %s", err.message)
+            report.error = err.message
+            probed, procs = [], []
+        healthy = {d.device_id: d for d in probed if d.healthy and self._nameable(d)}
+        report.registered = self._register(healthy.values())
+        self._known |= set(healthy)
+        leases = [x for x in self.boss.leases(self.pool) if x.state in LIVE and x.device]
+        usage, unknown, unleased = self._attribute(healthy.values(), procs, leases)
+        for name in sorted(self._known):
+            dev = healthy.get(name)
+            reading = (
+                self._lost(name) if dev is None else self._reading(dev, leases, usage, unknown, unleased)
+            )
+            try:
+                report.events += self.boss.run(ops.measure(self.pool, self._measurement(reading)))
+            except DeviceNotFound:
+                # Removed by an operator: forget it; it is added again while it is here.
+                log.warning("device %s is not in pool %s any more", name, self.pool)
+                self._known.discard(name)
+                self._registered.pop(name, None)
+                continue
+            report.devices.append(reading)
+        return report
+
+    def run(
+        self, stop: threading.Event | None = None, on_pass: Callable[[PassReport], None] | None = None
+    ) -> None:
+        """Pass after pass, every ``interval_s``, until ``stop`` is set. A failed pass (Redis
+        unreachable) is logged and the next one tries again."""
+        stop = threading.Event() if stop is None else stop
+        while not stop.is_set():
+            try:
+                report = self.run_once()
+            except GpubossError as err:
+                log.warning("agent pass failed: %s", err.message)
+            except Exception:  # a driver or binding surprise must not stop the measuring
+                log.exception("agent pass failed")
+            else:
+                if on_pass is not None:
+                    on_pass(report)
+            stop.wait(self.interval_s)
+
+    # --- parts ------------------------------------------------------------------------------
+
+    def _nameable(self, dev: ProbedDevice) -> bool:
+        if valid_name(dev.device_id) and 1 <= dev.total_mib <= MAX_MIB:
+            return True
+        log.warning("device %s (%d MiB) cannot be registered: not a valid device name or size",
+                    dev.uuid, dev.total_mib)  # fmt: skip
+        return False
+
+    def _load(self) -> set[str]:
+        """The devices this host's agent measured before (one that vanished meanwhile is lost)."""
+        health = self.boss.run(ops.findings(self.pool))
+        return {d.name for f in health for d in f.devices if d.agent_host == self.host}
+
+    def _register(self, devices: Iterable[ProbedDevice]) -> list[str]:
+        """Add the devices that are new or whose size or CUDA index changed (an existing device
+        keeps its headroom); Redis is read only when there is something to compare."""
+        todo = [d for d in devices if self._registered.get(d.device_id) != (d.total_mib, d.index)]
+        if not todo:
+            return []
+        existing: dict[str, DeviceInfo] = {d.name: d for d in self.boss.devices(self.pool)}
+        added = []
+        for dev in todo:
+            old = existing.get(dev.device_id)
+            self._registered[dev.device_id] = (dev.total_mib, dev.index)
+            if old is not None and (old.total_mib, old.cuda_index, old.host) == (
+                dev.total_mib,
+                dev.index,
+                self.host,
+            ):
+                continue
+            reserved = old.reserved_mib if old is not None else self.reserved_mib
+            self.boss.add_device(
+                dev.device_id, dev.total_mib, reserved=min(reserved, dev.total_mib), pool=self.pool,
+                host=self.host, cuda_index=dev.index,
+            )  # fmt: skip
+            log.info("registered %s (%s, %d MiB, cuda %s) in pool %s", dev.device_id, dev.name,
+                     dev.total_mib, dev.visible_id, self.pool)  # fmt: skip
+            added.append(dev.device_id)
+        return added
+
+    def _holder_leases(
+        self, pid: int, device: str, by_pid: Mapping[int, list[LeaseInfo]], parents: dict[int, int | None]
+    ) -> list[LeaseInfo]:
+        """The leases on ``device`` held by ``pid`` or its nearest ancestor holding one there."""
+        p: int | None = pid
+        for _ in range(MAX_ANCESTORS):
+            if p is None or p <= 1:
+                break
+            on = [x for x in by_pid.get(p, ()) if device in x.devices]
+            if on:
+                return on
+            if p not in parents:
+                parents[p] = self.parent_of(p)
+            p = parents[p]
+        return []
+
+    def _attribute(
+        self, devices: Iterable[ProbedDevice], procs: list[ProcUse], leases: list[LeaseInfo]
+    ) -> tuple[dict[tuple[str, str], int], set[str], dict[str, dict[int, int]]]:
+        """Per (lease, device) the MiB its holder uses; the leases whose usage NVML could not
+        tell; per device the MiB of each process holding no lease there."""
+        by_pid: dict[int, list[LeaseInfo]] = {}
+        for x in leases:
+            if x.holder_host == self.host:
+                by_pid.setdefault(x.holder_pid, []).append(x)
+        names = {d.uuid: d.device_id for d in devices if d.processes_visible}
+        parents: dict[int, int | None] = {}
+        usage: dict[tuple[str, str], int] = {}
+        unknown: set[str] = set()
+        unleased: dict[str, dict[int, int]] = {}
+        for p in procs:
+            name = names.get(p.device)
+            if name is None:
+                continue
+            owners = self._holder_leases(p.pid, name, by_pid, parents)
+            if p.used_mib is None:
+                unknown.update(x.id for x in owners)
+            elif owners:
+                # One process holding several leases on the device: its usage is shared out
+                # in proportion to their sizes.
+                total = sum(x.mib for x in owners)
+                for x in owners:
+                    key = (x.id, name)
+                    usage[key] = usage.get(key, 0) + p.used_mib * x.mib // total
+            elif p.used_mib > 0:
+                per = unleased.setdefault(name, {})
+                per[p.pid] = per.get(p.pid, 0) + p.used_mib
+        return usage, unknown, unleased
+
+    def _reading(
+        self,
+        dev: ProbedDevice,
+        leases: list[LeaseInfo],
+        usage: Mapping[tuple[str, str], int],
+        unknown: set[str],
+        unleased: Mapping[str, Mapping[int, int]],
+    ) -> DeviceReading:
+        name = dev.device_id
+        here = [x for x in leases if name in x.devices]
+        mine = unleased.get(name, {})
+        if dev.processes_visible:
+            explained = sum(mib for (_, d), mib in usage.items() if d == name) + sum(mine.values())
+            explained += sum(x.mib for x in here if x.id in unknown)
+            # Memory a holder uses beyond its lease is as unavailable as anyone else's.
+            excess = sum(max(0, usage.get((x.id, name), 0) - x.mib) for x in here)
+            raw = sum(mine.values()) + excess + max(0, dev.used_mib - explained)
+            # A gang lease is measured on each of its devices; its reading is the largest.
+            readings = {
+                x.id: max(usage.get((x.id, d), 0) for d in x.devices)
+                for x in here
+                if x.holder_host == self.host and x.id not in unknown
+            }
+        else:
+            raw = max(0, dev.used_mib - sum(x.mib for x in here))
+            readings = {}
+        prev = self._smoothed.get(name)
+        smoothed = raw if prev is None or raw >= prev else raw + int((prev - raw) * (1 - self.smoothing))
+        self._smoothed[name] = smoothed
+        # A process counts as leaking once seen without a lease for confirm_passes passes in a
+        # row: a holder that just released, or is about to acquire, is not reported.
+        for key in [k for k in self._unleased_passes if k[0] == name and k[1] not in mine]:
+            del self._unleased_passes[key]
+        confirmed = []
+        for pid in mine:
+            n = self._unleased_passes[(name, pid)] = self._unleased_passes.get((name, pid), 0) + 1
+            if n >= self.confirm_passes:
+                confirmed.append(pid)
+        confirmed = sorted(sorted(confirmed, key=lambda pid: -mine[pid])[:MAX_LEAK_PIDS])
+        return DeviceReading(
+            name,
+            "ok",
+            dev.used_mib,
+            raw,
+            smoothed,
+            tuple(confirmed),
+            sum(mine[p] for p in confirmed),
+            readings,
+        )
+
+    def _lost(self, name: str) -> DeviceReading:
+        self._smoothed.pop(name, None)
+        for key in [k for k in self._unleased_passes if k[0] == name]:
+            del self._unleased_passes[key]
+        return DeviceReading(name, "lost", 0, 0, 0)
+
+    def _measurement(self, r: DeviceReading) -> ops.Measurement:
+        return ops.Measurement(
+            device=r.device,
+            host=self.host,
+            state=r.state,
+            unmanaged_mib=min(r.unmanaged_mib, MAX_MIB),
+            seen_mib=min(r.seen_mib, MAX_MIB),
+            leak_mib=min(r.leak_mib, MAX_MIB),
+            leak_pids=r.leak_pids,
+            readings=tuple(sorted((i, min(m, MAX_MIB)) for i, m in r.readings.items()))[: ops.MAX_READINGS],
+            over_pct=self.over_pct,
+            under_pct=self.under_pct,
+            under_after_ms=self.under_after_ms,
+        )

@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from gpuboss_client import BadRequest, Boss, DeviceInfo, DeviceNotFound, Gpuboss
 from gpuboss_client.keys import valid_name, valid_pool
 from gpuboss_client.units import MAX_MIB
 
-__all__ = ["Agent", "DeviceReading", "PassReport", "proc_parent"]
+__all__ = ["Agent", "DeviceReading", "PassReport", "background_agent", "proc_parent"]
 
 log = logging.getLogger("gpuboss.agent")
 
@@ -360,3 +361,49 @@ class Agent:
             under_pct=self.under_pct,
             under_after_ms=self.under_after_ms,
         )
+
+
+@contextmanager
+def background_agent(
+    mode: str,
+    redis_url: str,
+    *,
+    pool: str,
+    interval_s: float,
+    probe_factory: Callable[[], DeviceProbe] | None = None,
+) -> Iterator[Agent | None]:
+    """The agent in a thread beside the service, for ``gpuboss serve``.
+
+    ``mode`` ``"auto"`` runs it when NVML works here and says why not otherwise; ``"on"`` raises
+    :class:`GpubossError` when it cannot run; ``"off"`` never runs it. Yields the agent or None;
+    stops it on leaving.
+    """
+    if mode == "off":
+        yield None
+        return
+    try:
+        if probe_factory is not None:
+            probe = probe_factory()
+        else:
+            from gpuboss.probe import NvmlProbe  # NVML only where the agent runs
+
+            probe = NvmlProbe()
+    except ProbeError as err:
+        if mode == "on":
+            raise GpubossError(f"the agent cannot run: {err.message}") from None
+        log.info("no NVML agent: %s", err.message)
+        yield None
+        return
+    boss = Boss.from_url(redis_url, holder="gpuboss-agent")
+    agent = Agent(boss, probe, pool=pool, interval_s=interval_s)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), name="gpuboss-agent", daemon=True)
+    thread.start()
+    log.info("NVML agent measures this host's devices every %g s in pool %s", interval_s, pool)
+    try:
+        yield agent
+    finally:
+        stop.set()
+        thread.join(10)
+        probe.close()
+        boss.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from types import TracebackType
 
 from gpuboss_client import AsyncBoss, Event
@@ -152,14 +153,20 @@ class EventHub:
         """Tail until cancelled."""
         start: str | None = None
         failing = False
+        refreshed = -math.inf
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
                 if start is None:
                     sec, usec = await self.boss.redis.time()
                     start = f"{int(sec) * 1000 + int(usec) // 1000}-0"
                     self.tailing.set()
-                for pool in await self.pools():
-                    self._cursors.setdefault(pool, start)
+                # The pool list is read at most once per block period, not on every event: a new
+                # pool's cursor starts at the hub's start, so none of its events is missed.
+                if loop.time() - refreshed >= self.block_s:
+                    for pool in await self.pools():
+                        self._cursors.setdefault(pool, start)
+                    refreshed = loop.time()
                 if not self._cursors:
                     await asyncio.sleep(self.block_s)  # no pool yet; nothing to block on
                     continue

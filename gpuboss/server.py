@@ -31,6 +31,7 @@ from redis.retry import Retry
 from gpuboss_client import BackendUnavailable, BadRequest, DeviceInfo, GpubossError
 
 from . import __version__
+from .agent import background_agent
 from .api import create_app
 from .embedded import Embedded, embedded_redis
 from .settings import ServiceSettings
@@ -251,6 +252,11 @@ def _serve(settings: ServiceSettings, signals: _Signals) -> None:
             else:
                 url = settings.redis_url
                 check_redis(url, settings.redis_timeout_s)
+            stack.enter_context(
+                background_agent(
+                    settings.agent, url, pool=settings.pool, interval_s=settings.agent_interval_s
+                )
+            )
             app = create_app(settings, url)
             config = uvicorn.Config(
                 app,

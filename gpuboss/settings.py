@@ -112,6 +112,9 @@ class ServiceSettings(BaseSettings):
     #: the most waiters a pool's queue takes from HTTP before answering ``queue_full``
     max_queue: int = Field(default=1000, ge=1, le=1_000_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: the NVML agent beside the service: "auto" when NVML works here, "on" (required), "off"
+    agent: Literal["auto", "on", "off"] = "auto"
+    agent_interval_s: float = Field(default=2.0, gt=0, le=3600)
 
     @field_validator("devices", mode="before")
     @classmethod

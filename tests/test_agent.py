@@ -18,9 +18,9 @@ from support import Events, in_thread, snapshot, wait_for
 from typer.testing import CliRunner
 
 from gpuboss import fakenvml
-from gpuboss.agent import Agent, PassReport, proc_parent
+from gpuboss.agent import Agent, PassReport, background_agent, proc_parent
 from gpuboss.fakenvml import FakeGpu, FakeMig, FakeNvml, FakeProcess, fake_uuid
-from gpuboss.probe import NvmlProbe, ProbedDevice, StaticProbe
+from gpuboss.probe import NvmlMissing, NvmlProbe, ProbedDevice, StaticProbe
 from gpuboss.settings import DeviceSpec
 from gpuboss_cli.main import app
 from gpuboss_client import (
@@ -28,6 +28,7 @@ from gpuboss_client import (
     BadRequest,
     Boss,
     DeviceNotFound,
+    GpubossError,
     InsufficientVram,
     Lease,
     PoolKeys,
@@ -653,3 +654,31 @@ def test_cli_bad_options(real_redis: redis.Redis, redis_url: str, args: list[str
     assert result.exit_code == BadRequest.exit_code, (result.stdout, result.stderr)
     assert result.stderr.startswith("error[bad_request]: ")
     assert real_redis.keys("*") == []
+
+
+def test_serve_runs_the_agent_beside_it_when_nvml_works(redis_url: str, real_redis: redis.Redis) -> None:
+    nvml = FakeNvml([FakeGpu(GPU0, "NVIDIA L4", 24576)])
+    with background_agent(
+        "auto", redis_url, pool="default", interval_s=0.05, probe_factory=lambda: NvmlProbe(nvml)
+    ) as agent:
+        assert agent is not None
+        wait_for(
+            "the agent registered the GPU", lambda: real_redis.sismember(PoolKeys("default").devices, GPU0)
+        )
+    assert nvml.init_count == 0  # the probe was closed: NVML shut down again
+
+
+def test_serve_without_nvml_runs_no_agent_unless_told_to(redis_url: str, real_redis: redis.Redis) -> None:
+    def missing() -> NvmlProbe:
+        raise NvmlMissing("pynvml is not installed: pip install 'gpuboss[nvml]'")
+
+    before = snapshot(real_redis)
+    for mode in ("auto", "off"):
+        with background_agent(mode, redis_url, pool="default", interval_s=1, probe_factory=missing) as agent:
+            assert agent is None
+    with (
+        pytest.raises(GpubossError, match="the agent cannot run: pynvml is not installed"),
+        background_agent("on", redis_url, pool="default", interval_s=1, probe_factory=missing),
+    ):
+        pass
+    assert snapshot(real_redis) == before

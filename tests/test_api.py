@@ -232,6 +232,7 @@ def test_lease_life_cycle_over_http(api: Service, real_redis: redis.Redis) -> No
         "GPUBOSS_LEASE_TOKEN": str(lease["token"]),
         "GPUBOSS_DEVICE": "gpu0",
         "CUDA_VISIBLE_DEVICES": "0",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
     }
     lid = lease["id"]
     # An HTTP holder has no pub/sub channel: eviction reaches it in heartbeat replies.

@@ -194,6 +194,7 @@ def test_lease_env_and_fields(boss: Boss) -> None:
     boss.add_device("gpu0", 24 * GiB, cuda_index=3, host="box1")
     lease = boss.acquire("8GiB", priority="high", labels={"model": "llama"})
     assert lease.env["CUDA_VISIBLE_DEVICES"] == "3" == str(lease.cuda_index)
+    assert lease.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert lease.env["GPUBOSS_LEASE_ID"] == lease.id
     assert lease.env["GPUBOSS_LEASE_TOKEN"] == str(lease.token)
     assert lease.env["GPUBOSS_DEVICE"] == "gpu0"
@@ -207,6 +208,14 @@ def test_env_without_cuda_index_has_no_cuda_visible_devices(boss: Boss) -> None:
     lease = boss.acquire(1)
     assert lease.cuda_index is None
     assert "CUDA_VISIBLE_DEVICES" not in lease.env
+    assert "CUDA_DEVICE_ORDER" not in lease.env
+
+
+def test_env_of_a_mig_slice_names_its_uuid(boss: Boss) -> None:
+    boss.add_device("MIG-GPU-5a1b:1:0", 10 * GiB)
+    lease = boss.acquire(1)
+    assert lease.env["CUDA_VISIBLE_DEVICES"] == "MIG-GPU-5a1b/1/0"
+    assert lease.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
 
 # --- the queue -------------------------------------------------------------------------------

@@ -360,11 +360,17 @@ class Lease:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for a process using this lease: ``CUDA_VISIBLE_DEVICES`` and the lease."""
+        """Environment for a process using this lease: ``CUDA_VISIBLE_DEVICES`` (CUDA indexes in
+        PCI bus order, or MIG slice UUIDs), ``CUDA_DEVICE_ORDER`` and the lease's id and token."""
         env = {"GPUBOSS_LEASE_ID": self.id, "GPUBOSS_LEASE_TOKEN": str(self.token)}
         env["GPUBOSS_DEVICE"] = ",".join(self.devices)
         if self.cuda_indexes and len(self.cuda_indexes) == len(self.devices):  # all of them known
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.cuda_indexes))
+        elif all(d.startswith("MIG-") for d in self.devices):  # MIG slices go by their UUIDs
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(d.replace(":", "/") for d in self.devices)
+        if "CUDA_VISIBLE_DEVICES" in env:
+            # CUDA indexes as the agent registers them (NVML's): PCI bus order, not fastest first.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         return env
 
     @property

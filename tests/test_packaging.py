@@ -146,6 +146,11 @@ def test_service_wheel_declares_the_gpuboss_command(dists: Dists) -> None:
     assert "gpuboss = gpuboss_cli.main:main" in entry_points
 
 
+def test_service_wheel_carries_the_dashboard(dists: Dists) -> None:
+    files = set(_wheel_files(dists.service_wheel))
+    assert {f"gpuboss/static/{n}" for n in ("index.html", "dashboard.css", "dashboard.js")} <= files
+
+
 @pytest.fixture(scope="module")
 def wheelhouse(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Our wheels plus every runtime dependency's, so installs need no index.
@@ -265,7 +270,9 @@ def service_venv(client_venv: Venv, wheelhouse: Path) -> Venv:
 
 def test_installed_service_imports(service_venv: Venv) -> None:
     out = _run(service_venv.python, "-I", "-c",
-               "import gpuboss, gpuboss_cli, gpuboss_client; print(gpuboss.__file__, gpuboss_cli.__file__)",
+               "import gpuboss, gpuboss_cli, gpuboss_client, gpuboss.api, gpuboss.server, importlib.resources as r;"
+               "assert r.files('gpuboss').joinpath('static/index.html').read_text().startswith('<!');"
+               "print(gpuboss.__file__, gpuboss_cli.__file__)",
                cwd=service_venv.workdir, env=_clean_env(service_venv.bin))  # fmt: skip
     for path in out.split():
         assert Path(path).is_relative_to(service_venv.site_packages), path

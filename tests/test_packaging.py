@@ -270,7 +270,8 @@ def service_venv(client_venv: Venv, wheelhouse: Path) -> Venv:
 
 def test_installed_service_imports(service_venv: Venv) -> None:
     out = _run(service_venv.python, "-I", "-c",
-               "import gpuboss, gpuboss_cli, gpuboss_client, gpuboss.api, gpuboss.server, importlib.resources as r;"
+               "import gpuboss, gpuboss_cli, gpuboss_client, gpuboss.api, gpuboss.server;"
+               "import importlib.resources as r;"
                "assert r.files('gpuboss').joinpath('static/index.html').read_text().startswith('<!');"
                "print(gpuboss.__file__, gpuboss_cli.__file__)",
                cwd=service_venv.workdir, env=_clean_env(service_venv.bin))  # fmt: skip

@@ -289,6 +289,46 @@ class EventsDoc(Doc):
     events: list[EventDoc]
 
 
+class DeviceHealthDoc(Doc):
+    name: str
+    pool: str
+    state: Literal["ok", "lost", "unmeasured"]
+    agent_host: str | None
+    total_mib: int
+    unmanaged_mib: int
+    seen_mib: int | None
+    leak_mib: int
+    leak_pids: list[int]
+    measured_at_ms: int | None
+
+
+class LeaseUsageDoc(Doc):
+    id: str
+    pool: str
+    holder: str
+    holder_host: str
+    holder_pid: int
+    device: str
+    mib: int
+    measured_mib: int
+    peak_mib: int
+    finding: Literal["over_use", "under_use"] | None
+    measured_at_ms: int
+    labels: dict[str, str]
+
+
+class PoolFindingsDoc(Doc):
+    pool: str
+    now_ms: int
+    devices: list[DeviceHealthDoc]
+    leases: list[LeaseUsageDoc]
+    label_peaks: dict[str, int] = Field(description='peak measured MiB per lease label, "key=value"')
+
+
+class FindingsDoc(Doc):
+    findings: list[PoolFindingsDoc]
+
+
 class PlanDoc(Doc):
     outcome: Literal["grant", "evict", "wait", "never"]
     device: str | None
@@ -559,6 +599,19 @@ async def get_leases(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dic
 async def get_queue(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """The waiting requests, by priority and then arrival."""
     return {"queue": [x.to_dict() for x in split_queue(await boss.leases(pool))[1]]}
+
+
+@router.get(
+    "/v1/findings",
+    tags=["status"],
+    summary="What the NVML agent measured",
+    response_model=FindingsDoc,
+    responses=_errors(*_READ, "pool_not_found"),
+)
+async def get_findings(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
+    """Per pool: device health (ok, lost, unmeasured; leaks), the measured leases with their
+    findings (over_use, under_use), and the peak measured use per lease label."""
+    return {"findings": [f.to_dict() for f in await boss.findings(pool)]}
 
 
 @router.get(

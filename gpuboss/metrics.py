@@ -3,7 +3,8 @@
 Every scrape reads the state fresh from Redis (the boss keeps no copy of it) through the
 :class:`~gpuboss_client.AsyncBoss` at ``app.state.boss``, and the event counters the event hub at
 ``app.state.hub`` keeps since the service started. Sizes are in bytes and times in seconds; no
-metric carries a lease id or a holder, so the number of series grows with devices and pools only.
+metric carries a lease id or a holder, so the number of series grows with devices and pools (and
+the lease labels the agent keeps peaks of, which its script bounds) only.
 
 When Redis cannot be read the route still answers 200, with ``gpuboss_redis_up 0``, the event
 counters and no device or pool gauges (rather than stale ones): a 503 would make Prometheus drop
@@ -30,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gpuboss_client import AsyncBoss, GpubossError, LeaseInfo, PoolStatus, __version__
+from gpuboss_client.ops import Findings
 
 __all__ = ["CONTENT_TYPE", "COUNTERS", "Snapshot", "SnapshotCollector", "render", "router", "take_snapshot"]
 
@@ -53,6 +55,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 #: the states of a granted lease, each reported even when no lease is in it
 GRANTED_STATES = ("active", "idle", "evicting")
+#: what the NVML agent may find about a lease, each reported even when no lease has it
+LEASE_FINDINGS = ("over_use", "under_use")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class Snapshot:
     duration_s: float
     error: str | None = None
     version: str = field(default=__version__)
+    findings: list[Findings] = field(default_factory=list)
 
 
 async def take_snapshot(boss: AsyncBoss, counts: Mapping[tuple[str, str], int]) -> Snapshot:
@@ -75,10 +80,11 @@ async def take_snapshot(boss: AsyncBoss, counts: Mapping[tuple[str, str], int]) 
     try:
         pools = await boss.status()
         leases = await boss.leases()
+        findings = await boss.findings(None)
     except GpubossError as exc:
         log.warning("metrics: cannot read the state from Redis: %s", exc)
         return Snapshot(None, [], counts, time.perf_counter() - started, error=exc.message)
-    return Snapshot(pools, leases, counts, time.perf_counter() - started)
+    return Snapshot(pools, leases, counts, time.perf_counter() - started, findings=findings)
 
 
 def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
@@ -113,6 +119,7 @@ class SnapshotCollector:
         if snap.pools is not None:
             yield from self._devices(snap.pools, snap.leases)
             yield from self._pools(snap.pools, snap.leases)
+            yield from self._findings(snap.findings)
         yield from self._counters(snap)
 
     def _devices(self, pools: list[PoolStatus], leases: list[LeaseInfo]) -> Iterator[Metric]:
@@ -169,6 +176,48 @@ class SnapshotCollector:
             oldest.add_metric([s.pool], max(0, s.now_ms - min(asked)) / 1000 if asked else 0.0)
             devices.add_metric([s.pool], len(s.devices))
         yield from (by_state, depth, oldest, devices)
+
+    def _findings(self, findings: list[Findings]) -> Iterator[Metric]:
+        labels = ["pool", "device", "host"]
+        up = _gauge("gpuboss_device_up", "1 if the NVML agent reads the device, 0 if it is lost.", labels)
+        seen = _gauge(
+            "gpuboss_device_seen_bytes", "Memory in use on the device as the NVML agent last read it.", labels
+        )
+        leak = _gauge(
+            "gpuboss_device_leak_bytes", "Memory held on the device by processes of no lease.", labels
+        )
+        age = _gauge(
+            "gpuboss_device_measurement_age_seconds",
+            "Seconds since the NVML agent last read the device.",
+            labels,
+        )
+        with_finding = _gauge(
+            "gpuboss_leases_with_finding",
+            "Live leases whose measured use is over (over_use) or far under (under_use) their size.",
+            ["pool", "finding"],
+        )
+        peaks = _gauge(
+            "gpuboss_label_peak_bytes",
+            'Peak measured use of a lease with the label (label="key=value").',
+            ["pool", "label"],
+        )
+        for f in findings:
+            for d in f.devices:
+                if d.state == "unmeasured":  # no agent reads it: nothing to say, rather than "down"
+                    continue
+                key = [f.pool, d.name, d.agent_host or ""]
+                up.add_metric(key, 1 if d.state == "ok" else 0)
+                if d.seen_mib is not None:
+                    seen.add_metric(key, d.seen_mib * MIB)
+                leak.add_metric(key, d.leak_mib * MIB)
+                if d.measured_at_ms is not None:
+                    age.add_metric(key, max(0, f.now_ms - d.measured_at_ms) / 1000)
+            found = Counter(x.finding for x in f.leases)
+            for name in LEASE_FINDINGS:
+                with_finding.add_metric([f.pool, name], found[name])
+            for label, mib in sorted(f.label_peaks.items()):
+                peaks.add_metric([f.pool, label], mib * MIB)
+        yield from (up, seen, leak, age, with_finding, peaks)
 
     def _counters(self, snap: Snapshot) -> Iterator[Metric]:
         pools = sorted({p for p, _ in snap.counts} | {s.pool for s in snap.pools or []})

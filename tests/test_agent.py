@@ -682,3 +682,60 @@ def test_serve_without_nvml_runs_no_agent_unless_told_to(redis_url: str, real_re
     ):
         pass
     assert snapshot(real_redis) == before
+
+
+def _findings_world(r: redis.Redis) -> tuple[World, Lease]:
+    """Three fake GPUs after the agent's passes: an over-use on GPU0, a leak on GPU1, GPU2 lost."""
+    nvml = FakeNvml([FakeGpu(fake_uuid(i), "NVIDIA L4", 24576) for i in range(3)])
+    w = World(r, nvml, NvmlProbe(nvml), None)  # type: ignore[arg-type]
+    w.agent = w.new_agent(under_after_s=3600)
+    w.agent.run_once()
+    lease = w.holder("llm", 100).acquire("2GiB", device=GPU0, labels={"model": "m"})
+    w.run(0, 100, 4096)
+    w.run(1, 500, 1024)
+    w.run(1, 501, 512)
+    w.nvml.gpus[2].lost = True
+    w.agent.run_once()
+    w.agent.run_once()  # a leak is one once it persists
+    return w, lease
+
+
+def test_status_shows_findings(real_redis: redis.Redis, redis_url: str) -> None:
+    w, lease = _findings_world(real_redis)
+    try:
+        text = runner.invoke(app, ["--redis-url", redis_url, "status"], env=CLEAN)
+        assert text.exit_code == 0, (text.stdout, text.stderr)
+        out = text.stdout
+        assert "findings in pool default" in out
+        assert f"{fake_uuid(2)}: lost on {HOST}" in out
+        assert f"{GPU1}: 1.5 GiB held by pids 500 501 without a lease" in out
+        assert f"lease {lease.id} (llm, model=m) uses 4.0 GiB of 2.0 GiB leased: over-use" in out
+        assert "peaks by label: model=m 4.0 GiB" in out
+        assert out.index("findings in pool default") > out.index(GPU1)  # after the devices table
+
+        result = runner.invoke(app, ["--redis-url", redis_url, "status", "--json"], env=CLEAN)
+        assert result.exit_code == 0, (result.stdout, result.stderr)
+        doc = json.loads(result.stdout)
+        (f,) = w.agent.boss.run(ops.findings(None))
+        want = json.loads(json.dumps(f.to_dict()))
+        assert doc["findings"]["default"] | {"now_ms": 0} == want | {"now_ms": 0}  # read a moment apart
+        assert sorted(doc["findings"]) == ["default"]
+        found = doc["findings"]["default"]
+        states = {d["name"]: (d["state"], d["leak_mib"], d["leak_pids"]) for d in found["devices"]}
+        assert states == {GPU0: ("ok", 0, []), GPU1: ("ok", 1536, [500, 501]), fake_uuid(2): ("lost", 0, [])}
+        assert [(x["id"], x["finding"], x["measured_mib"]) for x in found["leases"]] == [
+            (lease.id, "over_use", 4096)
+        ]
+        assert found["label_peaks"] == {"model=m": 4096}
+    finally:
+        w.probe.close()
+
+
+def test_status_without_measurements_shows_no_findings(real_redis: redis.Redis, redis_url: str) -> None:
+    Boss(real_redis, holder="t").add_device("static", "8GiB")
+    text = runner.invoke(app, ["--redis-url", redis_url, "status"], env=CLEAN)
+    assert text.exit_code == 0, (text.stdout, text.stderr)
+    assert "static" in text.stdout
+    assert "findings" not in text.stdout
+    result = runner.invoke(app, ["--redis-url", redis_url, "status", "--json"], env=CLEAN)
+    assert "findings" not in json.loads(result.stdout)

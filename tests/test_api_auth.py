@@ -78,6 +78,7 @@ ROUTES: dict[tuple[str, str], tuple[Access, Build]] = {
     ("GET", "/v1/leases"): ("reader", lambda s: Call("GET", "/v1/leases")),
     ("GET", "/v1/queue"): ("reader", lambda s: Call("GET", "/v1/queue")),
     ("GET", "/v1/leases/{id}"): ("reader", lambda s: Call("GET", f"/v1/leases/{s.lease['id']}")),
+    ("GET", "/v1/findings"): ("reader", lambda s: Call("GET", "/v1/findings")),
     ("GET", "/v1/events"): ("reader", lambda s: Call("GET", "/v1/events")),
     ("GET", "/v1/events/stream"): ("reader", lambda s: Call("GET", "/v1/events/stream", params={"last": 1})),
     ("POST", "/v1/plan"): ("reader", lambda s: Call("POST", "/v1/plan", {"vram": "1GiB"})),

@@ -23,13 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import uvicorn
 from support import wait_for
 from typer.testing import CliRunner, Result
 
+from gpuboss.agent import Agent
 from gpuboss.api import create_app
+from gpuboss.fakenvml import FakeGpu, FakeNvml, FakeProcess, fake_uuid
+from gpuboss.probe import NvmlProbe
 from gpuboss.settings import ServiceSettings, Token
 from gpuboss_cli.http import HttpBoss
 from gpuboss_cli.main import app
@@ -45,6 +49,7 @@ from gpuboss_client import (
     Unauthorized,
 )
 from gpuboss_client.errors import error_for
+from gpuboss_client.ops import Findings
 
 runner = CliRunner()
 CLEAN_ENV: dict[str, str | None] = {
@@ -653,3 +658,45 @@ def test_events_follow_over_http(admin: Boss, boss_url: str) -> None:
         for f in (proc.stdout, proc.stderr):
             if f is not None:
                 f.close()
+
+
+def test_findings_over_http_equal_redis_mode(
+    boss_url: str, admin: Boss, real_redis: redis.Redis, redis_url: str
+) -> None:
+    gpus = [fake_uuid(0), fake_uuid(1)]
+    nvml = FakeNvml([FakeGpu(u, "NVIDIA L4", 24576) for u in gpus])
+    probe = NvmlProbe(nvml)
+    agent = Agent(Boss(real_redis, holder="gpuboss-agent"), probe, host="node-a", smoothing=1.0)
+    try:
+        agent.run_once()
+        llm = Boss(real_redis, holder="llm", host="node-a", pid=100)
+        lease = llm.acquire("2GiB", device=gpus[0], labels={"model": "m1"})
+        nvml.gpus[0].processes.append(FakeProcess(100, 4096))
+        nvml.gpus[1].processes.append(FakeProcess(500, 1000))
+        agent.run_once()
+        agent.run_once()
+    finally:
+        probe.close()
+    reply = httpx.get(f"{boss_url}/v1/findings", params={"pool": "default"}, timeout=WAIT_S)
+    assert reply.status_code == 200, reply.text
+    (doc,) = reply.json()["findings"]
+    (direct,) = admin.findings("default")
+    assert without_now(doc) == without_now(json.loads(json.dumps(direct.to_dict())))
+    assert [(x["id"], x["finding"]) for x in doc["leases"]] == [(lease.id, "over_use")]
+    assert [d["leak_pids"] for d in doc["devices"]] == [[], [500]]
+    with HttpBoss(boss_url) as http:
+        (rebuilt,) = http.findings(None)
+    assert rebuilt == Findings.from_dict(direct.to_dict() | {"now_ms": rebuilt.now_ms})
+    bad = httpx.get(f"{boss_url}/v1/findings", params={"pool": "no such pool"}, timeout=WAIT_S)
+    assert (bad.status_code, bad.json()["error"]) == (400, "bad_request")
+
+    over_http = gb(["--boss-url", boss_url], "status", "--json")
+    over_redis = gb(["--redis-url", redis_url], "status", "--json")
+    assert over_http.exit_code == over_redis.exit_code == 0, (over_http.stderr, over_redis.stderr)
+    assert "findings" in json.loads(over_http.stdout)
+    assert without_now(json.loads(over_http.stdout)) == without_now(json.loads(over_redis.stdout))
+    text_http = gb(["--boss-url", boss_url], "status")
+    text_redis = gb(["--redis-url", redis_url], "status")
+    assert "without a lease" in text_http.stdout
+    assert steady(text_http.stdout) == steady(text_redis.stdout)
+    llm.release(lease)

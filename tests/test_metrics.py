@@ -26,10 +26,13 @@ from support import in_thread, redis_ms, wait_for
 
 import gpuboss_client
 from gpuboss import metrics
+from gpuboss.agent import Agent
 from gpuboss.api import create_app
+from gpuboss.fakenvml import FakeGpu, FakeNvml, FakeProcess, fake_uuid
 from gpuboss.metrics import Snapshot, render
+from gpuboss.probe import NvmlProbe
 from gpuboss.settings import ServiceSettings
-from gpuboss_client import Boss, DeviceInfo, LeaseInfo, PoolStatus
+from gpuboss_client import Boss, DeviceInfo, LeaseInfo, PoolKeys, PoolStatus
 
 MIB = 1048576
 
@@ -198,7 +201,15 @@ def test_exposition_values_states_and_no_lease_ids(service: httpx.Client, real_r
         assert (f"{name}_total", frozenset({("pool", "other")})) in samples  # present from zero
     # Base units and no per-lease labels anywhere.
     for name, label_set in samples:
-        assert {k for k, _ in label_set} <= {"pool", "device", "host", "state", "version", "event"}, name
+        assert {k for k, _ in label_set} <= {
+            "pool",
+            "device",
+            "host",
+            "state",
+            "version",
+            "event",
+            "finding",
+        }, name
         assert "_mib" not in name
         assert "_ms" not in name
 
@@ -322,3 +333,47 @@ def test_gang_and_over_budget_devices_render_in_bytes() -> None:
     assert value(samples, "gpuboss_grants_total", pool="p") == 3
     assert value(samples, "gpuboss_events_total", pool="p", event="granted") == 3
     assert "g1" not in render(snap).decode()
+
+
+def test_findings_of_one_agent_pass_with_the_fake_nvml(real_redis: redis.Redis, redis_url: str) -> None:
+    gpus = [fake_uuid(i) for i in range(3)]
+    nvml = FakeNvml([FakeGpu(u, "NVIDIA L4", 24576) for u in gpus])
+    probe = NvmlProbe(nvml)
+    agent = Agent(Boss(real_redis, holder="gpuboss-agent"), probe, host="node-a", smoothing=1.0)
+    try:
+        agent.run_once()  # registers the GPUs
+        llm = Boss(real_redis, holder="llm", host="node-a", pid=100)
+        lease = llm.acquire("2GiB", device=gpus[0], labels={"model": "m1"})
+        nvml.gpus[0].processes.append(FakeProcess(100, 4096))
+        nvml.gpus[1].processes.append(FakeProcess(500, 1000))
+        nvml.gpus[2].lost = True
+        agent.run_once()
+        Boss(real_redis, holder="admin").add_device("static", "8GiB", host="node-b")  # never measured
+        with serve(make_app(redis_url)) as base, httpx.Client(base_url=base, timeout=30) as client:
+            before_ms = redis_ms(real_redis)
+            response = client.get("/metrics")
+            after_ms = redis_ms(real_redis)
+        assert response.status_code == 200
+        samples, types = parse(response.text)
+        assert lease.id not in response.text
+        assert "llm" not in response.text
+        dev = [{"pool": "default", "device": u, "host": "node-a"} for u in gpus]
+        assert [value(samples, "gpuboss_device_up", **d) for d in dev] == [1, 1, 0]
+        static = {"pool": "default", "device": "static", "host": ""}
+        assert ("gpuboss_device_up", frozenset(static.items())) not in samples
+        assert [value(samples, "gpuboss_device_seen_bytes", **d) for d in dev[:2]] == [4096 * MIB, 1000 * MIB]
+        # A leak is one only once it persists: after one pass nothing leaks yet.
+        assert [value(samples, "gpuboss_device_leak_bytes", **d) for d in dev] == [0, 0, 0]
+        for d in dev[:2]:
+            at = int(real_redis.hget(PoolKeys("default").device(d["device"]), "measured_at") or 0)
+            age = value(samples, "gpuboss_device_measurement_age_seconds", **d)
+            assert (before_ms - at) / 1000 <= age <= (after_ms - at) / 1000
+        assert value(samples, "gpuboss_leases_with_finding", pool="default", finding="over_use") == 1
+        assert value(samples, "gpuboss_leases_with_finding", pool="default", finding="under_use") == 0
+        assert value(samples, "gpuboss_label_peak_bytes", pool="default", label="model=m1") == 4096 * MIB
+        assert len([k for k in samples if k[0] == "gpuboss_label_peak_bytes"]) == 1
+        for name in ("gpuboss_device_up", "gpuboss_leases_with_finding", "gpuboss_label_peak_bytes"):
+            assert types[name] == "gauge"
+        llm.release(lease)
+    finally:
+        probe.close()

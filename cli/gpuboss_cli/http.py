@@ -33,6 +33,7 @@ from gpuboss_client import (
 )
 from gpuboss_client.errors import error_for
 from gpuboss_client.keys import valid_name, valid_pool
+from gpuboss_client.ops import Findings
 
 from .settings import redact
 
@@ -181,6 +182,11 @@ class HttpBoss:
         """Devices of ``pool``, or of every pool."""
         docs = _key(self._request("GET", "/v1/devices", params={"pool": pool}), "devices", list)
         return [DeviceInfo.from_dict(doc) for doc in docs]
+
+    def findings(self, pool: str | None = None) -> list[Findings]:
+        """What the NVML agent measured in ``pool`` or in every pool."""
+        docs = _key(self._request("GET", "/v1/findings", params={"pool": pool}), "findings", list)
+        return [Findings.from_dict(doc) for doc in docs]
 
     def plan(
         self,

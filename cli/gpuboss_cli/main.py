@@ -42,12 +42,21 @@ from gpuboss_client import (
     split_queue,
     status_document,
 )
+from gpuboss_client.ops import Findings
 
 from . import agent as agent_cmd
 from . import run as run_cmd
 from . import serve as serve_cmd
 from .http import HttpBoss, is_http_url
-from .render import devices_table, event_line, human_mib, leases_table, queue_table, watch_frame
+from .render import (
+    devices_table,
+    event_line,
+    findings_block,
+    human_mib,
+    leases_table,
+    queue_table,
+    watch_frame,
+)
 from .settings import HOLDER, Settings, redact
 
 __all__ = ["Backend", "app", "connect", "exit_with", "main"]
@@ -90,6 +99,7 @@ class Backend(Protocol):
     def leases(self, pool: str | None = None) -> list[LeaseInfo]: ...
     def devices(self, pool: str | None = None) -> list[DeviceInfo]: ...
     def events(self, pool: str | None = None, *, count: int = 100) -> list[Event]: ...
+    def findings(self, pool: str | None = None) -> list[Findings]: ...
     def reap(self, pool: str | None = None) -> int: ...
     def force_release(self, lease_id: str, pool: str | None = None) -> LeaseInfo: ...
     def remove_device(self, name: str, *, pool: str = ..., force: bool = False) -> None: ...
@@ -259,8 +269,12 @@ def status(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = False) -
     with connect(ctx) as boss:
         pools = boss.status(pool)
         leases = boss.leases(pool)
+        findings = {f.pool: f for f in boss.findings(pool) if _measured(f)}
     if as_json:
-        _print_json(status_document(pools, leases))
+        doc = status_document(pools, leases)
+        if findings:
+            doc["findings"] = {name: f.to_dict() for name, f in findings.items()}
+        _print_json(doc)
         return
     console = _console()
     if not any(s.devices for s in pools) and not leases:
@@ -284,6 +298,13 @@ def status(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = False) -
             console.print(queue_table(f"queue of pool {s.pool}", waiters, s.now_ms))
         else:
             _say(console, f"Queue of pool {s.pool} is empty.")
+        if s.pool in findings:
+            console.print(findings_block(findings[s.pool]))
+
+
+def _measured(f: Findings) -> bool:
+    """Whether an agent measured anything in the pool (else there is nothing to show)."""
+    return bool(f.leases or f.label_peaks or any(d.state != "unmeasured" for d in f.devices))
 
 
 @app.command("leases")

@@ -16,10 +16,12 @@ from rich.table import Table
 from rich.text import Text
 
 from gpuboss_client import PRIORITIES, DeviceInfo, Event, LeaseInfo, PoolStatus, split_queue
+from gpuboss_client.ops import Findings
 
 __all__ = [
     "devices_table",
     "event_line",
+    "findings_block",
     "human_mib",
     "leases_table",
     "queue_table",
@@ -125,6 +127,38 @@ def queue_table(title: str, waiters: Sequence[LeaseInfo], now_ms: int) -> Table:
         for i, x in enumerate(waiters, 1)
     ]
     return _table(title, columns, rows, {"#", "vram", "priority", "waiting s", "expires in s"})
+
+
+def findings_block(findings: Findings) -> RenderableType:
+    """What the NVML agent found in one pool: lost devices (red), leaks, leases using more or less
+    than they leased, and the peak measured use per lease label."""
+    lines: list[RenderableType] = [Text(f"findings in pool {findings.pool}", style="bold")]
+    for d in findings.devices:
+        if d.state == "lost":
+            where = f" on {d.agent_host}" if d.agent_host else ""
+            lines.append(Text(f"{d.name}: lost{where} (nothing is granted on it)", style="red"))
+    for d in findings.devices:
+        if d.leak_mib > 0:
+            pids = " ".join(str(p) for p in d.leak_pids)
+            lines.append(
+                Text(f"{d.name}: {human_mib(d.leak_mib)} held by pids {pids} without a lease", style="yellow")
+            )
+    for x in findings.leases:
+        if x.finding is not None:
+            who = ", ".join(part for part in (x.holder, _labels(x.labels)) if part)
+            lines.append(
+                Text(
+                    f"lease {x.id} ({who}) uses {human_mib(x.measured_mib)} of {human_mib(x.mib)} "
+                    f"leased: {x.finding.replace('_', '-')}",
+                    style="yellow",
+                )
+            )
+    if findings.label_peaks:
+        peaks = ", ".join(f"{k} {human_mib(v)}" for k, v in sorted(findings.label_peaks.items()))
+        lines.append(Text(f"peaks by label: {peaks}"))
+    if len(lines) == 1:
+        lines.append(Text("nothing found"))
+    return Group(*lines)
 
 
 def event_line(event: Event) -> str:

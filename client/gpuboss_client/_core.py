@@ -1167,6 +1167,16 @@ class DeviceHealth:
         return dataclasses.asdict(self) | {"leak_pids": list(self.leak_pids)}
 
     @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> DeviceHealth:
+        """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
+        try:
+            kwargs = {f.name: doc[f.name] for f in dataclasses.fields(cls)}
+            kwargs["leak_pids"] = tuple(kwargs["leak_pids"])
+            return cls(**kwargs)
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed device health document: {dict(doc)!r}") from exc
+
+    @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> DeviceHealth:
         try:
             return cls(
@@ -1208,6 +1218,16 @@ class LeaseUsage:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> LeaseUsage:
+        """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
+        try:
+            kwargs = {f.name: doc[f.name] for f in dataclasses.fields(cls)}
+            kwargs["labels"] = dict(kwargs["labels"])
+            return cls(**kwargs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed lease usage document: {dict(doc)!r}") from exc
+
 
 @dataclass(frozen=True, slots=True)
 class Findings:
@@ -1228,6 +1248,20 @@ class Findings:
             "leases": [x.to_dict() for x in self.leases],
             "label_peaks": dict(self.label_peaks),
         }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Findings:
+        """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
+        try:
+            return cls(
+                pool=doc["pool"],
+                now_ms=doc["now_ms"],
+                devices=[DeviceHealth.from_dict(d) for d in doc["devices"]],
+                leases=[LeaseUsage.from_dict(x) for x in doc["leases"]],
+                label_peaks=dict(doc["label_peaks"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed findings document: {dict(doc)!r}") from exc
 
 
 def findings(pool: str | None) -> Op[list[Findings]]:

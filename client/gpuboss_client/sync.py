@@ -235,6 +235,11 @@ class Boss:
         """End expired leases and abandoned waiters now; returns how many."""
         return self.run(core.reap(pool))
 
+    def findings(self, pool: str | None = None) -> list[core.Findings]:
+        """What the NVML agent measured in ``pool`` or in every pool: device health, leases'
+        real use and findings, peaks per label."""
+        return self.run(core.findings(pool))
+
     def events(self, pool: str | None = None, *, count: int = 100) -> list[Event]:
         """The last ``count`` events of ``pool`` or of every pool, oldest first."""
         return self.run(core.recent_events(pool, count))

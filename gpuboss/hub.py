@@ -18,6 +18,8 @@ from gpuboss_client import AsyncBoss, Event
 from gpuboss_client.keys import POOLS, valid_pool
 from gpuboss_client.ops import MAX_EVENTS
 
+from .background import BackgroundLoop
+
 __all__ = ["EventHub", "Subscription", "event_key"]
 
 log = logging.getLogger("gpuboss.hub")
@@ -87,7 +89,7 @@ class Subscription:
         self.close()
 
 
-class EventHub:
+class EventHub(BackgroundLoop):
     """Tails the event streams of every pool (``counts`` and :meth:`subscribe`).
 
     Each pass refreshes the list of pools and blocks up to ``block_s`` for new events. Cursors start
@@ -96,9 +98,12 @@ class EventHub:
     retried every ``retry_s``.
     """
 
+    task_name = "gpuboss-event-hub"
+
     def __init__(
         self, boss: AsyncBoss, *, block_s: float = 1.0, retry_s: float = 1.0, queue_size: int = 1000
     ) -> None:
+        super().__init__()
         self.boss = boss
         self.block_s = block_s
         self.retry_s = retry_s
@@ -111,8 +116,6 @@ class EventHub:
         self.tailing = asyncio.Event()
         self._subscribers: set[Subscription] = set()
         self._cursors: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     @property
     def subscribers(self) -> int:
@@ -132,20 +135,9 @@ class EventHub:
             p for p in (m.decode() if isinstance(m, bytes) else m for m in members) if valid_pool(p)
         )
 
-    def start(self) -> None:
-        """Start tailing in a background task."""
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="gpuboss-event-hub")
-
     async def stop(self) -> None:
         """Stop tailing and end every subscription."""
-        if self._task is not None:
-            self._stopping = True
-            # Cancel until it ends: a Redis client caught mid-reply may swallow one cancellation.
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=0.1)
-            self._task = None
+        await super().stop()
         for sub in list(self._subscribers):
             sub.close()
 

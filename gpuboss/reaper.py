@@ -12,42 +12,30 @@ import logging
 
 from gpuboss_client import AsyncBoss
 
+from .background import BackgroundLoop
+
 __all__ = ["Reaper"]
 
 log = logging.getLogger("gpuboss.reaper")
 
 
-class Reaper:
+class Reaper(BackgroundLoop):
     """Calls :meth:`AsyncBoss.reap` every ``interval_s`` seconds in a background task.
 
     A failed pass (Redis unreachable) is logged once per outage and tried again at the next
     interval; :meth:`stop` cancels the loop and waits for it.
     """
 
+    task_name = "gpuboss-reaper"
+
     def __init__(self, boss: AsyncBoss, interval_s: float) -> None:
+        super().__init__()
         self.boss = boss
         self.interval_s = interval_s
         #: leases and waiters ended so far
         self.reaped = 0
         #: passes that completed
         self.passes = 0
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-
-    def start(self) -> None:
-        """Start reaping in a background task."""
-        if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="gpuboss-reaper")
-
-    async def stop(self) -> None:
-        """Stop reaping; a pass in flight is cancelled (each script is atomic, so that is safe)."""
-        if self._task is not None:
-            self._stopping = True
-            # Cancel until it ends: a Redis client caught mid-reply may swallow one cancellation.
-            while not self._task.done():
-                self._task.cancel()
-                await asyncio.wait([self._task], timeout=0.1)
-            self._task = None
 
     async def run(self) -> None:
         """Reap until cancelled."""

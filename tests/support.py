@@ -8,14 +8,16 @@ thread and take snapshots of the whole database;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
+import uvicorn
+from fastapi import FastAPI
 
 from gpuboss_client import Boss, Lease, PoolKeys
 
@@ -210,3 +214,25 @@ class Tier:
 
     sync: redis.Redis
     make_async: Callable[[], aioredis.Redis]
+
+
+@contextlib.contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """Serve ``app`` (lifespan included) with uvicorn on a free loopback port in a thread until the
+    block ends; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", ws="none", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_for("the app to start", lambda: server.started or not thread.is_alive(), timeout=30)
+        assert server.started, "the app failed to start (see the log above)"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        assert not thread.is_alive(), "the app did not stop"

@@ -11,7 +11,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +20,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
-from support import POOL, redis_ms, snapshot, state, used, wait_for
+from support import POOL, in_thread, redis_ms, serve_app, snapshot, state, used, wait_for
 
 from gpuboss.api import BeatDoc, DeviceDoc, EventDoc, LeaseDoc, create_app
 from gpuboss.hub import EventHub
@@ -67,24 +65,8 @@ class Service:
 def serve(settings: ServiceSettings, redis_url: str | None = None) -> Iterator[Service]:
     """Run ``create_app(settings, redis_url)`` under uvicorn on a free port until the block ends."""
     app = create_app(settings, redis_url or settings.redis_url or "")
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none", http="h11",
-        loop="asyncio", timeout_graceful_shutdown=5,
-    )  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    wait_for("the service to start", lambda: server.started or not thread.is_alive(), timeout=START_S)
-    assert server.started, "the service did not start (see the log)"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, timeout=60.0) as client:
-            yield Service(url, app, client)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "the service did not stop"
+    with serve_app(app) as url, httpx.Client(base_url=url, timeout=60.0) as client:
+        yield Service(url, app, client)
 
 
 @pytest.fixture
@@ -120,21 +102,6 @@ def error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
 def ref(lease: dict[str, Any]) -> dict[str, Any]:
     """The body that acts on a held lease: its pool and token."""
     return {"pool": lease["pool"], "token": lease["token"]}
-
-
-def background(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``fn`` in a thread; the dict gets its ``value`` or ``error``."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 # --- health --------------------------------------------------------------------------------------
@@ -277,7 +244,7 @@ def test_acquire_waits_and_is_granted_by_a_release_from_another_client(
 ) -> None:
     first = granted(acquire(api.client, "20GiB"))
     with api.new_client() as other:
-        t, out = background(lambda: acquire(other, "10GiB", request_id="waiter", timeout_s=15))
+        t, out = in_thread(lambda: acquire(other, "10GiB", request_id="waiter", timeout_s=15))
         wait_for("the request to queue", lambda: state(real_redis, "waiter") == "queued")
         queue_doc = api.client.get("/v1/queue").json()["queue"]
         assert [x["id"] for x in queue_doc] == ["waiter"]
@@ -323,7 +290,7 @@ def test_heartbeat_reports_eviction_of_a_preemptible_http_lease(
 ) -> None:
     low = granted(acquire(api.client, "20GiB", priority="low", preemptible=True, grace_s=30))
     with api.new_client() as other:
-        t, out = background(
+        t, out = in_thread(
             lambda: acquire(other, "10GiB", priority="high", request_id="urgent", timeout_s=15)
         )
         wait_for("the low lease to be asked back", lambda: state(real_redis, low["id"]) == "evicting")
@@ -343,7 +310,7 @@ def test_queue_cap_is_429_and_adds_nothing(real_redis: redis.Redis, redis_url: s
     with serve(make_settings(redis_url, max_queue=1)) as svc:
         first = granted(acquire(svc.client, "20GiB"))
         with svc.new_client() as other:
-            t, out = background(lambda: acquire(other, "10GiB", request_id="w1", timeout_s=15))
+            t, out = in_thread(lambda: acquire(other, "10GiB", request_id="w1", timeout_s=15))
             wait_for("the first waiter", lambda: state(real_redis, "w1") == "queued")
             full = acquire(svc.client, "10GiB", request_id="w2", timeout_s=5)
             doc = error(full, 429, "queue_full")

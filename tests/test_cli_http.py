@@ -26,8 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
-from support import wait_for
+from support import serve_app, wait_for
 from typer.testing import CliRunner, Result
 
 from gpuboss.agent import Agent
@@ -76,19 +75,8 @@ def _listening_socket() -> socket.socket:
 @contextlib.contextmanager
 def serve(settings: ServiceSettings, redis_url: str) -> Iterator[str]:
     """The real app under uvicorn on a free loopback port in a thread; yields its base URL."""
-    sock = _listening_socket()
-    app = create_app(settings, redis_url)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for("the boss to start", lambda: server.started or not thread.is_alive(), timeout=30)
-        assert server.started, "the boss failed to start (see the log above)"
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    with serve_app(create_app(settings, redis_url)) as url:
+        yield url
 
 
 # The reaper is slowed down so that only `gpuboss reap` ends expired leases in these tests.

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from support import in_thread, wait_for
-from test_metrics import OwnRedis, make_app, serve
+from support import in_thread, serve_app, wait_for
+from test_metrics import OwnRedis, make_app
 
 from gpuboss import dashboard
 from gpuboss_client import Boss
@@ -213,7 +213,7 @@ def measure(img: Image, band: tuple[int, int]) -> Bar:
 def test_page_and_assets_are_local_and_typed(real_redis: redis.Redis, redis_url: str) -> None:
     # With tokens configured, the page, its assets and /metrics still need none (the data does).
     app = make_app(redis_url, tokens="viewer:holder:viewer-secret-0123456789")
-    with serve(app) as base, httpx.Client(base_url=base, timeout=10) as http:
+    with serve_app(app) as base, httpx.Client(base_url=base, timeout=10) as http:
         assert http.get("/v1/status").status_code == 401
         assert http.get("/metrics").status_code == 200
         page = http.get("/")
@@ -250,7 +250,7 @@ class Scene:
 def scene(real_redis: redis.Redis, redis_url: str) -> Iterator[Scene]:
     """gpu0 (24 GiB): 8 GiB active, 4 GiB idle, 12 GiB free. gpu1 (16 GiB): 12 GiB being evicted for a
     waiter that needs 8 GiB, 4 GiB free."""
-    with serve(make_app(redis_url, devices=["gpu0=24GiB:0", "gpu1=16GiB:1"])) as base:
+    with serve_app(make_app(redis_url, devices=["gpu0=24GiB:0", "gpu1=16GiB:1"])) as base:
         llm = Boss(real_redis, holder="llm-server").acquire(
             8192, device="gpu0", ttl=120, priority="high", labels={"model": "<b>llama</b>"}
         )
@@ -334,7 +334,7 @@ def test_token_from_the_address_is_kept_and_sent(
 ) -> None:
     secret = "viewer-secret-0123456789"
     profile = tmp_path / "profile"
-    with serve(make_app(redis_url, tokens=f"viewer:holder:{secret}")) as base:
+    with serve_app(make_app(redis_url, tokens=f"viewer:holder:{secret}")) as base:
         dom = dom_until(profile, base + "/", "the token banner", ERROR)
         assert "This service needs a token" in dom
         assert "#token=" in dom
@@ -368,7 +368,7 @@ def test_banner_when_the_service_fails_or_is_unreachable(tmp_path: Path) -> None
     own = OwnRedis(tmp_path)
     own.start()
     try:
-        with serve(make_app(own.url, devices=["gpu0=8GiB"])) as base:
+        with serve_app(make_app(own.url, devices=["gpu0=8GiB"])) as base:
             own.stop()  # the service runs on, but Redis is gone: /v1/status answers 503
             dom = dom_until(tmp_path / "p2", base + "/", "the error banner", ERROR)
             assert "answered with an error (HTTP 503 backend_unavailable)" in dom

@@ -11,7 +11,6 @@ import contextlib
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
-from support import in_thread, redis_ms, wait_for
+from support import in_thread, redis_ms, serve_app, wait_for
 
 import gpuboss_client
 from gpuboss import metrics
@@ -49,26 +47,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for("the app to start", lambda: server.started or not thread.is_alive(), timeout=30)
-        assert server.started, "the app failed to start (see the log above)"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 # ---- reading the exposition -----------------------------------------------------------------------
@@ -120,7 +98,7 @@ def warm_up(client: httpx.Client, boss: Boss) -> None:
 
 
 def start(redis_url: str) -> contextlib.AbstractContextManager[str]:
-    return serve(make_app(redis_url, devices=["gpu0=24GiB:0", "gpu1=16GiB:1"]))
+    return serve_app(make_app(redis_url, devices=["gpu0=24GiB:0", "gpu1=16GiB:1"]))
 
 
 @pytest.fixture
@@ -349,7 +327,7 @@ def test_findings_of_one_agent_pass_with_the_fake_nvml(real_redis: redis.Redis, 
         nvml.gpus[2].lost = True
         agent.run_once()
         Boss(real_redis, holder="admin").add_device("static", "8GiB", host="node-b")  # never measured
-        with serve(make_app(redis_url)) as base, httpx.Client(base_url=base, timeout=30) as client:
+        with serve_app(make_app(redis_url)) as base, httpx.Client(base_url=base, timeout=30) as client:
             before_ms = redis_ms(real_redis)
             response = client.get("/metrics")
             after_ms = redis_ms(real_redis)

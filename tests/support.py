@@ -31,6 +31,16 @@ from fastapi import FastAPI
 from gpuboss_client import Boss, Lease, PoolKeys
 
 POOL = PoolKeys("default")
+#: for the CLI's test runner: outside settings must not leak in; COLUMNS unset gives the wide
+#: layout used for pipes
+CLEAN_ENV: dict[str, str | None] = {
+    "GPUBOSS_REDIS_URL": None,
+    "GPUBOSS_REDIS_TIMEOUT_S": None,
+    "GPUBOSS_BOSS_URL": None,
+    "GPUBOSS_TOKEN": None,
+    "GPUBOSS_BOSS_TIMEOUT_S": None,
+    "COLUMNS": None,
+}
 LINE_WAIT_S = 15.0  # generous: a child on a loaded machine may take seconds to start
 
 

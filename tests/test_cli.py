@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+from support import CLEAN_ENV
 from typer.testing import CliRunner, Result
 
 import gpuboss_client
@@ -40,15 +41,6 @@ from gpuboss_client import (
 )
 
 runner = CliRunner()
-# Outside settings must not leak in; COLUMNS unset gives the wide layout used for pipes.
-CLEAN_ENV: dict[str, str | None] = {
-    "GPUBOSS_REDIS_URL": None,
-    "GPUBOSS_REDIS_TIMEOUT_S": None,
-    "GPUBOSS_BOSS_URL": None,
-    "GPUBOSS_TOKEN": None,
-    "GPUBOSS_BOSS_TIMEOUT_S": None,
-    "COLUMNS": None,
-}
 
 
 def gb(url: str | None, *args: str, env: dict[str, str | None] | None = None) -> Result:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from support import serve_app, wait_for
+from support import CLEAN_ENV, serve_app, wait_for
 from typer.testing import CliRunner, Result
 
 from gpuboss.agent import Agent
@@ -51,14 +51,6 @@ from gpuboss_client.errors import error_for
 from gpuboss_client.ops import Findings
 
 runner = CliRunner()
-CLEAN_ENV: dict[str, str | None] = {
-    "GPUBOSS_REDIS_URL": None,
-    "GPUBOSS_BOSS_URL": None,
-    "GPUBOSS_TOKEN": None,
-    "GPUBOSS_REDIS_TIMEOUT_S": None,
-    "GPUBOSS_BOSS_TIMEOUT_S": None,
-    "COLUMNS": None,
-}
 SCRIPT = Path(sys.executable).parent / "gpuboss"
 WAIT_S = 15.0
 OPERATOR = Token("ops", "operator", "operator-secret-0123456789")

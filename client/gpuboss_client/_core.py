@@ -108,6 +108,15 @@ def _ints(value: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in (value or "").split(",") if x != "")
 
 
+def _from_doc(cls: type[T], doc: Mapping[str, Any], what: str, **convert: Callable[[Any], Any]) -> T:
+    """A dataclass from its JSON (every field by name; ``convert`` turns lists back into tuples...)."""
+    try:
+        fields = {f.name: doc[f.name] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**(fields | {name: fn(fields[name]) for name, fn in convert.items()}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {what} document: {dict(doc)!r}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class LeaseInfo:
     """A lease or a waiting request as Redis holds it (times in Redis ms)."""
@@ -151,12 +160,7 @@ class LeaseInfo:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> LeaseInfo:
         """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
-        try:
-            kwargs = {f.name: doc[f.name] for f in dataclasses.fields(cls)}
-            kwargs["cuda_indexes"] = tuple(kwargs["cuda_indexes"])
-            return cls(**kwargs)
-        except (KeyError, TypeError) as exc:
-            raise ProtocolError(f"malformed lease document: {dict(doc)!r}") from exc
+        return _from_doc(cls, doc, "lease", cuda_indexes=tuple)
 
     @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> LeaseInfo:
@@ -230,10 +234,7 @@ class DeviceInfo:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> DeviceInfo:
         """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
-        try:
-            return cls(**{f.name: doc[f.name] for f in dataclasses.fields(cls)})
-        except (KeyError, TypeError) as exc:
-            raise ProtocolError(f"malformed device document: {dict(doc)!r}") from exc
+        return _from_doc(cls, doc, "device")
 
     @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> DeviceInfo:
@@ -1169,12 +1170,7 @@ class DeviceHealth:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> DeviceHealth:
         """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
-        try:
-            kwargs = {f.name: doc[f.name] for f in dataclasses.fields(cls)}
-            kwargs["leak_pids"] = tuple(kwargs["leak_pids"])
-            return cls(**kwargs)
-        except (KeyError, TypeError) as exc:
-            raise ProtocolError(f"malformed device health document: {dict(doc)!r}") from exc
+        return _from_doc(cls, doc, "device health", leak_pids=tuple)
 
     @classmethod
     def from_fields(cls, pool: str, f: Mapping[str, str]) -> DeviceHealth:
@@ -1221,12 +1217,7 @@ class LeaseUsage:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> LeaseUsage:
         """The inverse of :meth:`to_dict` (for JSON from the boss service)."""
-        try:
-            kwargs = {f.name: doc[f.name] for f in dataclasses.fields(cls)}
-            kwargs["labels"] = dict(kwargs["labels"])
-            return cls(**kwargs)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed lease usage document: {dict(doc)!r}") from exc
+        return _from_doc(cls, doc, "lease usage", labels=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from gpuboss_client import Boss, Lease, PoolKeys
+from gpuboss_client import _core as core
 
 POOL = PoolKeys("default")
 #: for the CLI's test runner: outside settings must not leak in; COLUMNS unset gives the wide
@@ -246,3 +247,52 @@ def serve_app(app: FastAPI) -> Iterator[str]:
         thread.join(30)
         sock.close()
         assert not thread.is_alive(), "the app did not stop"
+
+
+class Stepper:
+    """Drives the core's acquire by hand against ``boss``'s scripts.
+
+    It runs the script calls until the operation would block in ``BLPOP`` on its wake list
+    (``blocked``) or is done. :meth:`repoll` stands in for the BLPOP timing out (the waiter asks
+    acquire again, as it does every third of its TTL); :meth:`woken` really blocks on the wake
+    list, as the client does, and returns the lease it was granted.
+    """
+
+    def __init__(self, boss: Boss, req: core.AcquireRequest, holder: core.Holder | None = None) -> None:
+        self.boss, self.id = boss, req.id
+        self.op = core.acquire(req, holder or boss.holder, time.monotonic)
+        self.step: core.Step | None = None
+        self.value: Any = None
+        self._send(None)
+
+    @property
+    def blocked(self) -> bool:
+        return isinstance(self.step, core.Command)
+
+    def _send(self, reply: Any) -> None:
+        while True:
+            try:
+                self.step = self.op.send(reply)
+            except StopIteration as stop:
+                self.step, self.value = None, stop.value
+                return
+            if not isinstance(self.step, core.Call):
+                return
+            reply = self.boss._scripts[self.step.script](keys=self.step.keys, args=self.step.args)
+
+    def repoll(self) -> None:
+        assert self.blocked
+        self._send(None)
+
+    def woken(self, timeout: float = 5.0) -> Lease:
+        assert self.blocked, f"{self.id} is not waiting"
+        popped = self.boss.redis.blpop([POOL.wake(self.id)], timeout)
+        assert popped is not None, f"{self.id} was not woken within {timeout} s"
+        self._send(list(popped))
+        return self.lease
+
+    @property
+    def lease(self) -> Lease:
+        assert self.step is None, f"{self.id} is still waiting"
+        assert isinstance(self.value, Lease)
+        return self.value

@@ -19,7 +19,19 @@ from typing import Any
 
 import pytest
 import redis
-from support import Events, Tier, claimed, field, join_evict_thread, other, redis_ms, snapshot, state, used
+from support import (
+    Events,
+    Stepper,
+    Tier,
+    claimed,
+    field,
+    join_evict_thread,
+    other,
+    redis_ms,
+    snapshot,
+    state,
+    used,
+)
 
 from gpuboss_client import (
     AcquireTimeout,
@@ -74,55 +86,6 @@ def request(
         vram=vram, vram_gb=None, priority=priority, device=device, pool="default", ttl=60.0,
         timeout=None, labels=None, request_id=rid, preemptible=preemptible, grace=grace,
     )  # fmt: skip
-
-
-class Stepper:
-    """Drives the core's acquire by hand against ``boss``'s scripts.
-
-    It runs the script calls until the operation would block in ``BLPOP`` on its wake list
-    (``blocked``) or is done. :meth:`repoll` stands in for the BLPOP timing out (the waiter asks
-    acquire again, as it does every third of its TTL); :meth:`woken` really blocks on the wake
-    list, as the client does, and returns the lease it was granted.
-    """
-
-    def __init__(self, boss: Boss, req: core.AcquireRequest, holder: core.Holder | None = None) -> None:
-        self.boss, self.id = boss, req.id
-        self.op = core.acquire(req, holder or boss.holder, time.monotonic)
-        self.step: core.Step | None = None
-        self.value: Any = None
-        self._send(None)
-
-    @property
-    def blocked(self) -> bool:
-        return isinstance(self.step, core.Command)
-
-    def _send(self, reply: Any) -> None:
-        while True:
-            try:
-                self.step = self.op.send(reply)
-            except StopIteration as stop:
-                self.step, self.value = None, stop.value
-                return
-            if not isinstance(self.step, core.Call):
-                return
-            reply = self.boss._scripts[self.step.script](keys=self.step.keys, args=self.step.args)
-
-    def repoll(self) -> None:
-        assert self.blocked
-        self._send(None)
-
-    def woken(self, timeout: float = 5.0) -> Lease:
-        assert self.blocked, f"{self.id} is not waiting"
-        popped = self.boss.redis.blpop([POOL.wake(self.id)], timeout)
-        assert popped is not None, f"{self.id} was not woken within {timeout} s"
-        self._send(list(popped))
-        return self.lease
-
-    @property
-    def lease(self) -> Lease:
-        assert self.step is None, f"{self.id} is still waiting"
-        assert isinstance(self.value, Lease)
-        return self.value
 
 
 def queue(boss: Boss, vram: int | str, rid: str, **kw: Any) -> Stepper:

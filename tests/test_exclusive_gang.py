@@ -25,6 +25,7 @@ import pytest
 import redis
 from support import (
     Events,
+    Stepper,
     Tier,
     claimed,
     dump_all,
@@ -120,43 +121,6 @@ def request(
         vram=vram, vram_gb=None, priority=priority, device=device, pool="default", ttl=60.0,
         timeout=None, labels=None, request_id=rid, exclusive=exclusive, devices=devices,
     )  # fmt: skip
-
-
-class Stepper:
-    """Drives the core's acquire by hand against ``boss``'s scripts, until it would block in
-    ``BLPOP`` on its wake list (``blocked``) or is done; :meth:`woken` really blocks on the wake
-    list, as the client does, and returns the lease it was granted."""
-
-    def __init__(self, boss: Boss, req: core.AcquireRequest) -> None:
-        self.boss, self.id = boss, req.id
-        self.op = core.acquire(req, boss.holder, time.monotonic)
-        self.step: core.Step | None = None
-        self.value: Any = None
-        self._send(None)
-
-    @property
-    def blocked(self) -> bool:
-        return isinstance(self.step, core.Command)
-
-    def _send(self, reply: Any) -> None:
-        while True:
-            try:
-                self.step = self.op.send(reply)
-            except StopIteration as stop:
-                self.step, self.value = None, stop.value
-                return
-            if not isinstance(self.step, core.Call):
-                return
-            reply = self.boss._scripts[self.step.script](keys=self.step.keys, args=self.step.args)
-
-    def woken(self, timeout: float = 5.0) -> Lease:
-        assert self.blocked, f"{self.id} is not waiting"
-        popped = self.boss.redis.blpop([POOL.wake(self.id)], timeout)
-        assert popped is not None, f"{self.id} was not woken within {timeout} s"
-        self._send(list(popped))
-        assert self.step is None
-        assert isinstance(self.value, Lease)
-        return self.value
 
 
 def queue(boss: Boss, vram: int | str, rid: str, **kw: Any) -> Stepper:

@@ -36,6 +36,7 @@ from gpuboss_client import (
     GpubossError,
     LeaseEvicted,
     NotFound,
+    PoolNotFound,
     ProtocolError,
     QueueFull,
     Unauthorized,
@@ -373,6 +374,24 @@ class ReadyDoc(Doc):
     scripts: dict[str, str] = Field(description="SHA1 of each Lua script, loaded in Redis")
 
 
+class GpuDeviceDoc(Doc):
+    pool: str
+    name: str
+    host: str
+    cuda_index: int | None
+    total_mib: int
+    budget_mib: int = Field(description="total - reserved - unmanaged")
+    used_mib: int = Field(description="held by leases")
+    free_mib: int = Field(ge=0, description="budget - used, 0 when used (or unmanaged) exceeds the budget")
+
+
+class GpuHealthDoc(Doc):
+    gpu_available: bool = Field(description="a device exists and some device has free memory")
+    vram_total: int = Field(ge=0, description="MiB: total_mib summed over the devices")
+    vram_free: int = Field(ge=0, description="MiB: free_mib summed over the devices")
+    devices: list[GpuDeviceDoc]
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 _BY_STATUS: dict[int, type[GpubossError]] = {
@@ -551,6 +570,47 @@ async def readyz(boss: BossDep, settings: SettingsDep) -> dict[str, Any]:
     except TimeoutError:
         raise BackendUnavailable(f"Redis did not answer within {settings.redis_timeout_s} s") from None
     return {"status": "ready", "redis": "ok", "scripts": shas}
+
+
+@router.get(
+    "/health",
+    tags=["health"],
+    summary="Whether a GPU has free memory, in MiB",
+    response_model=GpuHealthDoc,
+    responses=_errors("bad_request", *_REDIS, "pool_not_found"),
+)
+async def health(boss: BossDep, settings: SettingsDep, pool: PoolQuery = None) -> dict[str, Any]:
+    """VRAM summed over the devices of ``pool`` (or of every pool), with each device's figures;
+    needs no token, like ``/readyz`` and ``/metrics``. A ``pool`` with no devices is 404
+    ``pool_not_found`` (as acquire and plan answer); 503 ``backend_unavailable`` when Redis is not
+    reachable within ``redis_timeout_s``."""
+    try:
+        async with asyncio.timeout(settings.redis_timeout_s):
+            pools = await boss.status(pool)
+    except TimeoutError:
+        raise BackendUnavailable(f"Redis did not answer within {settings.redis_timeout_s} s") from None
+    devices: list[dict[str, Any]] = [
+        {
+            "pool": d.pool,
+            "name": d.name,
+            "host": d.host,
+            "cuda_index": d.cuda_index,
+            "total_mib": d.total_mib,
+            "budget_mib": d.budget_mib,
+            "used_mib": d.used_mib,
+            "free_mib": max(0, d.free_mib),
+        }
+        for p in pools
+        for d in p.devices
+    ]
+    if pool is not None and not devices:
+        raise PoolNotFound(f"pool {pool!r} has no devices", pool=pool)
+    return {
+        "gpu_available": any(d["free_mib"] > 0 for d in devices),
+        "vram_total": sum(d["total_mib"] for d in devices),
+        "vram_free": sum(d["free_mib"] for d in devices),
+        "devices": devices,
+    }
 
 
 @router.get(

@@ -66,6 +66,7 @@ def _lease_call(verb: str) -> Build:
 ROUTES: dict[tuple[str, str], tuple[Access, Build]] = {
     ("GET", "/healthz"): ("public", lambda s: Call("GET", "/healthz")),
     ("GET", "/readyz"): ("public", lambda s: Call("GET", "/readyz")),
+    ("GET", "/health"): ("public", lambda s: Call("GET", "/health")),
     ("GET", "/metrics"): ("public", lambda s: Call("GET", "/metrics")),
     ("GET", "/"): ("public", lambda s: Call("GET", "/")),
     ("GET", "/static/{name}"): ("public", lambda s: Call("GET", "/static/dashboard.js")),

@@ -11,6 +11,9 @@
 --   KEYS[7] config   hash    pool settings: min_residency_ms, aging_ms (absent = 0 = off)
 -- Per device there is also a zset `device:<name>:evictable` of its idle and preemptible leases, in
 -- eviction order (see evict_score), and per lease an optional pub/sub channel it is told on.
+-- The hash `leases` (live_key) holds one line per granted lease, for operators' `redis-cli hgetall`:
+-- lease id -> "<holder> <host>:<pid> <mib>MiB <device[,device...]> <state> granted=<ms>" (see
+-- index_live); grant adds it, idle/busy/eviction rewrite it, end_lease removes it. No waiters.
 -- Every reply is {code, field, value, field, value, ...}; codes that are errors carry `message`.
 
 local unpack = unpack or table.unpack
@@ -34,6 +37,7 @@ local MAX_MIB = 16777216 -- 16 TiB
 local MAX_TTL_MS = 86400000 -- one day
 
 local function lease_key(id) return PREFIX .. 'lease:' .. id end
+local function live_key() return PREFIX .. 'leases' end
 local function device_key(name) return PREFIX .. 'device:' .. name end
 local function device_leases_key(name) return PREFIX .. 'device:' .. name .. ':leases' end
 local function wake_key(id) return PREFIX .. 'wake:' .. id end
@@ -73,7 +77,8 @@ local TERMINAL = {released = true, expired = true, revoked = true, force_release
 local LEASE_FIELDS = {'state', 'holder', 'mib', 'priority', 'want', 'device', 'token', 'ttl_ms',
                       'expires_at', 'labels', 'reason', 'cuda_index', 'device_host', 'preemptible',
                       'grace_ms', 'granted_at', 'used_at', 'evict_deadline', 'notify',
-                      'claim_device', 'claim_mib', 'seq', 'exclusive', 'gang'}
+                      'claim_device', 'claim_mib', 'seq', 'exclusive', 'gang', 'holder_host',
+                      'holder_pid'}
 
 local function load_lease(id)
   local v = redis.call('HMGET', lease_key(id), unpack(LEASE_FIELDS))
@@ -119,6 +124,14 @@ local function index_evictable(l)
   end
 end
 
+-- Write a granted lease's line in the pool's `leases` hash (one HSET): what operators read with
+-- `redis-cli hgetall`. MiB is per device (a gang holds it on each of its devices).
+local function index_live(l)
+  redis.call('HSET', live_key(), l.id, table.concat({
+    l.holder, (l.holder_host or '') .. ':' .. (l.holder_pid or ''), int(l.mib) .. 'MiB', l.device,
+    l.state, 'granted=' .. l.granted_at}, ' '))
+end
+
 -- Where a lease sits in the expiry index: its expiry, or its eviction deadline if sooner.
 local function due_at(l)
   local due = tonumber(l.expires_at)
@@ -161,17 +174,22 @@ local function wake_message(l, now)
 end
 
 
+-- The devices this call loaded, by name (see load_devices).
+local loaded = {}
+
 -- Devices of the pool, sorted by name so that ties break the same way every time.
 local function load_devices()
   local names = redis.call('SMEMBERS', K_DEVICES)
   table.sort(names)
   local devs = {}
+  loaded = {}
   for i, name in ipairs(names) do
     local v = redis.call('HMGET', device_key(name), 'total_mib', 'reserved_mib', 'unmanaged_mib',
                          'used_mib', 'cuda_index', 'host', 'claimed_mib', 'exclusive')
     local budget = tonumber(v[1]) - tonumber(v[2]) - tonumber(v[3])
     devs[i] = {name = name, budget = budget, used = tonumber(v[4]), cuda_index = v[5], host = v[6],
                claimed = tonumber(v[7] or 0), exclusive = v[8] or ''}
+    loaded[name] = devs[i]
   end
   return devs
 end
@@ -205,7 +223,9 @@ local function best_fit(cands, blocked, l)
   local by_host, best, best_left = {}, nil, nil
   for _, d in ipairs(cands) do
     local left = room(d, l) - l.mib
-    -- Memory promised to l is l's, whoever waits ahead of it: they could not use it anyway.
+    -- Memory promised to l is l's, whoever waits ahead of it: they could not use it anyway. Once
+    -- it is there, l takes it, so the victims did not unload for nothing.
+    if l.claim_device == d.name and left >= 0 then return {d} end
     if (not blocked[d.name] or l.claim_device == d.name) and left >= 0 then
       local group = by_host[d.host] or {}
       group[#group + 1] = {d = d, left = left}
@@ -228,12 +248,15 @@ local function best_fit(cands, blocked, l)
   return best
 end
 
--- A request that is granted or gives up no longer needs the memory evictions promised it.
-local function release_claim(l, dev)
+-- A request that is granted or gives up no longer needs the memory evictions promised it. The
+-- promise goes from the device as this call loaded it too (wherever the request was granted), so
+-- the rest of a queue walk sees that memory free.
+local function release_claim(l)
   if (l.claim_mib or 0) > 0 then
     redis.call('HINCRBY', device_key(l.claim_device), 'claimed_mib', -l.claim_mib)
     redis.call('HDEL', lease_key(l.id), 'claim_device', 'claim_mib')
-    if dev and dev.name == l.claim_device then dev.claimed = dev.claimed - l.claim_mib end
+    local dev = loaded[l.claim_device]
+    if dev then dev.claimed = dev.claimed - l.claim_mib end
     l.claim_device, l.claim_mib = nil, 0
   end
 end
@@ -260,10 +283,16 @@ local function grant(l, picked, now)
              'cuda_index', cuda_index, 'device_host', picked[1].host, unpack(l.fields or {}))
   redis.call('ZADD', K_EXPIRY, expires_at, l.id)
   if l.state == 'queued' then redis.call('ZREM', K_QUEUE, l.id) end
-  release_claim(l, picked[1])
+  release_claim(l)
   l.state, l.device, l.token, l.expires_at = 'active', device, token, expires_at
   l.cuda_index, l.device_host, l.used_at, l.granted_at = cuda_index, picked[1].host, int(now), int(now)
   if l.preemptible == '1' then index_evictable(l) end
+  -- A waiter's holder host and pid were loaded with it; a new request's are in its fields.
+  local f = l.fields or {}
+  for i = 1, #f - 1, 2 do
+    if f[i] == 'holder_host' or f[i] == 'holder_pid' then l[f[i]] = f[i + 1] end
+  end
+  index_live(l)
   event('granted', {'lease', l.id, 'holder', l.holder, 'device', device, 'mib', l.mib,
                     'priority', l.priority, 'token', token})
 end
@@ -280,7 +309,7 @@ local function end_lease(l, state, now, reason)
   local key = lease_key(l.id)
   if l.state == 'queued' then
     redis.call('ZREM', K_QUEUE, l.id)
-    release_claim(l, nil)
+    release_claim(l)
   else
     for _, name in ipairs(lease_devices(l)) do
       redis.call('HINCRBY', device_key(name), 'used_mib', -l.mib)
@@ -288,6 +317,7 @@ local function end_lease(l, state, now, reason)
       if l.state == 'idle' or l.preemptible == '1' then redis.call('ZREM', evictable_key(name), l.id) end
       if l.exclusive == '1' then redis.call('HDEL', device_key(name), 'exclusive') end
     end
+    redis.call('HDEL', live_key(), l.id)
   end
   redis.call('ZREM', K_EXPIRY, l.id)
   redis.call('HSET', key, 'state', state, 'ended_at', int(now), 'reason', reason or '')
@@ -440,6 +470,7 @@ local function start_eviction(r, d, victims, now)
     redis.call('HSET', lease_key(v.id), 'state', 'evicting', 'evict_deadline', deadline,
                'evicted_for', r.id)
     v.state, v.evict_deadline = 'evicting', deadline
+    index_live(v)
     for _, name in ipairs(lease_devices(v)) do redis.call('ZREM', evictable_key(name), v.id) end
     redis.call('ZADD', K_EXPIRY, int(due_at(v)), v.id)
     if v.notify then redis.call('PUBLISH', v.notify, 'evict ' .. v.id .. ' ' .. deadline) end
@@ -493,10 +524,14 @@ local function settle(now, devs, bound, dry)
           local d, victims = plan_eviction(l, cands, blocked, now)
           if d then start_eviction(l, d, victims, now) end
         end
-        for _, d in ipairs(cands) do
-          if not blocked[d.name] then
-            blocked[d.name] = true
-            nblocked = nblocked + 1
+        -- A waiter whose memory is promised (its victims are unloading) needs nothing else: it
+        -- holds back no device, so those behind it may use what is free and unpromised meanwhile.
+        if l.claim_mib == 0 then
+          for _, d in ipairs(cands) do
+            if not blocked[d.name] then
+              blocked[d.name] = true
+              nblocked = nblocked + 1
+            end
           end
         end
       end

@@ -84,6 +84,21 @@ if l then
       if dirty then settle_all(now) end
       return fail('device_not_found', 'the device this request waited for was removed')
     end
+    if l.state == 'queued' then
+      local expires_at = now + ttl_ms
+      redis.call('HSET', key, 'expires_at', int(expires_at))
+      redis.call('ZADD', K_EXPIRY, int(expires_at), id)
+      local aging_ms = config().aging_ms
+      if aging_ms > 0 then
+        -- Aging: a waiter rises one named level per aging_ms of waiting, keeping its arrival order.
+        local waited = now - tonumber(redis.call('HGET', key, 'requested_at'))
+        local aged = math.min(100, priority + AGING_STEP * math.floor(waited / aging_ms))
+        redis.call('ZADD', K_QUEUE, int((100 - aged) * PRIO_SPAN + tonumber(l.seq)), id)
+      end
+      -- Every poll walks the queue: a waiter that fits (after aging, or after a walk that could
+      -- not reach it) is granted now rather than at the next release. The walk is bounded.
+      dirty = true
+    end
     if dirty then
       settle_all(now)
       l = load_lease(id)
@@ -92,16 +107,6 @@ if l then
     if l.state ~= 'queued' then
       redis.call('DEL', wake_key(id))
       return grant_reply('granted', l, now)
-    end
-    local expires_at = now + ttl_ms
-    redis.call('HSET', key, 'expires_at', int(expires_at))
-    redis.call('ZADD', K_EXPIRY, int(expires_at), id)
-    local aging_ms = config().aging_ms
-    if aging_ms > 0 then
-      -- Aging: a waiter rises one named level per aging_ms of waiting, keeping its arrival order.
-      local waited = now - tonumber(redis.call('HGET', key, 'requested_at'))
-      local aged = math.min(100, priority + AGING_STEP * math.floor(waited / aging_ms))
-      redis.call('ZADD', K_QUEUE, int((100 - aged) * PRIO_SPAN + tonumber(l.seq)), id)
     end
     return queued_reply(0)
   end

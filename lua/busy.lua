@@ -29,6 +29,7 @@ if l.state == 'idle' then
   redis.call('HSET', lease_key(id), 'state', 'active', 'used_at', int(now))
   l.state, l.used_at = 'active', int(now)
   index_evictable(l)
+  index_live(l)
   event('busy', {'lease', id, 'holder', l.holder, 'device', l.device, 'mib', l.mib})
 end
 return {'ok', 'now', now, 'state', l.state}

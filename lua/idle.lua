@@ -22,6 +22,7 @@ if l.state == 'active' then
   redis.call('HSET', lease_key(id), 'state', 'idle', 'used_at', int(now))
   l.state, l.used_at = 'idle', int(now)
   index_evictable(l)
+  index_live(l)
   event('idle', {'lease', id, 'holder', l.holder, 'device', l.device, 'mib', l.mib})
   dirty = true
 end

@@ -263,11 +263,12 @@ def test_lua_key_builders_agree_with_pool_keys(real_redis: redis.Redis) -> None:
     pk = PoolKeys("p-1.x")
     probe = COMMON + (
         "\nreturn {lease_key('L'), device_key('D'), device_leases_key('D'), wake_key('L'),"
-        " evictable_key('D'), K_CONFIG}"
+        " evictable_key('D'), K_CONFIG, live_key()}"
     )
     got = real_redis.eval(probe, len(pk.script_keys()), *pk.script_keys())
     assert got == [
         pk.lease("L"), pk.device("D"), pk.device_leases("D"), pk.wake("L"), pk.evictable("D"), pk.config,
+        pk.leases,
     ]  # fmt: skip
 
 
@@ -288,12 +289,12 @@ def test_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.Redis) ->
     pk = PoolKeys("pk")
     assert set(real_redis.keys("*")) == {
         keys.POOLS, pk.devices, pk.device("gpu0"), pk.device_leases("gpu0"), pk.lease("first"),
-        pk.lease("second"), pk.queue, pk.expiry, pk.events, pk.seq,
+        pk.lease("second"), pk.queue, pk.expiry, pk.events, pk.seq, pk.leases,
     }  # fmt: skip
     boss.release(first)  # grants "second" and wakes it
     assert set(real_redis.keys("*")) == {
         keys.POOLS, pk.devices, pk.device("gpu0"), pk.device_leases("gpu0"), pk.lease("first"),
-        pk.lease("second"), pk.expiry, pk.events, pk.seq, pk.wake("second"),
+        pk.lease("second"), pk.expiry, pk.events, pk.seq, pk.wake("second"), pk.leases,
     }  # fmt: skip
     assert real_redis.smembers(pk.device_leases("gpu0")) == {"second"}
     assert all(k == keys.POOLS or str(k).startswith("gpuboss:{pk}:v1:") for k in real_redis.keys("*"))
@@ -310,7 +311,7 @@ def test_eviction_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.
     assert real_redis.zrange(pk.evictable("gpu0"), 0, -1) == ["warm"]
     assert set(real_redis.keys("*")) == {
         keys.POOLS, pk.devices, pk.device("gpu0"), pk.device_leases("gpu0"), pk.lease("warm"),
-        pk.expiry, pk.events, pk.seq, pk.config, pk.evictable("gpu0"),
+        pk.expiry, pk.events, pk.seq, pk.config, pk.evictable("gpu0"), pk.leases,
     }  # fmt: skip
     warm.busy()  # in use and not preemptible: out of the eviction index again
     assert real_redis.exists(pk.evictable("gpu0")) == 0
@@ -319,7 +320,7 @@ def test_eviction_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.
 def test_pool_keys_share_one_hash_slot() -> None:
     pk = PoolKeys("gpu-farm")
     every = [*pk.script_keys(), pk.lease("a"), pk.device("d"), pk.device_leases("d"), pk.wake("a")]
-    every += [pk.evictable("d"), pk.config]
+    every += [pk.evictable("d"), pk.config, pk.leases]
     tags = {re.search(r"\{([^}]*)\}", k).group(1) for k in every}  # type: ignore[union-attr]
     assert tags == {"gpu-farm"}
     assert all(k.startswith(f"{keys.ROOT}:{{gpu-farm}}:{keys.SCHEMA}:") for k in every)

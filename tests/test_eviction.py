@@ -756,3 +756,68 @@ def test_async_idle_busy_plan_and_an_async_on_evict(tier: Tier) -> None:
     assert [e.code for e in errors] == ["lease_evicted"]
     assert state(r, "tts") == "released"
     assert state(r, "asr") == "released"
+
+
+# --- the queue walk on several devices -----------------------------------------------------------
+
+
+def test_a_waiter_granted_elsewhere_frees_its_promise_for_the_rest_of_the_walk(boss: Boss) -> None:
+    """A waiter with an eviction under way on gpu0 is granted on gpu1 when room appears there. The
+    memory it was promised on gpu0 is free again at once: a waiter behind it in the same walk that
+    fits on gpu0 is granted by that same release, and nothing else on gpu0 is evicted."""
+    r = boss.redis
+    boss.add_device("gpu0", 6000)
+    boss.add_device("gpu1", 3500)
+    victim = load(boss, "victim", 3000, "low", device="gpu0")
+    tick(r)
+    spare = load(boss, "spare", 1000, "low", device="gpu0")  # idle too, but more recently used
+    blocker = boss.acquire(2000, device="gpu1", ttl=60)
+    big = queue(boss, 3000, "big", priority="high")  # gpu0 has 2000 free, gpu1 1500: evicts victim
+    assert states(r, victim, spare) == ["evicting", "idle"]
+    assert claimed(r, "gpu0") == 3000
+    small = queue(boss, 1800, "small")  # fits nowhere: gpu0's free memory is promised to big
+
+    boss.release(blocker)  # gpu1 is empty: big fits there now
+
+    assert big.woken().device == "gpu1"
+    assert claimed(r, "gpu0") == 0
+    # gpu0 has 6000 - 3000 (victim, still unloading) - 1000 (spare) = 2000 free: small fits
+    assert state(r, "small") == "active"
+    assert small.woken().device == "gpu0"
+    assert states(r, spare) == ["idle"]
+
+
+def test_a_waiter_whose_memory_is_promised_holds_back_nothing(boss: Boss) -> None:
+    """A waiter whose victims are unloading has its memory promised: a smaller request behind it
+    that fits in what is free and unpromised elsewhere is granted at once, and evicts nobody."""
+    r = boss.redis
+    boss.add_device("gpu0", 4000)
+    boss.add_device("gpu1", 4000)
+    victim = load(boss, "victim", 3000, "low", device="gpu0")
+    boss.acquire(3000, device="gpu1", ttl=60)
+    big = queue(boss, 3000, "big", priority="high")
+    assert states(r, victim) == ["evicting"]
+
+    small = boss.acquire(900, ttl=60, timeout=0)
+
+    assert small.device == "gpu1"
+    assert state(r, "big") == "queued"
+    assert big.blocked
+
+
+def test_a_waiter_that_fits_is_granted_by_its_next_poll(boss: Boss) -> None:
+    """Room that appeared without a walk of the queue (here written behind the scripts' back, as a
+    stand-in for any path that misses one) is found by the waiter's next poll."""
+    r = boss.redis
+    boss.add_device("gpu0", 4096)
+    holder = boss.acquire(4000, ttl=60)
+    waiter = queue(boss, 1000, "waiter", priority="high")
+    assert waiter.blocked
+    r.hincrby(POOL.device("gpu0"), "total_mib", 2048)
+
+    waiter.repoll()
+
+    assert not waiter.blocked
+    assert waiter.lease.device == "gpu0"
+    assert state(r, "waiter") == "active"
+    boss.release(holder)

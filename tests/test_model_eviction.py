@@ -178,11 +178,12 @@ class Ledger:
 
     def no_room(self, r: Request) -> None:
         """Nothing is evicted when free memory suffices: the requester fits on no device that the
-        waiters ahead of it (still queued, so they did not fit either) leave to it."""
+        waiters ahead of it (still queued, so they did not fit either) leave to it. A waiter whose
+        memory is promised (it has a claim) holds back nothing."""
         mine = (-r.priority, self.seq[r.id])
         blocked: set[str] = set()
         for w, state in self.state.items():
-            if state == "queued" and w != r.id:
+            if state == "queued" and w != r.id and w not in self.claims:
                 ahead = self.requests[w]
                 if (-ahead.priority, self.seq[w]) < mine:
                     blocked |= {d for d, b in self.budget.items() if b >= ahead.mib}
@@ -465,10 +466,12 @@ class EvictionMachine(RuleBasedStateMachine):
             pipe.hgetall(self.keys.lease(i))
         for d in names:
             pipe.hgetall(self.keys.device(d))
+        pipe.hgetall(self.keys.leases)
         out = pipe.execute()
         raw = cast(list[tuple[str, Event]], out[0])
         hashes: dict[str, Hash] = dict(zip(ids, out[1 : 1 + len(ids)], strict=True))
-        dev_hashes: dict[str, Hash] = dict(zip(names, out[1 + len(ids) :], strict=True))
+        dev_hashes: dict[str, Hash] = dict(zip(names, out[1 + len(ids) : -1], strict=True))
+        live = cast(Hash, out[-1])
         self._sync(raw)
         ledger = self.ledger
         for i, h in hashes.items():
@@ -477,6 +480,10 @@ class EvictionMachine(RuleBasedStateMachine):
                 # (it stays evicting even if the request it makes room for gives up meanwhile)
                 assert int(h["evict_deadline"]) > 0, h
                 assert h.get("evicted_for") in self.requests, h
+        # The operators' hash lists exactly the granted leases, with their devices and state.
+        assert {i: line.split()[-3:-1] for i, line in live.items()} == {
+            i: [h["device"], h["state"]] for i, h in hashes.items() if h.get("state") in HELD
+        }
         claims: dict[str, int] = {}
         held: dict[str, int] = {}
         for h in hashes.values():

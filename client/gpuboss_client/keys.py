@@ -19,6 +19,7 @@ key                                    type     holds
 ``gpuboss:{pool}:v1:config``           hash     min_residency_ms, aging_ms
 ``gpuboss:{pool}:v1:device:<n>:evictable`` zset  idle and preemptible leases, eviction order
 ``gpuboss:{pool}:v1:peaks``            hash     label ``k=v`` -> highest measured MiB of its leases
+``gpuboss:{pool}:v1:leases``           hash     lease id -> one line per granted lease, for operators
 =====================================  =======  ============================================
 
 The Lua scripts receive :meth:`PoolKeys.script_keys` as ``KEYS`` and build the per-lease and
@@ -89,6 +90,12 @@ class PoolKeys:
     def peaks(self) -> str:
         """Per label ``k=v``, the highest MiB the agent measured for a lease carrying it."""
         return self.prefix + "peaks"
+
+    @property
+    def leases(self) -> str:
+        """Per granted lease (not waiters), one line for ``redis-cli hgetall``: lease id ->
+        ``"<holder> <host>:<pid> <mib>MiB <device[,device...]> <state> granted=<ms>"``."""
+        return self.prefix + "leases"
 
     def evictable(self, name: str) -> str:
         return f"{self.prefix}device:{name}:evictable"

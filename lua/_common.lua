@@ -78,7 +78,7 @@ local LEASE_FIELDS = {'state', 'holder', 'mib', 'priority', 'want', 'device', 't
                       'expires_at', 'labels', 'reason', 'cuda_index', 'device_host', 'preemptible',
                       'grace_ms', 'granted_at', 'used_at', 'evict_deadline', 'notify',
                       'claim_device', 'claim_mib', 'seq', 'exclusive', 'gang', 'holder_host',
-                      'holder_pid'}
+                      'holder_pid', 'max_hold_ms', 'hold_until'}
 
 local function load_lease(id)
   local v = redis.call('HMGET', lease_key(id), unpack(LEASE_FIELDS))
@@ -254,7 +254,7 @@ end
 local function release_claim(l)
   if (l.claim_mib or 0) > 0 then
     redis.call('HINCRBY', device_key(l.claim_device), 'claimed_mib', -l.claim_mib)
-    redis.call('HDEL', lease_key(l.id), 'claim_device', 'claim_mib')
+    redis.call('HDEL', lease_key(l.id), 'claim_device', 'claim_mib', 'claim_until')
     local dev = loaded[l.claim_device]
     if dev then dev.claimed = dev.claimed - l.claim_mib end
     l.claim_device, l.claim_mib = nil, 0
@@ -276,11 +276,21 @@ local function grant(l, picked, now)
     names[i], cudas[i] = dev.name, dev.cuda_index
   end
   local device, cuda_index = table.concat(names, ','), table.concat(cudas, ',')
-  local expires_at = int(now + tonumber(l.ttl_ms))
+  local expires_at = now + tonumber(l.ttl_ms)
+  local hold = tonumber(l.max_hold_ms or 0)
+  local hold_until = nil
+  if hold > 0 then
+    -- The hard cap: no heartbeat renews the lease past it.
+    hold_until = int(now + hold)
+    if now + hold < expires_at then expires_at = now + hold end
+    l.hold_until = hold_until
+  end
+  expires_at = int(expires_at)
   -- A new request's own fields come along, so its hash is written once.
   redis.call('HSET', lease_key(l.id), 'state', 'active', 'device', device, 'token', token,
              'granted_at', int(now), 'used_at', int(now), 'expires_at', expires_at,
              'cuda_index', cuda_index, 'device_host', picked[1].host, unpack(l.fields or {}))
+  if hold_until then redis.call('HSET', lease_key(l.id), 'hold_until', hold_until) end
   redis.call('ZADD', K_EXPIRY, expires_at, l.id)
   if l.state == 'queued' then redis.call('ZREM', K_QUEUE, l.id) end
   release_claim(l)
@@ -344,6 +354,12 @@ local function ended_as(l, now)
   return 'expired'
 end
 
+-- Why it ended, when the state alone does not say: a lease held to its hard cap (max_hold).
+local function ended_why(l, now)
+  if l.state ~= 'queued' and l.hold_until and tonumber(l.hold_until) <= now then return 'max_hold' end
+  return nil
+end
+
 -- End what has expired, oldest first, at most `limit` entries. Returns how many went.
 local function reap(now, limit)
   local ids = redis.call('ZRANGEBYSCORE', K_EXPIRY, '-inf', int(now), 'LIMIT', 0, limit)
@@ -352,7 +368,7 @@ local function reap(now, limit)
     if l == nil then
       redis.call('ZREM', K_EXPIRY, id) -- defensive: an index entry without its hash
     else
-      end_lease(l, ended_as(l, now), now, nil)
+      end_lease(l, ended_as(l, now), now, ended_why(l, now))
     end
   end
   return #ids
@@ -361,7 +377,7 @@ end
 -- A lease whose expiry has passed is expired even if no reap has reached it yet.
 local function expire_if_due(l, now)
   if not TERMINAL[l.state] and due_at(l) <= now then
-    end_lease(l, ended_as(l, now), now, nil)
+    end_lease(l, ended_as(l, now), now, ended_why(l, now))
     return true
   end
   return false
@@ -465,8 +481,10 @@ local function start_eviction(r, d, victims, now)
   redis.call('HINCRBY', device_key(d.name), 'claimed_mib', claim)
   redis.call('HSET', lease_key(r.id), 'claim_device', d.name, 'claim_mib', claim)
   d.claimed = d.claimed + claim
+  local last = 0
   for _, v in ipairs(victims) do
     local deadline = int(now + tonumber(v.grace_ms or DEFAULT_GRACE_MS))
+    if tonumber(deadline) > last then last = tonumber(deadline) end
     redis.call('HSET', lease_key(v.id), 'state', 'evicting', 'evict_deadline', deadline,
                'evicted_for', r.id)
     v.state, v.evict_deadline = 'evicting', deadline
@@ -477,6 +495,8 @@ local function start_eviction(r, d, victims, now)
     event('evicting', {'lease', v.id, 'holder', v.holder, 'device', d.name, 'mib', v.mib,
                        'priority', v.priority, 'for', r.id, 'deadline', deadline})
   end
+  -- By then the victims have given their memory back or are revoked: the waiter's estimate.
+  redis.call('HSET', lease_key(r.id), 'claim_until', int(last))
 end
 
 -- Walk the queue in order (priority, then arrival) up to `bound` (a score bound), granting

@@ -18,18 +18,26 @@
 -- ARGV[14] exclusive   "1"|"0" nothing else may share the device while this is held (optional)
 -- ARGV[15] gang        int     the same mib on this many devices of one host, all or nothing,
 --                              1..16 (optional, 1); a gang evicts nobody, it waits for room
+-- ARGV[16] max_hold_ms int     hard cap on the lease's life from its grant, ms: no heartbeat
+--                              renews it past that (optional, 0 = none)
+-- ARGV[17] max_queue   int     refuse to queue (queue_full) while this many wait in the pool
+--                              (optional, 0 = no cap)
 -- A request that does not fit, and that nobody ahead of it holds back, evicts the cheapest set of
 -- victims that makes it fit on one device (see plan_eviction), and waits for their memory.
 -- Replies: {"granted", "now", now, "state", s, "device", d, "token", t, "expires_at", ms,
 --           "cuda_index", i, "device_host", h}
 --           "evict_deadline", ms or ""
---        | {"queued", "now", now, "position", rank, "next_expiry", ms or "", "evicting", n}:
+--        | {"queued", "now", now, "position", rank, "next_expiry", ms or "", "evicting", n,
+--           "reason", r, "until", ms or ""}:
 --          next_expiry is the soonest expiry (or eviction deadline) in the pool, when the head of
---          the queue should look again; evicting is how many leases were asked to make room now
+--          the queue should look again; evicting is how many leases were asked to make room now;
+--          reason is why it waits: "evicting" (its memory is promised; victims unload until
+--          `until`), "behind" (earlier waiters go first) or "no_room" (nothing fits now; the
+--          soonest expiry in the pool is `until`)
 --        | {"busy", "now", now}: does not fit now and wait is "0"
 --        | {"ended", "now", now, "state", s, "reason", r}: the lease this id got has ended
 --        | bad_request | pool_not_found | device_not_found (also to a waiter whose device went)
---        | insufficient_vram | request_conflict
+--        | insufficient_vram | request_conflict | queue_full
 local id, holder, holder_host = ARGV[1], ARGV[2], ARGV[3]
 local holder_pid = int_arg(ARGV[4], 0, 4294967295)
 local mib = int_arg(ARGV[5], 1, MAX_MIB)
@@ -43,6 +51,8 @@ local grace_ms = int_arg(ARGV[12] or DEFAULT_GRACE_MS, 0, MAX_TTL_MS)
 local notify = ARGV[13] or ''
 local exclusive = ARGV[14] == '1' and '1' or '0'
 local gang = int_arg(ARGV[15] or 1, 1, 16)
+local max_hold_ms = int_arg(ARGV[16] or 0, 0, MAX_TTL_MS)
+local max_queue = int_arg(ARGV[17] or 0, 0, 1000000)
 
 if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of [A-Za-z0-9_.:-]') end
 if #holder < 1 or #holder > 128 then return fail('bad_request', 'holder must be 1-128 bytes') end
@@ -56,6 +66,8 @@ if grace_ms == nil then return fail('bad_request', 'grace_ms must be an integer 
 if #notify > 256 then return fail('bad_request', 'notify channel must be at most 256 bytes') end
 if gang == nil then return fail('bad_request', 'devices must be an integer from 1 to 16') end
 if gang > 1 and want ~= '' then return fail('bad_request', 'a gang of devices cannot name one device') end
+if max_hold_ms == nil then return fail('bad_request', 'max_hold_ms must be an integer from 0 to ' .. MAX_TTL_MS) end
+if max_queue == nil then return fail('bad_request', 'max_queue must be an integer from 0 to 1000000') end
 
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
@@ -63,8 +75,16 @@ local key = lease_key(id)
 
 local function queued_reply(evicting)
   local head = redis.call('ZRANGE', K_EXPIRY, 0, 0, 'WITHSCORES')
-  return {'queued', 'now', now, 'position', redis.call('ZRANK', K_QUEUE, id), 'next_expiry', head[2] or '',
-          'evicting', evicting}
+  local position = redis.call('ZRANK', K_QUEUE, id)
+  local claim = redis.call('HMGET', key, 'claim_mib', 'claim_until')
+  local reason, until_ms = 'no_room', head[2] or ''
+  if tonumber(claim[1] or 0) > 0 then
+    reason, until_ms = 'evicting', claim[2] or ''
+  elseif position > 0 then
+    reason, until_ms = 'behind', ''
+  end
+  return {'queued', 'now', now, 'position', position, 'next_expiry', head[2] or '', 'evicting', evicting,
+          'reason', reason, 'until', until_ms}
 end
 
 local l = load_lease(id)
@@ -140,7 +160,7 @@ end
 local blocked, partial = settle(now, devs, '(' .. int((101 - priority) * PRIO_SPAN))
 local dev = nil
 l = {id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new',
-     preemptible = preemptible, exclusive = exclusive, gang = gang, claim_mib = 0}
+     preemptible = preemptible, exclusive = exclusive, gang = gang, claim_mib = 0, max_hold_ms = max_hold_ms}
 if not partial then dev = best_fit(cands, blocked, l) end
 
 local fields = {'holder', holder, 'holder_host', holder_host, 'holder_pid', holder_pid, 'mib', mib,
@@ -158,12 +178,16 @@ optional('preemptible', preemptible, '0')
 optional('grace_ms', grace_ms, DEFAULT_GRACE_MS)
 optional('exclusive', exclusive, '0')
 optional('gang', gang, 1)
+optional('max_hold_ms', max_hold_ms, 0)
 if dev then
   l.fields = fields
   grant(l, dev, now)
   return grant_reply('granted', l, now)
 end
 if not wait then return {'busy', 'now', now} end
+if max_queue > 0 and redis.call('ZCARD', K_QUEUE) >= max_queue then
+  return fail('queue_full', max_queue .. ' requests wait in this pool already')
+end
 
 local seq = redis.call('INCR', K_SEQ)
 local expires_at = now + ttl_ms

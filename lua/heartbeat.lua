@@ -4,7 +4,8 @@
 -- ARGV[2] token   int     the lease's fencing token
 -- ARGV[3] ttl_ms  int     new lifetime from now, ms
 -- Replies: {"ok", "now", now, "state", s, "expires_at", ms, "evict_deadline", ms or ""}: state
---          "evicting" means give the memory back (release) before evict_deadline
+--          "evicting" means give the memory back (release) before evict_deadline; expires_at
+--          is never past the lease's hard cap (max_hold), if it has one
 --        | {"ended", "now", now, "state", s, "reason", r}: it ended (expired, revoked, ...)
 --        | bad_request | lease_not_found | lease_not_held
 local id = ARGV[1]
@@ -28,7 +29,10 @@ end
 if expire_if_due(l, now) then dirty = true end
 if dirty then settle_all(now) end
 if TERMINAL[l.state] then return ended_reply(l, now) end
-local expires_at = int(now + ttl_ms)
+local expires_at = now + ttl_ms
+-- A lease with a hard cap (max_hold) is never renewed past it.
+if l.hold_until and tonumber(l.hold_until) < expires_at then expires_at = tonumber(l.hold_until) end
+expires_at = int(expires_at)
 redis.call('HSET', lease_key(id), 'expires_at', expires_at, 'ttl_ms', ttl_ms)
 l.expires_at = expires_at
 redis.call('ZADD', K_EXPIRY, int(due_at(l)), id)

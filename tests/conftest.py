@@ -21,7 +21,7 @@ import redis
 import redis.asyncio as aioredis
 from support import Tier
 
-from gpuboss_client import Boss
+from gpuboss_client import Boss, aio, sync
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -44,6 +44,15 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], deadline_s: float) -> N
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start (exit {proc.poll()})") from None
             time.sleep(0.02)  # waiting for an external process to listen: nothing to block on
+
+
+@pytest.fixture(autouse=True)
+def _stop_client_workers() -> Iterator[None]:
+    """After each test, stop the heartbeat and notice workers of the clients it made (without
+    releasing anything), so that no test's leases are renewed into the next one."""
+    yield
+    for client in [*sync._clients, *aio._clients]:
+        client._stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ Modes:
 ``hold``    acquire one lease per ``--device`` (or one anywhere) with ``with boss.lease(...)``
             (``--async``: ``async with AsyncBoss.lease(...)``), print ``HOLDING <id> <token>`` for
             each, then block for ever with the heartbeats running, until killed.
+``manual``  ``lease = boss.acquire(...)`` (the GPUBoss pattern: no ``with``), print ``HOLDING <id>
+            <token>``, then block for ever while the client renews the lease, until killed.
 ``lost``    acquire with ``with boss.lease(...)``, print ``HOLDING``, then wait until
             ``lease.lost`` turns true by itself (the test stops this process past its TTL), ask
             Redis with ``boss.heartbeat`` and print ``LOST <reason> / heartbeat says <state>``,
@@ -43,12 +45,26 @@ def url() -> str:
     return os.environ["GPUBOSS_REDIS_URL"]
 
 
+def ttl(args: argparse.Namespace) -> dict[str, float]:
+    """The ``ttl`` option, if the test gave one (else the client's default)."""
+    return {} if args.ttl is None else {"ttl": args.ttl}
+
+
+def manual(args: argparse.Namespace) -> None:
+    """The GPUBoss pattern: ``lease = boss.acquire(...)``, work, ``boss.release(lease)`` (here the
+    work never ends: the test kills or terminates the process)."""
+    boss = Boss.from_url(url(), holder=args.holder)
+    lease = boss.acquire(args.mib, pool=args.pool, **ttl(args))
+    say("HOLDING", lease.id, lease.token)
+    threading.Event().wait()  # until killed
+
+
 def hold(args: argparse.Namespace) -> None:
     devices: list[str | None] = args.device or [None]
     boss = Boss.from_url(url(), holder=args.holder)
     with contextlib.ExitStack() as stack:
         for device in devices:
-            lease = stack.enter_context(boss.lease(args.mib, device=device, pool=args.pool, ttl=args.ttl))
+            lease = stack.enter_context(boss.lease(args.mib, device=device, pool=args.pool, **ttl(args)))
             say("HOLDING", lease.id, lease.token)
         threading.Event().wait()  # until killed
 
@@ -58,7 +74,7 @@ async def hold_async(args: argparse.Namespace) -> None:
     async with AsyncBoss.from_url(url(), holder=args.holder) as boss, contextlib.AsyncExitStack() as stack:
         for device in devices:
             lease = await stack.enter_async_context(
-                boss.lease(args.mib, device=device, pool=args.pool, ttl=args.ttl)
+                boss.lease(args.mib, device=device, pool=args.pool, **ttl(args))
             )
             say("HOLDING", lease.id, lease.token)
         await asyncio.Event().wait()  # until killed
@@ -68,7 +84,7 @@ def lost(args: argparse.Namespace) -> None:
     boss = Boss.from_url(url(), holder=args.holder)
     tick = threading.Event()
     try:
-        with boss.lease(args.mib, pool=args.pool, ttl=args.ttl) as lease:
+        with boss.lease(args.mib, pool=args.pool, **ttl(args)) as lease:
             say("HOLDING", lease.id, lease.token)
             # The holder finds out by itself: no signal from the test, only the lease's own state.
             while not lease.lost:
@@ -90,7 +106,7 @@ def wait(args: argparse.Namespace) -> None:
     boss = Boss.from_url(url(), holder=args.holder)
     say("WAITING", args.request_id)
     lease = boss.acquire(
-        args.mib, pool=args.pool, ttl=args.ttl, timeout=args.timeout, request_id=args.request_id
+        args.mib, pool=args.pool, timeout=args.timeout, request_id=args.request_id, keepalive=False, **ttl(args)
     )
     say("GRANTED", lease.id, lease.token)
     threading.Event().wait()  # until killed
@@ -133,11 +149,11 @@ def hammer(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("hold", "lost", "wait", "hammer"))
+    p.add_argument("mode", choices=("hold", "manual", "lost", "wait", "hammer"))
     p.add_argument("--pool", required=True)
     p.add_argument("--holder", default=f"holder-{os.getpid()}")
     p.add_argument("--mib", type=int, default=1024)
-    p.add_argument("--ttl", type=float, default=10.0)
+    p.add_argument("--ttl", type=float, default=None, help="seconds (default: the client's)")
     p.add_argument("--device", action="append")
     p.add_argument("--async", dest="use_async", action="store_true")
     p.add_argument("--timeout", type=float, default=None)
@@ -151,7 +167,7 @@ def main() -> None:
         else:
             hold(args)
     else:
-        {"lost": lost, "wait": wait, "hammer": hammer}[args.mode](args)
+        {"manual": manual, "lost": lost, "wait": wait, "hammer": hammer}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 """
 
 from ._core import (
+    AcquireOptions,
     Beat,
     DeviceHealth,
     DeviceInfo,
@@ -17,6 +18,7 @@ from ._core import (
     LeaseUsage,
     Plan,
     PoolStatus,
+    WaitState,
     split_queue,
     status_document,
 )
@@ -52,6 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ERRORS",
     "PRIORITIES",
+    "AcquireOptions",
     "AcquireTimeout",
     "AsyncBoss",
     "AsyncLeaseContext",
@@ -86,6 +89,7 @@ __all__ = [
     "QueueFull",
     "RequestConflict",
     "Unauthorized",
+    "WaitState",
     "parse_mib",
     "parse_priority",
     "script_shas",

@@ -16,10 +16,10 @@ import json
 import os
 import secrets
 import socket
-import weakref
+import threading
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypedDict, TypeVar
 
 from .errors import (
     AcquireTimeout,
@@ -69,7 +69,9 @@ class Command:
 Step: TypeAlias = Call | Command
 Op: TypeAlias = Generator[Step, Any, T]
 
-DEFAULT_TTL = 10.0
+#: seconds a lease stays reserved after its holder stops renewing it: a holder killed outright has
+#: its memory back within this time (its heartbeats run every third of it)
+DEFAULT_TTL = 4.0
 DEFAULT_GRACE = 10.0
 DEFAULT_POOL = "default"
 _LIST_PAGE = 1000
@@ -330,7 +332,9 @@ class Lease:
     ended; from then on, stop using the memory. :meth:`check` raises :class:`LeaseLost`.
     """
 
-    def __init__(self, info: LeaseInfo, *, deadline: float, clock: Clock) -> None:
+    def __init__(
+        self, info: LeaseInfo, *, deadline: float, clock: Clock, grace_ms: int = int(DEFAULT_GRACE * 1000)
+    ) -> None:
         if info.device is None or info.token is None:
             raise ProtocolError(f"lease {info.id} was granted without a device or token")
         self.info = info
@@ -348,6 +352,9 @@ class Lease:
         self.ttl_ms = info.ttl_ms
         self._clock = clock
         self._deadline = deadline
+        # Local clock minus Redis's, at least (see _renewed): turns Redis times into local ones.
+        self._offset = deadline - (info.expires_at_ms or 0) / 1000
+        self._grace_s = grace_ms / 1000
         self._lost_reason: str | None = None
         self._released = False
         #: Redis ms by which an evicting lease must be given back; None while not asked to
@@ -355,9 +362,35 @@ class Lease:
         self._notice_pending = False
         self.on_evict: Callable[[Lease], Any] | None = None
         self._boss: Any = None  # the client that holds it, for idle() and busy()
+        #: whether the client's heartbeat worker renews it
+        self.keepalive = False
+        self._next_beat = 0.0
 
     def __repr__(self) -> str:
         return f"<Lease {self.id} {self.mib} MiB on {self.pool}/{','.join(self.devices)} token={self.token}>"
+
+    def __str__(self) -> str:
+        """The device as frameworks name it, e.g. ``"cuda:0"`` (see :attr:`device_string`)."""
+        return self.device_string
+
+    @property
+    def device_string(self) -> str:
+        """The (first) device as this process's CUDA sees it: ``"cuda:N"``.
+
+        With ``CUDA_VISIBLE_DEVICES`` set (for example from :attr:`env`), N is the device's
+        position in that list, so ``"cuda:0"`` after ``os.environ.update(lease.env)``; without it,
+        N is the device's CUDA index. Indexes are in PCI bus order, as ``lease.env`` sets
+        ``CUDA_DEVICE_ORDER``; a device missing from ``CUDA_VISIBLE_DEVICES`` is not reachable
+        from this process at all, and its CUDA index is given. ``"cuda"`` where the index is
+        unknown.
+        """
+        mine = self.env.get("CUDA_VISIBLE_DEVICES", "").split(",")[0]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if mine and visible is not None:
+            names = [v.strip() for v in visible.split(",")]
+            if mine in names:
+                return f"cuda:{names.index(mine)}"
+        return "cuda" if self.cuda_index is None else f"cuda:{self.cuda_index}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -394,27 +427,46 @@ class Lease:
         return self._deadline
 
     @property
+    def evict_deadline(self) -> float | None:
+        """Local (clock) time after which an evicting lease counts as lost: the server's eviction
+        deadline, less the same safety margin as the TTL's (see :func:`fence_margin`)."""
+        if self.evict_deadline_ms is None:
+            return None
+        return self._offset + self.evict_deadline_ms / 1000 - fence_margin(self._grace_s)
+
+    @property
     def lost(self) -> bool:
         """Whether the lease is lost (or may be): stop using its memory."""
-        return self._lost_reason is not None or self._clock() >= self._deadline
+        return self.lost_reason is not None
 
     @property
     def lost_reason(self) -> str | None:
-        if self._lost_reason is None and self._clock() >= self._deadline:
+        """Why the lease counts as lost, or None while it is held."""
+        if self._lost_reason is not None:
+            return self._lost_reason
+        now = self._clock()
+        fence = self.evict_deadline
+        if fence is not None and now >= fence:
+            return "not given back before the eviction deadline"
+        if now >= self._deadline:
             return "not renewed before the local deadline"
-        return self._lost_reason
+        return None
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` if the lease is lost."""
+        """Raise :class:`LeaseLost` (:class:`LeaseEvicted` once asked to give it back) if lost."""
         reason = self.lost_reason
         if reason is not None:
-            raise LeaseLost(f"lease {self.id} is lost: {reason}", lease=self.id)
+            raise (LeaseEvicted if self.evicting else LeaseLost)(
+                f"lease {self.id} is lost: {reason}", lease=self.id
+            )
 
     def _renewed(self, sent_at: float, info: LeaseInfo, now_ms: int) -> None:
-        # The server's expiry is at least (sent_at + its remaining lifetime) on our clock, since
-        # the script ran after we sent it; give up a margin before that.
-        remaining = ((info.expires_at_ms or now_ms) - now_ms) / 1000
-        self._deadline = sent_at + remaining - fence_margin(info.ttl_ms / 1000)
+        # Redis ran the script after we sent it, so Redis time `now_ms` is at `sent_at` or later on
+        # our clock: `offset` is at most the true difference, and every deadline derived from it
+        # (expiry, eviction) falls on the safe side. Give up a margin before the expiry.
+        self._offset = sent_at - now_ms / 1000
+        expires_at = info.expires_at_ms or now_ms
+        self._deadline = self._offset + expires_at / 1000 - fence_margin(info.ttl_ms / 1000)
         self.info = info
 
     def _mark_lost(self, reason: str) -> None:
@@ -459,8 +511,10 @@ def _granted(req: AcquireRequest, holder: Holder, f: Mapping[str, Any], sent: fl
         )
     except (KeyError, ValueError) as exc:
         raise ProtocolError(f"malformed grant reply: {dict(f)!r}") from exc
-    lease = Lease(info, deadline=0.0, clock=clock)
+    lease = Lease(info, deadline=0.0, clock=clock, grace_ms=req.grace_ms)
     lease._renewed(sent, info, int(f["now"]))
+    if f.get("evict_deadline"):
+        lease._evict_notice(int(f["evict_deadline"]))
     return lease
 
 
@@ -525,9 +579,52 @@ class Holder:
         return cls(name, socket.gethostname() if host is None else host, os.getpid() if pid is None else pid)
 
 
+class AcquireOptions(TypedDict, total=False):
+    """The options of :meth:`Boss.acquire` and :meth:`Boss.lease` (and their async twins), spelled
+    once; :meth:`AcquireRequest.build` checks them.
+
+    ``vram_gb``: size in GB instead of ``vram``. ``priority``: 0-100 or low/normal/high.
+    ``device``: a device name, else the best fit in ``pool``. ``ttl``: seconds the memory stays
+    reserved after the holder stops renewing (dies, hangs). ``timeout``: seconds to wait (``0``
+    tries once, ``None`` waits for ever). ``labels``: str to str, e.g. the model. ``request_id``:
+    retrying the same id never grants twice. ``preemptible``: a request of strictly higher
+    priority may evict it while active. ``grace``: seconds to give the memory back once asked.
+    ``exclusive``: nobody else on the device. ``devices``: a gang of that many devices of one
+    host. ``max_hold``: a hard cap in seconds that ends the lease even while it is renewed.
+    ``max_queue``: refuse to queue (``QueueFull``) while this many wait. ``on_evict``: called with
+    the lease when gpuboss asks for its memory back; unload, return, and the client releases it.
+    ``on_wait``: called with a :class:`WaitState` whenever a waiting request's state changes.
+    ``keepalive``: renew the lease in the client's background worker until released (default);
+    ``False`` for callers who call ``heartbeat`` themselves.
+    """
+
+    vram_gb: float | None
+    priority: int | str
+    device: str | None
+    pool: str
+    ttl: float
+    timeout: float | None
+    labels: Mapping[str, str] | None
+    request_id: str | None
+    preemptible: bool
+    grace: float
+    exclusive: bool
+    devices: int
+    max_hold: float | None
+    max_queue: int | None
+    on_evict: Callable[[Lease], object] | None
+    on_wait: Callable[[WaitState], object] | None
+    keepalive: bool
+
+
+#: the options that stay with the client (callbacks, the heartbeat worker), not in the request
+CLIENT_OPTIONS = ("on_evict", "on_wait", "keepalive")
+
+
 @dataclass(frozen=True, slots=True)
 class AcquireRequest:
-    """A validated lease request."""
+    """A validated lease request: what :meth:`Boss.acquire`, ``gpuboss run`` and the service's
+    ``POST /v1/leases`` send to the acquire script."""
 
     keys: PoolKeys
     id: str
@@ -541,25 +638,34 @@ class AcquireRequest:
     grace_ms: int
     exclusive: bool
     gang: int
+    max_hold_ms: int = 0
+    max_queue: int = 0
 
     @classmethod
     def build(
         cls,
+        vram: int | str | None = None,
         *,
-        vram: int | str | None,
-        vram_gb: float | None,
-        priority: int | str,
-        device: str | None,
-        pool: str,
-        ttl: float,
-        timeout: float | None,
-        labels: Mapping[str, str] | None,
-        request_id: str | None,
+        vram_gb: float | None = None,
+        priority: int | str = "normal",
+        device: str | None = None,
+        pool: str = DEFAULT_POOL,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
         preemptible: bool = False,
         grace: float = DEFAULT_GRACE,
         exclusive: bool = False,
         devices: int = 1,
+        max_hold: float | None = None,
+        max_queue: int | None = None,
     ) -> AcquireRequest:
+        """Check every option (see :class:`AcquireOptions`); raises :class:`BadRequest`."""
+        if max_queue is not None and (
+            isinstance(max_queue, bool) or not isinstance(max_queue, int) or not 1 <= max_queue <= 1_000_000
+        ):
+            raise BadRequest(f"max_queue must be None or an int from 1 to 1000000, not {max_queue!r}")
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
         ):
@@ -585,7 +691,42 @@ class AcquireRequest:
             grace_ms=parse_ttl_ms(grace, "grace"),
             exclusive=bool(exclusive),
             gang=_check_gang(devices, device),
+            max_hold_ms=0 if max_hold is None else parse_ttl_ms(max_hold, "max_hold"),
+            max_queue=max_queue or 0,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class WaitState:
+    """Where a waiting request stands (given to ``on_wait``).
+
+    ``position``: how many wait ahead of it. ``reason``: ``evicting`` (its memory is promised;
+    victims unload until ``until``), ``behind`` (earlier waiters go first) or ``no_room`` (nothing
+    fits now). ``until``: local clock time (as ``time.monotonic``) of the estimate when one is
+    knowable: the victims' deadline, or the soonest expiry in the pool; else None.
+    ``evicting``: how many leases this request asked to give memory back.
+    """
+
+    request_id: str
+    pool: str
+    position: int
+    reason: str
+    until: float | None
+    evicting: int = 0
+
+    def __str__(self) -> str:
+        why = {
+            "evicting": "victims are giving memory back",
+            "behind": f"behind {self.position} earlier waiter(s)",
+            "no_room": "no device has room",
+        }.get(self.reason, self.reason)
+        return f"waiting in pool {self.pool}: {why}"
+
+    def describe(self, now: float) -> str:
+        """The state as a line, with the estimate as seconds from ``now``."""
+        if self.until is None:
+            return str(self)
+        return f"{self} (about {max(0.0, self.until - now):.1f} s)"
 
 
 _ACQUIRE = frozenset({"granted", "queued", "busy", "ended"})
@@ -596,19 +737,32 @@ _OK = frozenset({"ok"})
 _MARK = frozenset({"ok", "evicting", "ended"})
 
 
-def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
+def acquire(
+    req: AcquireRequest,
+    holder: Holder,
+    clock: Clock,
+    *,
+    max_block: float | None = None,
+    on_wait: Callable[[WaitState], object] | None = None,
+) -> Op[Lease]:
     """Grant now, or wait in the queue until granted or ``req.timeout`` passes.
 
     While queued, the waiter blocks on its own wake list, which the release that grants it pushes
-    to; it polls again at least every third of its TTL to stay in the queue.
+    to; it polls again at least every third of its TTL to stay in the queue, and at least every
+    ``max_block`` seconds (less than the connection's read timeout, so a long wait never looks
+    like a dead connection). ``on_wait`` hears every change of the waiter's :class:`WaitState`.
     """
     pool = req.keys.pool
     keys = req.keys.script_keys()
     args: list[str | int] = [req.id, holder.name, holder.host, holder.pid, req.mib, req.priority]
     args += [req.device, req.ttl_ms, req.labels, 0 if req.timeout == 0 else 1]
     args += [int(req.preemptible), req.grace_ms, holder.notify, int(req.exclusive), req.gang]
+    args += [req.max_hold_ms, req.max_queue]
     deadline = None if req.timeout is None else clock() + req.timeout
     poll = beat_interval(req.ttl_ms / 1000)
+    if max_block is not None:
+        poll = min(poll, max_block)
+    told: tuple[int, str, int | None] | None = None
     while True:
         sent = clock()
         code, f = parse_reply((yield Call("acquire", keys, args)), _ACQUIRE)
@@ -618,6 +772,13 @@ def acquire(req: AcquireRequest, holder: Holder, clock: Clock) -> Op[Lease]:
             raise _lost(req.id, f)
         if code == "busy":
             raise AcquireTimeout(f"{req.mib} MiB not free now in pool {pool}", lease=req.id)
+        if on_wait is not None:
+            now_ms, until_ms = int(f["now"]), _opt_int(f.get("until"))
+            state = (int(f["position"]), f.get("reason", "no_room"), until_ms)
+            if state != told:
+                told = state
+                until = None if until_ms is None else sent + max(0, until_ms - now_ms) / 1000
+                on_wait(WaitState(req.id, pool, state[0], state[1], until, int(f.get("evicting", 0))))
         wait = poll
         if deadline is not None:
             wait = min(wait, deadline - clock())
@@ -951,7 +1112,10 @@ def raise_if_lost(lease: Lease, reason: str | None, exc: BaseException | None) -
 
 
 def mark(lease: Lease, verb: str) -> Op[None]:
-    """``idle`` or ``busy`` on a held lease; ``busy`` raises LeaseEvicted if it is being evicted."""
+    """``idle`` or ``busy`` on a held lease; ``busy`` raises LeaseEvicted if it is being evicted,
+    and LeaseLost (changing nothing) if the lease is lost here already."""
+    if verb == "busy":
+        lease.check()
     try:
         beat = yield from mark_ref(LeaseRef(lease.pool, lease.id, lease.token), verb)
     except LeaseLost as err:
@@ -1027,49 +1191,129 @@ def parse_notice(message: Any) -> tuple[str, int] | None:
     return parts[1], int(parts[2])
 
 
-class Notices:
-    """The leases a client holds, by id, for eviction notices arriving over pub/sub.
+class Held:
+    """The leases a client holds, by id: for eviction notices arriving over pub/sub, for the
+    heartbeat worker, and for :meth:`Boss.release` by id and :meth:`Boss.release_all`.
 
-    A notice can arrive before the acquire that granted the lease has returned; it is kept and
-    applied when the lease is registered. The listener stops once no lease has been held for
-    ``linger`` seconds, and starts again (subscribing first) with the next acquire.
+    Holding the same id twice (a retried acquire) keeps the first :class:`Lease` object, so
+    whoever holds it goes on hearing its notices. A notice can arrive before the acquire that
+    granted the lease has returned; it is kept and applied when the lease is added. The notice
+    listener may stop once no lease has been held for ``linger`` seconds.
     """
 
     linger = 2.0
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._held: weakref.WeakValueDictionary[str, Lease] = weakref.WeakValueDictionary()
+        self._leases: dict[str, Lease] = {}
         self._early: dict[str, int] = {}
         self._empty_since = clock()
+        self._acquiring = 0
+        # Taken briefly by the caller's thread, the listener and the worker (never across I/O).
+        self._lock = threading.Lock()
 
-    def register(self, lease: Lease) -> None:
-        self._held[lease.id] = lease
-        deadline = self._early.pop(lease.id, None)
+    def add(self, lease: Lease) -> Lease:
+        """Hold ``lease``; returns the lease object to use (the one held already for its id)."""
+        with self._lock:
+            held = self._leases.get(lease.id)
+            if held is not None and held.token == lease.token and not held._released:
+                held._deadline = max(held._deadline, lease._deadline)
+                held._offset = max(held._offset, lease._offset)
+                lease = held
+            self._leases[lease.id] = lease
+            deadline = self._early.pop(lease.id, None)
         if deadline is not None:
             lease._evict_notice(deadline)
+        return lease
+
+    def discard(self, lease: Lease) -> None:
+        """Forget ``lease`` (released, or found ended)."""
+        with self._lock:
+            if self._leases.get(lease.id) is lease:
+                del self._leases[lease.id]
+            if not self._leases:
+                self._empty_since = self._clock()
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    def leases(self) -> list[Lease]:
+        """Every lease held, oldest first."""
+        with self._lock:
+            return list(self._leases.values())
 
     def on_message(self, message: Any) -> Lease | None:
         """The lease a notice is for, with the notice applied (None if unknown yet or not one)."""
         notice = parse_notice(message)
         if notice is None:
             return None
-        lease = self._held.get(notice[0])
-        if lease is None:
-            self._early[notice[0]] = notice[1]
-            while len(self._early) > 256:
-                del self._early[next(iter(self._early))]
-            return None
+        with self._lock:
+            lease = self._leases.get(notice[0])
+            if lease is None:
+                self._early[notice[0]] = notice[1]
+                while len(self._early) > 256:
+                    del self._early[next(iter(self._early))]
+                return None
         lease._evict_notice(notice[1])
         return lease
 
+    def acquiring(self, delta: int) -> None:
+        """Count acquires in flight (+1, -1): their notices may arrive before their leases."""
+        with self._lock:
+            self._acquiring += delta
+            self._empty_since = self._clock()
+
     def idle(self) -> bool:
-        """Whether no lease has been held for ``linger`` seconds (the listener may stop)."""
-        now = self._clock()
-        if len(self._held):
-            self._empty_since = now
-            return False
-        return now - self._empty_since > self.linger
+        """Whether no lease has been held (nor acquired) for ``linger`` seconds (the listener may
+        stop)."""
+        with self._lock:
+            if self._leases or self._acquiring:
+                return False
+            return self._clock() - self._empty_since > self.linger
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """An acquire as a client method received it: the request, and what stays with the client."""
+
+    request: AcquireRequest
+    on_evict: Callable[[Lease], object] | None = None
+    on_wait: Callable[[WaitState], object] | None = None
+    keepalive: bool = True
+
+    @classmethod
+    def of(cls, vram: int | str | None, options: AcquireOptions) -> Ask:
+        """Check ``vram`` and the options (:class:`AcquireOptions`); raises BadRequest."""
+        opts: dict[str, Any] = dict(options)
+        unknown = sorted(set(opts) - AcquireOptions.__optional_keys__)
+        if unknown:
+            raise BadRequest(f"unknown acquire option(s): {', '.join(unknown)}")
+        client = {name: opts.pop(name) for name in CLIENT_OPTIONS if name in opts}
+        for name in ("on_evict", "on_wait"):
+            if client.get(name) is not None and not callable(client[name]):
+                raise BadRequest(f"{name} must be callable, not {client[name]!r}")
+        return cls(AcquireRequest.build(vram, **opts), **client)
+
+
+def max_block_of(client: Any) -> float | None:
+    """The longest a blocking command (BLPOP, XREAD BLOCK) may wait on ``client``'s connections:
+    half their read timeout, so that a long wait is never taken for a dead connection."""
+    try:
+        pool = client.connection_pool
+        timeout = pool.connection_class(**pool.connection_kwargs).socket_timeout
+    except Exception:  # a client without a plain connection pool: block briefly
+        return 1.0
+    return None if timeout is None else max(0.05, float(timeout) / 2)
+
+
+def drive(op: Op[T], step: Callable[[Step], Any]) -> T:
+    """Run ``op`` to its end, answering each step with ``step(step)`` (blocking I/O)."""
+    reply: Any = None
+    try:
+        while True:
+            reply = step(op.send(reply))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 # --- measurements (the NVML agent) ---------------------------------------------------------

@@ -1,42 +1,63 @@
-"""The asyncio client: :class:`AsyncBoss`, the same API as :class:`~gpuboss_client.Boss`."""
+"""The asyncio client: :class:`AsyncBoss`.
+
+This file is the source of both clients: ``client/unasync.py`` writes ``sync.py`` (:class:`Boss`)
+from it, so the API and its docstrings exist once. Only ``_backend_aio`` and ``_backend_sync``
+differ: tasks or threads, asyncio or threading events.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import atexit
 import contextlib
-import inspect
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+import weakref
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import redis
-import redis.asyncio as aioredis
 
+from . import _backend_aio as backend
 from . import _core as core
-from ._core import Call, Clock, DeviceInfo, Event, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
-from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
+from ._core import (
+    AcquireOptions,
+    Call,
+    Clock,
+    DeviceInfo,
+    Event,
+    Holder,
+    Lease,
+    LeaseInfo,
+    Op,
+    Plan,
+    PoolStatus,
+)
+from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, LeaseNotHeld, ProtocolError
 from .scripts import NAMES, source
 
 __all__ = ["AsyncBoss", "AsyncLeaseContext"]
 
 log = logging.getLogger("gpuboss_client")
 T = TypeVar("T")
-#: called (and awaited, if it returns an awaitable) when gpuboss asks for the lease's memory back
-AsyncEvictCallback = Callable[[Lease], "Awaitable[object] | object"]
+
+#: clients with leases to give back when the interpreter exits
+_clients: weakref.WeakSet[AsyncBoss] = weakref.WeakSet()
 
 
 class AsyncBoss:
-    """The asyncio twin of :class:`~gpuboss_client.Boss`: the same API, awaited.
+    """Leases VRAM through Redis, from any process.
 
     ``holder`` names the service; host and pid are filled in. Every state change runs as one
-    atomic Lua script in Redis; this client only sends them and waits.
+    atomic Lua script in Redis; this client only sends them and waits. Leases it acquires renew
+    themselves in one background worker until released; :meth:`aclose` (and the interpreter's
+    exit) releases whatever it still holds.
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: backend.Redis,
         *,
         holder: str,
         host: str | None = None,
@@ -47,24 +68,39 @@ class AsyncBoss:
         self.holder = Holder.of(holder, host, pid)
         self._clock = clock
         self._scripts = {name: client.register_script(source(name)) for name in NAMES}
-        self._notices = core.Notices(clock)
-        self._listener: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._held = core.Held(clock)
+        self._max_block = core.max_block_of(client)
+        self._listener: backend.Worker | None = None
+        self._keeper: backend.Worker | None = None
+        self._wake: backend.Signal | None = None
+        self._lock = threading.Lock()  # starting workers; never held across I/O
+        self._closed = False
+        _clients.add(self)
 
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> AsyncBoss:
         """Connect to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``)."""
         try:
-            client = aioredis.Redis.from_url(url, decode_responses=True, **redis_kwargs)
+            client = backend.Redis.from_url(url, decode_responses=True, **redis_kwargs)
         except ValueError as exc:
             raise BadRequest(f"bad Redis URL {url!r}: {exc}") from exc
         return cls(client, holder=holder)
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.wait([self._listener])
-        await self.redis.aclose()
+        """Release every lease this client holds, stop its workers and close the connection.
+
+        Leases that cannot be released (Redis unreachable) expire by themselves after their TTL.
+        """
+        try:
+            await self.release_all()
+        except BackendUnavailable as exc:
+            log.warning("could not release leases on closing (they expire by themselves): %s", exc)
+        finally:
+            self._stop()
+            for worker in (self._listener, self._keeper):
+                if worker is not None:
+                    await worker.join()
+            await backend.close_redis(self.redis)
 
     async def __aenter__(self) -> AsyncBoss:
         return self
@@ -90,91 +126,77 @@ class AsyncBoss:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    async def acquire(
-        self,
-        vram: int | str | None = None,
-        *,
-        vram_gb: float | None = None,
-        priority: int | str = "normal",
-        device: str | None = None,
-        pool: str = core.DEFAULT_POOL,
-        ttl: float = core.DEFAULT_TTL,
-        timeout: float | None = None,
-        labels: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        preemptible: bool = False,
-        grace: float = core.DEFAULT_GRACE,
-        exclusive: bool = False,
-        devices: int = 1,
-        on_evict: AsyncEvictCallback | None = None,
-    ) -> Lease:
+    async def acquire(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.
 
-        Blocks until granted, or raises :class:`AcquireTimeout` after ``timeout`` seconds
-        (``0`` tries once, ``None`` waits for ever). The lease expires ``ttl`` seconds after the
-        last heartbeat: call :meth:`heartbeat`, or use :meth:`lease`, which beats for you.
-        Retrying with the same ``request_id`` never grants twice.
+        Waits until granted, or raises :class:`AcquireTimeout` after ``timeout`` seconds (``0``
+        tries once, ``None`` waits for ever). The lease renews itself in the background until
+        :meth:`release` (unless ``keepalive=False``); if it cannot be renewed, ``lease.lost``
+        turns true. Retrying with the same ``request_id`` never grants twice, and returns the
+        lease object already held. The options are those of :class:`~gpuboss_client.ops.AcquireOptions`.
         """
-        req = core.AcquireRequest.build(
-            vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
-            exclusive=exclusive, devices=devices,
-        )  # fmt: skip
-        await self._ensure_listener()
-        return self._held_lease(await self.run(core.acquire(req, self.holder, self._clock)), on_evict)
+        return await self._acquire(core.Ask.of(vram, options))
 
-    def lease(
-        self,
-        vram: int | str | None = None,
-        *,
-        vram_gb: float | None = None,
-        priority: int | str = "normal",
-        device: str | None = None,
-        pool: str = core.DEFAULT_POOL,
-        ttl: float = core.DEFAULT_TTL,
-        timeout: float | None = None,
-        labels: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        preemptible: bool = False,
-        grace: float = core.DEFAULT_GRACE,
-        exclusive: bool = False,
-        devices: int = 1,
-        on_evict: AsyncEvictCallback | None = None,
-    ) -> AsyncLeaseContext:
-        """``async with boss.lease(...) as lease:`` acquires, heartbeats in a background task, and
-        releases on exit, exceptions included. If the lease is lost meanwhile, ``lease.lost``
-        turns true and :class:`LeaseLost` is raised on exit at the latest."""
-        req = core.AcquireRequest.build(
-            vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
-            exclusive=exclusive, devices=devices,
-        )  # fmt: skip
-        return AsyncLeaseContext(self, req, on_evict)
+    def lease(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> AsyncLeaseContext:
+        """``async with boss.lease(...) as lease:`` acquires (as :meth:`acquire`), and releases on
+        exit, exceptions included. If the lease is lost meanwhile, ``lease.lost`` turns true and
+        :class:`LeaseLost` (:class:`LeaseEvicted` after an eviction) is raised on exit at the latest.
+        ``str(lease)`` is the device string frameworks take (``"cuda:0"``)."""
+        return AsyncLeaseContext(self, core.Ask.of(vram, options))
 
-    async def release(self, lease: Lease) -> None:
-        """Release a lease; raises :class:`LeaseLost` if it had already ended otherwise."""
-        await self.run(core.release(lease))
+    async def release(self, lease: Lease | str) -> None:
+        """Release a lease (or the id of one this client holds); raises :class:`LeaseLost` if it
+        had already ended otherwise, and :class:`LeaseNotHeld` for an id this client does not hold."""
+        lease = self._lease(lease)
+        try:
+            await self.run(core.release(lease))
+        except BackendUnavailable:
+            raise  # still held: the caller may try again
+        except GpubossError:
+            self._held.discard(lease)
+            raise
+        self._held.discard(lease)
 
-    async def heartbeat(self, lease: Lease) -> LeaseInfo:
+    async def release_all(self) -> list[str]:
+        """Release every lease this client holds; returns their ids. One that had ended already is
+        forgotten with a warning; :class:`BackendUnavailable` stops at the first that cannot."""
+        released: list[str] = []
+        for lease in self._held.leases():
+            try:
+                await self.release(lease)
+                released.append(lease.id)
+            except LeaseLost as exc:
+                log.warning("%s", exc)
+        return released
+
+    async def heartbeat(self, lease: Lease | str) -> LeaseInfo:
         """Renew a lease for another TTL and return its state; raises LeaseLost if it ended."""
+        lease = self._lease(lease)
         try:
             return await self.run(core.heartbeat(lease, self._clock))
         finally:
             self._dispatch(lease)
 
-    async def idle(self, lease: Lease) -> None:
-        """Keep ``lease`` warm: resident but not in use, evictable least recently used first."""
+    async def idle(self, lease: Lease | str) -> None:
+        """Keep a lease warm: resident but not in use, evictable least recently used first."""
+        lease = self._lease(lease)
         try:
             await self.run(core.mark(lease, "idle"))
         finally:
             self._dispatch(lease)
 
-    async def busy(self, lease: Lease) -> None:
-        """Take a warm lease back into use; raises :class:`LeaseEvicted` if it was evicted."""
+    async def busy(self, lease: Lease | str) -> None:
+        """Take a warm lease back into use; raises :class:`LeaseEvicted` if it is being evicted,
+        and :class:`LeaseLost` if it is lost."""
+        lease = self._lease(lease)
         try:
             await self.run(core.mark(lease, "busy"))
         finally:
             self._dispatch(lease)
+
+    def held(self) -> list[Lease]:
+        """The leases this client holds, oldest first."""
+        return self._held.leases()
 
     async def plan(
         self,
@@ -193,7 +215,8 @@ class AsyncBoss:
     async def configure_pool(
         self, pool: str = core.DEFAULT_POOL, *, min_residency: float = 0, aging: float = 0
     ) -> None:
-        """Set ``pool``'s minimum residency and aging period (see :meth:`Boss.configure_pool`)."""
+        """Set ``pool``'s minimum residency (a younger lease is evicted only if nothing else fits)
+        and aging period (a waiter rises one priority level, 10, per period; 0 = strict priority)."""
         await self.run(core.configure_pool(pool, min_residency, aging))
 
     async def add_device(
@@ -249,49 +272,157 @@ class AsyncBoss:
     ) -> list[Event]:
         """Events after each pool's cursor (an event id, or ``"$"`` for only new ones).
 
-        With ``block`` seconds, waits that long for the first one; continue from the last id seen
-        per pool.
+        With ``block`` seconds, waits up to that long for the first one (less if the connection's
+        read timeout is shorter); continue from the last id seen per pool.
         """
+        if block is not None and self._max_block is not None:
+            block = min(block, self._max_block)
         block_ms = None if block is None else int(block * 1000)
         return await self.run(core.read_events(cursors, count, block_ms))
 
-    def _held_lease(self, lease: Lease, on_evict: AsyncEvictCallback | None) -> Lease:
+    # --- leases held -------------------------------------------------------------------------
+
+    def _lease(self, lease: Lease | str) -> Lease:
+        if isinstance(lease, Lease):
+            return lease
+        held = self._held.get(lease) if isinstance(lease, str) else None
+        if held is None:
+            raise LeaseNotHeld(f"this client holds no lease {lease!r}", lease=str(lease))
+        return held
+
+    async def _acquire(self, ask: core.Ask) -> Lease:
+        await self._ensure_listener()
+        op = core.acquire(
+            ask.request, self.holder, self._clock, max_block=self._max_block, on_wait=ask.on_wait
+        )
+        self._held.acquiring(+1)
+        try:
+            lease = self._held.add(await self.run(op))
+        finally:
+            self._held.acquiring(-1)
         lease._boss = self
-        lease.on_evict = on_evict
-        self._notices.register(lease)
+        if ask.on_evict is not None:
+            lease.on_evict = ask.on_evict
+        if ask.keepalive:
+            self._keep(lease)
         self._dispatch(lease)
         return lease
 
+    async def _give_back(self, lease: Lease) -> str | None:
+        """Release on leaving a lease's context; returns why it was lost, or None."""
+        try:
+            reason = await self.run(core.close(lease))
+        except BackendUnavailable as err:
+            log.warning("could not release lease %s (it expires by itself): %s", lease.id, err)
+            reason = lease.lost_reason
+        self._held.discard(lease)
+        return reason
+
+    # --- the heartbeat worker ----------------------------------------------------------------
+
+    def _keep(self, lease: Lease) -> None:
+        """Have the heartbeat worker renew ``lease``: one worker renews every lease of the client."""
+        wait = core.next_beat(lease, failed=False)
+        lease._next_beat = self._clock() + (wait or 0.0)
+        lease.keepalive = True
+        with self._lock:
+            if self._keeper is None or not self._keeper.alive():
+                self._wake = backend.Signal()
+                self._keeper = backend.Worker(self._keep_alive, self._wake, name="gpuboss-heartbeats")
+            wake = self._wake
+        assert wake is not None
+        wake.set()
+
+    async def _keep_alive(self, wake: backend.Signal) -> None:
+        while not self._closed:
+            soonest: float | None = None
+            for lease in self._held.leases():
+                if not lease.keepalive:
+                    continue
+                if lease._next_beat <= self._clock():
+                    await self._beat(lease)
+                if lease.keepalive:
+                    soonest = lease._next_beat if soonest is None else min(soonest, lease._next_beat)
+            await wake.wait(None if soonest is None else soonest - self._clock())
+            wake.clear()
+
+    async def _beat(self, lease: Lease) -> None:
+        failed = False
+        try:
+            await self.heartbeat(lease)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            lease.keepalive = False
+            self._held.discard(lease)
+            return
+        except GpubossError as exc:
+            log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
+            failed = True
+        wait = core.next_beat(lease, failed)
+        if wait is None:  # lost here (not renewed in time, or past its eviction deadline)
+            if not lease._released:
+                log.warning("lease %s is lost: %s", lease.id, lease.lost_reason)
+            lease.keepalive = False
+        else:
+            lease._next_beat = self._clock() + wait
+
+    def _stop(self) -> None:
+        """Tell the workers to stop (they end within a poll)."""
+        self._closed = True
+        if self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # an event loop that is gone already
+                self._wake.set()
+
+    def _release_at_exit(self) -> None:
+        """Give back what is still held when the interpreter exits (over a blocking connection)."""
+        leases = [x for x in self._held.leases() if not x._released]
+        if not leases:
+            return
+        self._stop()
+        client = backend.sync_twin(self.redis)
+        release = client.register_script(source("release"))
+        for lease in leases:
+            with contextlib.suppress(Exception):
+                core.drive(
+                    core.release(lease),
+                    lambda step: (
+                        release(keys=step.keys, args=step.args)
+                        if isinstance(step, Call)
+                        else client.execute_command(*step.args)
+                    ),
+                )
+
+    # --- eviction notices --------------------------------------------------------------------
+
     async def _ensure_listener(self) -> None:
         """Subscribe to this client's notice channel, before acquiring, so no notice is missed."""
-        if self._listener is not None and not self._listener.done():
-            return
-        pubsub = self.redis.pubsub()
+        with self._lock:
+            if self._listener is not None and self._listener.alive():
+                return
+        pubsub = backend.pubsub(self.redis)
         try:
             await pubsub.subscribe(self.holder.notify)
             await pubsub.get_message(timeout=5.0)  # the confirmation: from now on notices reach us
         except (redis.RedisError, OSError) as exc:
             log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await backend.close_pubsub(pubsub)
             return
-        if self._listener is not None and not self._listener.done():  # another task won the race
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-            return
-        self._listener = asyncio.create_task(self._listen(pubsub), name="gpuboss-notices")
+        with self._lock:
+            started = self._listener is None or not self._listener.alive()
+            if started:
+                self._listener = backend.Worker(self._listen, pubsub, name="gpuboss-notices")
+        if not started:  # another caller won the race
+            await backend.close_pubsub(pubsub)
 
     def _dispatch(self, lease: Lease) -> None:
-        """Run ``on_evict`` (sync or async) once the first notice arrived, then give the memory back."""
+        """Run ``on_evict`` once the first eviction notice arrived, then give the memory back."""
         if lease._take_notice() and lease.on_evict is not None:
-            task = asyncio.create_task(self._evict(lease), name=f"gpuboss-evict-{lease.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            backend.Worker(self._evict, lease, name=f"gpuboss-evict-{lease.id}")
 
     async def _evict(self, lease: Lease) -> None:
         try:
             assert lease.on_evict is not None
-            result = lease.on_evict(lease)
-            if inspect.isawaitable(result):
-                await result
+            await backend.resolve(lease.on_evict(lease))
         except Exception:
             log.exception("on_evict of lease %s failed; releasing it anyway", lease.id)
         try:
@@ -302,68 +433,49 @@ class AsyncBoss:
     async def _listen(self, pubsub: Any) -> None:
         # The fast path for eviction notices; heartbeat replies carry them too if this is down.
         try:
-            while not self._notices.idle():
+            while not self._closed:
+                with self._lock:
+                    if self._held.idle():
+                        self._listener = None
+                        return
                 try:
                     message = await pubsub.get_message(timeout=0.25)
                 except (redis.ConnectionError, redis.TimeoutError, OSError):
-                    await asyncio.sleep(0.1)  # Redis away: redis-py reconnects and resubscribes
+                    await backend.sleep(0.1)  # Redis away: redis-py reconnects and resubscribes
                     continue
                 except Exception as exc:  # e.g. the Redis client was closed under us
                     log.debug("eviction notices stop (heartbeats still carry them): %r", exc)
                     return
-                lease = self._notices.on_message(message)
+                lease = self._held.on_message(message)
                 if lease is not None:
                     self._dispatch(lease)
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await backend.close_pubsub(pubsub)
 
 
 class AsyncLeaseContext:
-    """The async context manager :meth:`AsyncBoss.lease` returns."""
+    """The context manager :meth:`AsyncBoss.lease` returns; ``lease`` is the lease once entered."""
 
-    def __init__(
-        self, boss: AsyncBoss, req: core.AcquireRequest, on_evict: AsyncEvictCallback | None
-    ) -> None:
+    def __init__(self, boss: AsyncBoss, ask: core.Ask) -> None:
         self._boss = boss
-        self._req = req
-        self._on_evict = on_evict
-        self._task: asyncio.Task[None] | None = None
+        self._ask = ask
         self.lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
-        await self._boss._ensure_listener()
-        lease = await self._boss.run(core.acquire(self._req, self._boss.holder, self._boss._clock))
-        self.lease = self._boss._held_lease(lease, self._on_evict)
-        self._task = asyncio.create_task(self._beat(lease), name=f"gpuboss-heartbeat-{lease.id}")
-        return lease
-
-    async def _beat(self, lease: Lease) -> None:
-        wait = core.next_beat(lease, failed=False)
-        while wait is not None:
-            await asyncio.sleep(wait)
-            failed = False
-            try:
-                await self._boss.heartbeat(lease)
-            except LeaseLost as exc:
-                log.warning("%s", exc)
-                return
-            except GpubossError as exc:
-                log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
-                failed = True
-            wait = core.next_beat(lease, failed)
-        log.warning("lease %s is lost: %s", lease.id, lease.lost_reason)
+        self.lease = await self._boss._acquire(self._ask)
+        return self.lease
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self.lease is not None
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.wait([self._task])  # a cancellation of the caller still propagates
-        try:
-            reason = await self._boss.run(core.close(self.lease))
-        except BackendUnavailable as err:
-            log.warning("could not release lease %s (it expires by itself): %s", self.lease.id, err)
-            reason = self.lease.lost_reason
+        reason = await self._boss._give_back(self.lease)
         core.raise_if_lost(self.lease, reason, exc)
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    for client in list(_clients):
+        with contextlib.suppress(Exception):
+            client._release_at_exit()

@@ -1,40 +1,62 @@
-"""The blocking client: :class:`Boss`."""
+"""The blocking client: :class:`Boss`.
+
+Written by ``client/unasync.py`` from ``aio.py``, the source of both clients: edit that file,
+then run ``python client/unasync.py``.
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import redis
 
+from . import _backend_sync as backend
 from . import _core as core
-from ._core import Call, Clock, DeviceInfo, Event, Holder, Lease, LeaseInfo, Op, Plan, PoolStatus
-from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, ProtocolError
+from ._core import (
+    AcquireOptions,
+    Call,
+    Clock,
+    DeviceInfo,
+    Event,
+    Holder,
+    Lease,
+    LeaseInfo,
+    Op,
+    Plan,
+    PoolStatus,
+)
+from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, LeaseNotHeld, ProtocolError
 from .scripts import NAMES, source
 
 __all__ = ["Boss", "LeaseContext"]
 
 log = logging.getLogger("gpuboss_client")
 T = TypeVar("T")
-#: called with the lease when gpuboss asks for its memory back; unload, then return
-EvictCallback = Callable[[Lease], object]
+
+#: clients with leases to give back when the interpreter exits
+_clients: weakref.WeakSet[Boss] = weakref.WeakSet()
 
 
 class Boss:
     """Leases VRAM through Redis, from any process.
 
     ``holder`` names the service; host and pid are filled in. Every state change runs as one
-    atomic Lua script in Redis; this client only sends them and waits.
+    atomic Lua script in Redis; this client only sends them and waits. Leases it acquires renew
+    themselves in one background worker until released; :meth:`close` (and the interpreter's
+    exit) releases whatever it still holds.
     """
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: backend.Redis,
         *,
         holder: str,
         host: str | None = None,
@@ -45,25 +67,39 @@ class Boss:
         self.holder = Holder.of(holder, host, pid)
         self._clock = clock
         self._scripts = {name: client.register_script(source(name)) for name in NAMES}
-        self._notices = core.Notices(clock)
-        self._listener: threading.Thread | None = None
-        self._listener_lock = threading.Lock()
-        self._closed = threading.Event()
+        self._held = core.Held(clock)
+        self._max_block = core.max_block_of(client)
+        self._listener: backend.Worker | None = None
+        self._keeper: backend.Worker | None = None
+        self._wake: backend.Signal | None = None
+        self._lock = threading.Lock()  # starting workers; never held across I/O
+        self._closed = False
+        _clients.add(self)
 
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> Boss:
         """Connect to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``)."""
         try:
-            client = redis.Redis.from_url(url, decode_responses=True, **redis_kwargs)
+            client = backend.Redis.from_url(url, decode_responses=True, **redis_kwargs)
         except ValueError as exc:
             raise BadRequest(f"bad Redis URL {url!r}: {exc}") from exc
         return cls(client, holder=holder)
 
     def close(self) -> None:
-        self._closed.set()
-        if self._listener is not None:
-            self._listener.join()
-        self.redis.close()
+        """Release every lease this client holds, stop its workers and close the connection.
+
+        Leases that cannot be released (Redis unreachable) expire by themselves after their TTL.
+        """
+        try:
+            self.release_all()
+        except BackendUnavailable as exc:
+            log.warning("could not release leases on closing (they expire by themselves): %s", exc)
+        finally:
+            self._stop()
+            for worker in (self._listener, self._keeper):
+                if worker is not None:
+                    worker.join()
+            backend.close_redis(self.redis)
 
     def __enter__(self) -> Boss:
         return self
@@ -89,91 +125,77 @@ class Boss:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    def acquire(
-        self,
-        vram: int | str | None = None,
-        *,
-        vram_gb: float | None = None,
-        priority: int | str = "normal",
-        device: str | None = None,
-        pool: str = core.DEFAULT_POOL,
-        ttl: float = core.DEFAULT_TTL,
-        timeout: float | None = None,
-        labels: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        preemptible: bool = False,
-        grace: float = core.DEFAULT_GRACE,
-        exclusive: bool = False,
-        devices: int = 1,
-        on_evict: EvictCallback | None = None,
-    ) -> Lease:
+    def acquire(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.
 
-        Blocks until granted, or raises :class:`AcquireTimeout` after ``timeout`` seconds
-        (``0`` tries once, ``None`` waits for ever). The lease expires ``ttl`` seconds after the
-        last heartbeat: call :meth:`heartbeat`, or use :meth:`lease`, which beats for you.
-        Retrying with the same ``request_id`` never grants twice.
+        Waits until granted, or raises :class:`AcquireTimeout` after ``timeout`` seconds (``0``
+        tries once, ``None`` waits for ever). The lease renews itself in the background until
+        :meth:`release` (unless ``keepalive=False``); if it cannot be renewed, ``lease.lost``
+        turns true. Retrying with the same ``request_id`` never grants twice, and returns the
+        lease object already held. The options are those of :class:`~gpuboss_client.ops.AcquireOptions`.
         """
-        req = core.AcquireRequest.build(
-            vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
-            exclusive=exclusive, devices=devices,
-        )  # fmt: skip
-        self._ensure_listener()
-        return self._held_lease(self.run(core.acquire(req, self.holder, self._clock)), on_evict)
+        return self._acquire(core.Ask.of(vram, options))
 
-    def lease(
-        self,
-        vram: int | str | None = None,
-        *,
-        vram_gb: float | None = None,
-        priority: int | str = "normal",
-        device: str | None = None,
-        pool: str = core.DEFAULT_POOL,
-        ttl: float = core.DEFAULT_TTL,
-        timeout: float | None = None,
-        labels: Mapping[str, str] | None = None,
-        request_id: str | None = None,
-        preemptible: bool = False,
-        grace: float = core.DEFAULT_GRACE,
-        exclusive: bool = False,
-        devices: int = 1,
-        on_evict: EvictCallback | None = None,
-    ) -> LeaseContext:
-        """``with boss.lease(...) as lease:`` acquires, heartbeats in a background thread, and
-        releases on exit, exceptions included. If the lease is lost meanwhile, ``lease.lost``
-        turns true and :class:`LeaseLost` is raised on exit at the latest."""
-        req = core.AcquireRequest.build(
-            vram=vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
-            timeout=timeout, labels=labels, request_id=request_id, preemptible=preemptible, grace=grace,
-            exclusive=exclusive, devices=devices,
-        )  # fmt: skip
-        return LeaseContext(self, req, on_evict)
+    def lease(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> LeaseContext:
+        """``with boss.lease(...) as lease:`` acquires (as :meth:`acquire`), and releases on
+        exit, exceptions included. If the lease is lost meanwhile, ``lease.lost`` turns true and
+        :class:`LeaseLost` (:class:`LeaseEvicted` after an eviction) is raised on exit at the latest.
+        ``str(lease)`` is the device string frameworks take (``"cuda:0"``)."""
+        return LeaseContext(self, core.Ask.of(vram, options))
 
-    def release(self, lease: Lease) -> None:
-        """Release a lease; raises :class:`LeaseLost` if it had already ended otherwise."""
-        self.run(core.release(lease))
+    def release(self, lease: Lease | str) -> None:
+        """Release a lease (or the id of one this client holds); raises :class:`LeaseLost` if it
+        had already ended otherwise, and :class:`LeaseNotHeld` for an id this client does not hold."""
+        lease = self._lease(lease)
+        try:
+            self.run(core.release(lease))
+        except BackendUnavailable:
+            raise  # still held: the caller may try again
+        except GpubossError:
+            self._held.discard(lease)
+            raise
+        self._held.discard(lease)
 
-    def heartbeat(self, lease: Lease) -> LeaseInfo:
+    def release_all(self) -> list[str]:
+        """Release every lease this client holds; returns their ids. One that had ended already is
+        forgotten with a warning; :class:`BackendUnavailable` stops at the first that cannot."""
+        released: list[str] = []
+        for lease in self._held.leases():
+            try:
+                self.release(lease)
+                released.append(lease.id)
+            except LeaseLost as exc:
+                log.warning("%s", exc)
+        return released
+
+    def heartbeat(self, lease: Lease | str) -> LeaseInfo:
         """Renew a lease for another TTL and return its state; raises LeaseLost if it ended."""
+        lease = self._lease(lease)
         try:
             return self.run(core.heartbeat(lease, self._clock))
         finally:
             self._dispatch(lease)
 
-    def idle(self, lease: Lease) -> None:
-        """Keep ``lease`` warm: resident but not in use, evictable least recently used first."""
+    def idle(self, lease: Lease | str) -> None:
+        """Keep a lease warm: resident but not in use, evictable least recently used first."""
+        lease = self._lease(lease)
         try:
             self.run(core.mark(lease, "idle"))
         finally:
             self._dispatch(lease)
 
-    def busy(self, lease: Lease) -> None:
-        """Take a warm lease back into use; raises :class:`LeaseEvicted` if it was evicted."""
+    def busy(self, lease: Lease | str) -> None:
+        """Take a warm lease back into use; raises :class:`LeaseEvicted` if it is being evicted,
+        and :class:`LeaseLost` if it is lost."""
+        lease = self._lease(lease)
         try:
             self.run(core.mark(lease, "busy"))
         finally:
             self._dispatch(lease)
+
+    def held(self) -> list[Lease]:
+        """The leases this client holds, oldest first."""
+        return self._held.leases()
 
     def plan(
         self,
@@ -249,48 +271,157 @@ class Boss:
     ) -> list[Event]:
         """Events after each pool's cursor (an event id, or ``"$"`` for only new ones).
 
-        With ``block`` seconds, waits that long for the first one; continue from the last id seen
-        per pool.
+        With ``block`` seconds, waits up to that long for the first one (less if the connection's
+        read timeout is shorter); continue from the last id seen per pool.
         """
+        if block is not None and self._max_block is not None:
+            block = min(block, self._max_block)
         block_ms = None if block is None else int(block * 1000)
         return self.run(core.read_events(cursors, count, block_ms))
 
-    def _held_lease(self, lease: Lease, on_evict: EvictCallback | None) -> Lease:
-        lease._boss = self
-        lease.on_evict = on_evict
-        with self._listener_lock:
-            self._notices.register(lease)
+    # --- leases held -------------------------------------------------------------------------
+
+    def _lease(self, lease: Lease | str) -> Lease:
+        if isinstance(lease, Lease):
+            return lease
+        held = self._held.get(lease) if isinstance(lease, str) else None
+        if held is None:
+            raise LeaseNotHeld(f"this client holds no lease {lease!r}", lease=str(lease))
+        return held
+
+    def _acquire(self, ask: core.Ask) -> Lease:
         self._ensure_listener()
+        op = core.acquire(
+            ask.request, self.holder, self._clock, max_block=self._max_block, on_wait=ask.on_wait
+        )
+        self._held.acquiring(+1)
+        try:
+            lease = self._held.add(self.run(op))
+        finally:
+            self._held.acquiring(-1)
+        lease._boss = self
+        if ask.on_evict is not None:
+            lease.on_evict = ask.on_evict
+        if ask.keepalive:
+            self._keep(lease)
         self._dispatch(lease)
         return lease
 
+    def _give_back(self, lease: Lease) -> str | None:
+        """Release on leaving a lease's context; returns why it was lost, or None."""
+        try:
+            reason = self.run(core.close(lease))
+        except BackendUnavailable as err:
+            log.warning("could not release lease %s (it expires by itself): %s", lease.id, err)
+            reason = lease.lost_reason
+        self._held.discard(lease)
+        return reason
+
+    # --- the heartbeat worker ----------------------------------------------------------------
+
+    def _keep(self, lease: Lease) -> None:
+        """Have the heartbeat worker renew ``lease``: one worker renews every lease of the client."""
+        wait = core.next_beat(lease, failed=False)
+        lease._next_beat = self._clock() + (wait or 0.0)
+        lease.keepalive = True
+        with self._lock:
+            if self._keeper is None or not self._keeper.alive():
+                self._wake = backend.Signal()
+                self._keeper = backend.Worker(self._keep_alive, self._wake, name="gpuboss-heartbeats")
+            wake = self._wake
+        assert wake is not None
+        wake.set()
+
+    def _keep_alive(self, wake: backend.Signal) -> None:
+        while not self._closed:
+            soonest: float | None = None
+            for lease in self._held.leases():
+                if not lease.keepalive:
+                    continue
+                if lease._next_beat <= self._clock():
+                    self._beat(lease)
+                if lease.keepalive:
+                    soonest = lease._next_beat if soonest is None else min(soonest, lease._next_beat)
+            wake.wait(None if soonest is None else soonest - self._clock())
+            wake.clear()
+
+    def _beat(self, lease: Lease) -> None:
+        failed = False
+        try:
+            self.heartbeat(lease)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            lease.keepalive = False
+            self._held.discard(lease)
+            return
+        except GpubossError as exc:
+            log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
+            failed = True
+        wait = core.next_beat(lease, failed)
+        if wait is None:  # lost here (not renewed in time, or past its eviction deadline)
+            if not lease._released:
+                log.warning("lease %s is lost: %s", lease.id, lease.lost_reason)
+            lease.keepalive = False
+        else:
+            lease._next_beat = self._clock() + wait
+
+    def _stop(self) -> None:
+        """Tell the workers to stop (they end within a poll)."""
+        self._closed = True
+        if self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # an event loop that is gone already
+                self._wake.set()
+
+    def _release_at_exit(self) -> None:
+        """Give back what is still held when the interpreter exits (over a blocking connection)."""
+        leases = [x for x in self._held.leases() if not x._released]
+        if not leases:
+            return
+        self._stop()
+        client = backend.sync_twin(self.redis)
+        release = client.register_script(source("release"))
+        for lease in leases:
+            with contextlib.suppress(Exception):
+                core.drive(
+                    core.release(lease),
+                    lambda step: (
+                        release(keys=step.keys, args=step.args)
+                        if isinstance(step, Call)
+                        else client.execute_command(*step.args)
+                    ),
+                )
+
+    # --- eviction notices --------------------------------------------------------------------
+
     def _ensure_listener(self) -> None:
         """Subscribe to this client's notice channel, before acquiring, so no notice is missed."""
-        with self._listener_lock:
-            if self._listener is not None and self._listener.is_alive():
+        with self._lock:
+            if self._listener is not None and self._listener.alive():
                 return
-            pubsub = self.redis.pubsub()  # type: ignore[no-untyped-call]
-            try:
-                pubsub.subscribe(self.holder.notify)
-                pubsub.get_message(timeout=5.0)  # the confirmation: from now on notices reach us
-            except (redis.RedisError, OSError) as exc:
-                log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
-                pubsub.close()
-                return
-            self._listener = threading.Thread(
-                target=self._listen, args=(pubsub,), name="gpuboss-notices", daemon=True
-            )
-            self._listener.start()
+        pubsub = backend.pubsub(self.redis)
+        try:
+            pubsub.subscribe(self.holder.notify)
+            pubsub.get_message(timeout=5.0)  # the confirmation: from now on notices reach us
+        except (redis.RedisError, OSError) as exc:
+            log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
+            backend.close_pubsub(pubsub)
+            return
+        with self._lock:
+            started = self._listener is None or not self._listener.alive()
+            if started:
+                self._listener = backend.Worker(self._listen, pubsub, name="gpuboss-notices")
+        if not started:  # another caller won the race
+            backend.close_pubsub(pubsub)
 
     def _dispatch(self, lease: Lease) -> None:
         """Run ``on_evict`` once the first eviction notice arrived, then give the memory back."""
         if lease._take_notice() and lease.on_evict is not None:
-            threading.Thread(target=self._evict, args=(lease,), name=f"gpuboss-evict-{lease.id}").start()
+            backend.Worker(self._evict, lease, name=f"gpuboss-evict-{lease.id}")
 
     def _evict(self, lease: Lease) -> None:
         try:
             assert lease.on_evict is not None
-            lease.on_evict(lease)
+            backend.resolve(lease.on_evict(lease))
         except Exception:
             log.exception("on_evict of lease %s failed; releasing it anyway", lease.id)
         try:
@@ -301,75 +432,49 @@ class Boss:
     def _listen(self, pubsub: Any) -> None:
         # The fast path for eviction notices; heartbeat replies carry them too if this is down.
         try:
-            while not self._closed.is_set():
-                with self._listener_lock:
-                    if self._notices.idle():
+            while not self._closed:
+                with self._lock:
+                    if self._held.idle():
                         self._listener = None
                         return
                 try:
                     message = pubsub.get_message(timeout=0.25)
                 except (redis.ConnectionError, redis.TimeoutError, OSError):
-                    self._closed.wait(0.1)  # Redis away: redis-py reconnects and resubscribes
+                    backend.sleep(0.1)  # Redis away: redis-py reconnects and resubscribes
                     continue
                 except Exception as exc:  # e.g. the Redis client was closed under us
                     log.debug("eviction notices stop (heartbeats still carry them): %r", exc)
                     return
-                with self._listener_lock:
-                    lease = self._notices.on_message(message)
+                lease = self._held.on_message(message)
                 if lease is not None:
                     self._dispatch(lease)
         finally:
             with contextlib.suppress(Exception):
-                pubsub.close()
+                backend.close_pubsub(pubsub)
 
 
 class LeaseContext:
-    """The context manager :meth:`Boss.lease` returns."""
+    """The context manager :meth:`Boss.lease` returns; ``lease`` is the lease once entered."""
 
-    def __init__(self, boss: Boss, req: core.AcquireRequest, on_evict: EvictCallback | None) -> None:
+    def __init__(self, boss: Boss, ask: core.Ask) -> None:
         self._boss = boss
-        self._req = req
-        self._on_evict = on_evict
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ask = ask
         self.lease: Lease | None = None
 
     def __enter__(self) -> Lease:
-        self._boss._ensure_listener()
-        lease = self._boss.run(core.acquire(self._req, self._boss.holder, self._boss._clock))
-        self.lease = self._boss._held_lease(lease, self._on_evict)
-        self._thread = threading.Thread(
-            target=self._beat, args=(lease,), name=f"gpuboss-heartbeat-{lease.id}", daemon=True
-        )
-        self._thread.start()
-        return lease
-
-    def _beat(self, lease: Lease) -> None:
-        wait = core.next_beat(lease, failed=False)
-        while wait is not None and not self._stop.wait(wait):
-            failed = False
-            try:
-                self._boss.heartbeat(lease)
-            except LeaseLost as exc:
-                log.warning("%s", exc)
-                return
-            except GpubossError as exc:
-                log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
-                failed = True
-            wait = core.next_beat(lease, failed)
-        if wait is None:
-            log.warning("lease %s is lost: %s", lease.id, lease.lost_reason)
+        self.lease = self._boss._acquire(self._ask)
+        return self.lease
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self.lease is not None
-        assert self._thread is not None
-        self._stop.set()
-        self._thread.join()
-        try:
-            reason = self._boss.run(core.close(self.lease))
-        except BackendUnavailable as err:
-            log.warning("could not release lease %s (it expires by itself): %s", self.lease.id, err)
-            reason = self.lease.lost_reason
+        reason = self._boss._give_back(self.lease)
         core.raise_if_lost(self.lease, reason, exc)
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    for client in list(_clients):
+        with contextlib.suppress(Exception):
+            client._release_at_exit()

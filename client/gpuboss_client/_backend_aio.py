@@ -1,0 +1,105 @@
+"""Concurrency for :mod:`gpuboss_client.aio`: tasks, events and sleeps of asyncio.
+
+:mod:`gpuboss_client._backend_sync` offers the same names with threads, for the client that
+``client/unasync.py`` generates from ``aio.py``: the client's logic is written once, and only these
+few primitives differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+T = TypeVar("T")
+
+#: the Redis client type this backend drives
+Redis = aioredis.Redis
+PubSub = aioredis.client.PubSub
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+class Worker:
+    """A background task (a thread in the sync backend) running ``fn(*args)``."""
+
+    def __init__(self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any, name: str) -> None:
+        self._task = asyncio.get_running_loop().create_task(fn(*args), name=name)
+        _tasks.add(self._task)  # asyncio keeps only weak references to tasks
+        self._task.add_done_callback(_tasks.discard)
+
+    def alive(self) -> bool:
+        return not self._task.done()
+
+    async def join(self) -> None:
+        """Wait until it ends (it must have been told to stop)."""
+        if self._task is not asyncio.current_task():
+            await asyncio.wait([self._task])
+
+
+class Signal:
+    """A flag that wakes a worker waiting for it (asyncio.Event, or threading.Event)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self, timeout: float | None) -> bool:
+        """Wait until set or ``timeout`` seconds passed; returns whether it is set."""
+        if timeout is not None and timeout <= 0:
+            return self._event.is_set()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+async def sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def resolve(value: Awaitable[T] | T) -> T:
+    """A callback's result: awaited if it is awaitable (only this backend accepts async callbacks)."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+async def close_pubsub(pubsub: Any) -> None:
+    await pubsub.aclose()
+
+
+async def close_redis(client: Any) -> None:
+    await client.aclose()
+
+
+_TWIN_KWARGS = ("host", "port", "db", "username", "password", "path", "socket_timeout")
+
+
+def sync_twin(client: Any) -> Any:
+    """A blocking client for the same server (for the release at interpreter exit, when no event
+    loop runs any more)."""
+    import redis
+
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _TWIN_KWARGS or k.startswith("ssl_")}
+    connection_class = getattr(redis, pool.connection_class.__name__, redis.Connection)
+    sync_pool = redis.ConnectionPool(connection_class=connection_class, **kwargs)
+    return redis.Redis(connection_pool=sync_pool, decode_responses=True)
+
+
+def pubsub(client: Any) -> Any:
+    """A pub/sub connection of ``client``."""
+    return client.pubsub()

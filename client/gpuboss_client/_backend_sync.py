@@ -1,0 +1,83 @@
+"""Concurrency for :mod:`gpuboss_client.sync`: threads, events and sleeps.
+
+The same names as :mod:`gpuboss_client._backend_aio`, for the client generated from ``aio.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
+import redis.client
+
+T = TypeVar("T")
+
+#: the Redis client type this backend drives
+Redis = redis.Redis
+PubSub = redis.client.PubSub
+
+
+class Worker:
+    """A daemon thread running ``fn(*args)``."""
+
+    def __init__(self, fn: Callable[..., None], *args: Any, name: str) -> None:
+        self._thread = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        """Wait until it ends (it must have been told to stop)."""
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class Signal:
+    """A flag that wakes a worker waiting for it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until set or ``timeout`` seconds passed; returns whether it is set."""
+        return self._event.wait(None if timeout is None else max(0.0, timeout))
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def resolve(value: T) -> T:
+    """A callback's result, as it is (the sync client takes plain callbacks)."""
+    return value
+
+
+def close_pubsub(pubsub: Any) -> None:
+    pubsub.close()
+
+
+def close_redis(client: Any) -> None:
+    client.close()
+
+
+def sync_twin(client: Any) -> Any:
+    """A blocking client for the same server: this one."""
+    return client
+
+
+def pubsub(client: Any) -> Any:
+    """A pub/sub connection of ``client``."""
+    return client.pubsub()

@@ -715,24 +715,14 @@ async def acquire(
         vram=body.vram, vram_gb=body.vram_gb, priority=body.priority, device=body.device, pool=body.pool,
         ttl=body.ttl_s, timeout=timeout, labels=body.labels, request_id=body.request_id,
         preemptible=body.preemptible, grace=body.grace_s, exclusive=body.exclusive, devices=body.devices,
+        max_queue=settings.max_queue,
     )  # fmt: skip
     client_host = request.client.host if request.client else ""
-    # No pub/sub channel: an HTTP holder learns of eviction from its heartbeat replies.
+    # No pub/sub channel: an HTTP holder learns of eviction from its heartbeat replies. The queue
+    # cap is checked inside the acquire script (a retry of a request that waits already passes).
     holder = ops.Holder(who.holder_for(body.holder), body.host or client_host, body.pid or 0, notify="")
-    if timeout > 0:
-        await _check_queue(boss, req, settings.max_queue)
-    lease = await boss.run(ops.acquire(req, holder, time.monotonic))
+    lease = await boss.run(ops.acquire(req, holder, time.monotonic, max_block=boss._max_block))
     return lease.info.to_dict() | {"env": lease.env}
-
-
-async def _check_queue(boss: AsyncBoss, req: ops.AcquireRequest, cap: int) -> None:
-    # A soft cap (checked before acquiring, not inside the script); a retry of a request that is
-    # already waiting passes.
-    queue = req.keys.queue
-    if await _redis_call("ZCARD", boss.redis.zcard(queue)) < cap:
-        return
-    if await _redis_call("ZSCORE", boss.redis.zscore(queue, req.id)) is None:
-        raise QueueFull(f"pool {req.keys.pool} already has {cap} waiters; try again later")
 
 
 @router.post(

@@ -19,8 +19,13 @@ __all__ = ["Reaper"]
 log = logging.getLogger("gpuboss.reaper")
 
 
+#: passes between two repairs of the pool registry (a scan of the keyspace: not every pass)
+REPAIR_EVERY = 60
+
+
 class Reaper(BackgroundLoop):
-    """Calls :meth:`AsyncBoss.reap` every ``interval_s`` seconds in a background task.
+    """Calls :meth:`AsyncBoss.reap` every ``interval_s`` seconds in a background task, and now and
+    then :meth:`AsyncBoss.repair_pools`.
 
     A failed pass (Redis unreachable) is logged once per outage and tried again at the next
     interval; :meth:`stop` cancels the loop and waits for it.
@@ -42,6 +47,11 @@ class Reaper(BackgroundLoop):
         failing = False
         while not self._stopping:
             try:
+                if self.passes % REPAIR_EVERY == 0:  # at the start, then now and then
+                    for pool in await self.boss.repair_pools():
+                        log.warning(
+                            "pool %s had devices but was missing from the pool registry: restored", pool
+                        )
                 n = await self.boss.reap()
             except Exception as exc:  # outages above all; the reaper must outlive them
                 if not failing:

@@ -14,7 +14,8 @@ prints ``HOLDING <lease id> <token> <notify channel>`` and waits to be evicted:
   prints ``UNLOADED <bytes still resident>``; the client then releases the lease by itself, which
   the holder sees as ``lease.lost`` with the reason ``released`` and prints ``RELEASED <reason>``;
 - with ``--ignore`` it has no ``on_evict`` and never releases: it waits until its lease is lost
-  (its heartbeats find it revoked), then asks Redis itself: ``BEAT <error> <code> <state>`` for its
+  (at the eviction deadline less the client's margin), prints ``LOST <Redis ms> <reason>``, waits
+  until Redis's clock has passed the deadline, then asks Redis itself: ``BEAT <error> <code> <state>`` for its
   own heartbeat, and ``RELEASE <error> <code> <state>`` (or ``RELEASE ok``) for a release with the
   old token.
 
@@ -37,6 +38,12 @@ WAIT_S = 60.0  # bound on every wait: the test kills the process long before
 
 def say(*words: object) -> None:
     print(*words, flush=True)
+
+
+def redis_ms(boss: Boss) -> int:
+    """Redis's clock, ms."""
+    sec, usec = boss.redis.time()
+    return int(sec) * 1000 + int(usec) // 1000
 
 
 def mono_ns() -> int:
@@ -89,6 +96,11 @@ def hold(args: argparse.Namespace) -> None:
             while not lease.lost and time.monotonic() < deadline:
                 tick.wait(0.005)
             if args.ignore:
+                # Lost at the eviction deadline less the margin, before the server revokes it;
+                # then, once Redis's clock is past the deadline, it asks Redis.
+                say("LOST", redis_ms(boss), lease.lost_reason)
+                while redis_ms(boss) <= (lease.evict_deadline_ms or 0) and time.monotonic() < deadline:
+                    tick.wait(0.005)
                 try:
                     info = boss.heartbeat(lease)
                     say("BEAT ok", info.state)

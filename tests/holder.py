@@ -106,7 +106,12 @@ def wait(args: argparse.Namespace) -> None:
     boss = Boss.from_url(url(), holder=args.holder)
     say("WAITING", args.request_id)
     lease = boss.acquire(
-        args.mib, pool=args.pool, timeout=args.timeout, request_id=args.request_id, keepalive=False, **ttl(args)
+        args.mib,
+        pool=args.pool,
+        timeout=args.timeout,
+        request_id=args.request_id,
+        keepalive=False,
+        **ttl(args),
     )
     say("GRANTED", lease.id, lease.token)
     threading.Event().wait()  # until killed

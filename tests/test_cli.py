@@ -397,7 +397,10 @@ def test_reap_ends_expired_leases(admin: Boss, redis_url: str, real_redis: redis
     admin.add_device("gpu0", "8GiB")
     admin.add_device("b0", "8GiB", pool="big")
     keep = admin.acquire("1GiB", ttl=60)
-    short = [admin.acquire("1GiB", ttl=0.3), admin.acquire("1GiB", pool="big", ttl=0.3)]
+    short = [
+        admin.acquire("1GiB", ttl=0.3, keepalive=False),
+        admin.acquire("1GiB", pool="big", ttl=0.3, keepalive=False),
+    ]
     expires_ms = max(x.info.expires_at_ms or 0 for x in short)
     # Wait on Redis's clock (the one the scripts use); no script runs meanwhile, so nothing reaps.
     deadline_s, start_s = 10.0, real_redis.time()[0]

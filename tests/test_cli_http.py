@@ -245,7 +245,7 @@ def actions(where: list[str], admin: Boss, real_redis: redis.Redis) -> list[tupl
     run("pool", "configure", "--min-residency", "5", "--aging", "30")
     run("pool", "configure", "--pool", "big", "--aging", "2.5")
     held = admin.acquire("2GiB", request_id="held", ttl=60)
-    short = admin.acquire("1GiB", request_id="short", pool="big", ttl=0.05)
+    short = admin.acquire("1GiB", request_id="short", pool="big", ttl=0.05, keepalive=False)
     expires_ms = short.info.expires_at_ms or 0
     wait_for("the short lease to expire on Redis's clock", lambda: redis_ms(real_redis) > expires_ms)
     run("reap", "--pool", "default")

@@ -23,6 +23,8 @@ from gpuboss_client import (
     ops,
     status_document,
 )
+from gpuboss_client import _core as core
+from gpuboss_client.keys import POOLS
 
 
 @pytest.fixture
@@ -147,3 +149,44 @@ def test_json_round_trips(pool_boss: Boss) -> None:
     assert doc["devices"][0]["free_mib"] == 10 * 1024 - 1024
     with pytest.raises(Exception, match="malformed"):
         LeaseInfo.from_dict({"id": "x"})
+
+
+# --- the pool registry ----------------------------------------------------------------------------
+
+
+def _step(boss: Boss, step: core.Step) -> object:
+    if isinstance(step, core.Call):
+        return boss._scripts[step.script](keys=step.keys, args=step.args)
+    return boss.redis.execute_command(*step.args)
+
+
+def test_a_device_added_while_the_last_one_goes_keeps_its_pool_registered(boss: Boss) -> None:
+    """Removing a pool's last device and adding one race: the removal's script runs, then the whole
+    addition (script and registration), then the removal drops the pool from the registry. The
+    pool has a device, so it must stay registered (it did not: the pool vanished from status)."""
+    r = boss.redis
+    boss.add_device("gpu0", "8GiB", pool="p")
+    removal = core.remove_device("gpu0", pool="p", force=False)
+    step = removal.send(None)
+    step = removal.send(_step(boss, step))  # the script ran: the pool has no device now
+    assert step == core.Command(("SREM", POOLS, "p"))
+    boss.add_device("gpu1", "8GiB", pool="p")  # script, then SADD: all of it in between
+    with pytest.raises(StopIteration):
+        while True:
+            step = removal.send(_step(boss, step))
+
+    assert r.smembers(POOLS) == {"p"}
+    assert [d.name for d in boss.devices()] == ["gpu1"]
+
+
+def test_repair_pools_puts_back_a_pool_with_devices(boss: Boss) -> None:
+    r = boss.redis
+    boss.add_device("gpu0", "8GiB", pool="a")
+    boss.add_device("gpu0", "8GiB", pool="b")
+    r.srem(POOLS, "b")  # as if its client died between the script and the registration
+    assert [s.pool for s in boss.status()] == ["a"]
+
+    assert boss.repair_pools() == ["b"]
+
+    assert [s.pool for s in boss.status()] == ["a", "b"]
+    assert boss.repair_pools() == []

@@ -428,7 +428,7 @@ def test_release_is_idempotent_for_the_holder(boss: Boss) -> None:
 
 def test_release_of_an_expired_lease_raises_lease_lost(boss: Boss) -> None:
     boss.add_device("gpu0", 24 * GiB)
-    lease = boss.acquire(8 * GiB, ttl=0.05)
+    lease = boss.acquire(8 * GiB, ttl=0.05, keepalive=False)
     assert lease.info.expires_at_ms is not None
     wait_past(boss.redis, lease.info.expires_at_ms)
     log = Events(boss.redis)
@@ -519,7 +519,7 @@ def _cancel(boss: Boss, lease_id: str) -> None:
 
 def test_reap_ends_expired_leases_and_abandoned_waiters(boss: Boss) -> None:
     boss.add_device("gpu0", 8 * GiB)
-    dead = boss.acquire(8 * GiB, ttl=0.1)
+    dead = boss.acquire(8 * GiB, ttl=0.1, keepalive=False)
     enqueue(boss, 8 * GiB, "gone", ttl=0.1)  # stops polling: abandoned
     log = Events(boss.redis)
     expiry = boss.redis.zrange(POOL.expiry, -1, -1, withscores=True)[0][1]
@@ -534,7 +534,7 @@ def test_reap_ends_expired_leases_and_abandoned_waiters(boss: Boss) -> None:
 
 def test_reap_grants_the_waiter_behind_an_expired_holder(boss: Boss) -> None:
     boss.add_device("gpu0", 8 * GiB)
-    dead = boss.acquire(8 * GiB, ttl=0.1)
+    dead = boss.acquire(8 * GiB, ttl=0.1, keepalive=False)
     w = enqueue(boss, 8 * GiB, "w", ttl=60)
     log = Events(boss.redis)
     assert dead.info.expires_at_ms is not None
@@ -547,7 +547,7 @@ def test_reap_grants_the_waiter_behind_an_expired_holder(boss: Boss) -> None:
 
 def test_every_script_reaps_in_passing(boss: Boss) -> None:
     boss.add_device("gpu0", 8 * GiB)
-    dead = boss.acquire(8 * GiB, ttl=0.1)
+    dead = boss.acquire(8 * GiB, ttl=0.1, keepalive=False)
     assert dead.info.expires_at_ms is not None
     wait_past(boss.redis, dead.info.expires_at_ms)
     log = Events(boss.redis)
@@ -557,7 +557,7 @@ def test_every_script_reaps_in_passing(boss: Boss) -> None:
     assert used(boss) == 8 * GiB
     # A read-only listing reaps too.
     boss.release(fresh)
-    short = boss.acquire(1, ttl=0.05)
+    short = boss.acquire(1, ttl=0.05, keepalive=False)
     assert short.info.expires_at_ms is not None
     wait_past(boss.redis, short.info.expires_at_ms)
     assert boss.status()[0].granted == 0
@@ -566,7 +566,7 @@ def test_every_script_reaps_in_passing(boss: Boss) -> None:
 
 def test_memory_reaped_in_passing_is_not_granted_twice(boss: Boss) -> None:
     boss.add_device("gpu0", 16 * GiB)
-    dead = boss.acquire(16 * GiB, ttl=0.1)
+    dead = boss.acquire(16 * GiB, ttl=0.1, keepalive=False)
     w = enqueue(boss, 16 * GiB, "w", ttl=60)
     assert dead.info.expires_at_ms is not None
     wait_past(boss.redis, dead.info.expires_at_ms)

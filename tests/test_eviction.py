@@ -44,6 +44,7 @@ from gpuboss_client import (
     LeaseNotHeld,
     Plan,
     PoolKeys,
+    _backend_aio,
 )
 from gpuboss_client import _core as core
 
@@ -748,7 +749,8 @@ def test_async_idle_busy_plan_and_an_async_on_evict(tier: Tier) -> None:
             assert await asr_client.plan("8GiB", priority=ASR) == Plan("evict", "gpu0", ("tts",))
             lease = await asr_client.acquire("8GiB", priority=ASR, ttl=60, timeout=5, request_id="asr")
             assert lease.device == "gpu0"
-            await asyncio.gather(*tts_client._tasks)  # the task that ran unload and released
+            evicts = [t for t in _backend_aio._tasks if t.get_name() == "gpuboss-evict-tts"]
+            await asyncio.gather(*evicts)  # the task that ran unload and released
             await asr_client.release(lease)
 
     asyncio.run(main())

@@ -162,6 +162,10 @@ def test_holder_that_ignores_the_notice_is_revoked_at_the_deadline(
     print(f"\ngranted {late_ms:+d} ms from the eviction deadline (Redis clock)")
     # Not before the deadline (the victim never gave the memory back), and at most 250 ms after.
     assert 0 <= late_ms <= 250
+    # The holder gave the lease up by itself before the deadline (its fence), not after.
+    _, lost_ms, *reason = holder.expect("LOST")
+    assert int(lost_ms) <= deadline_ms
+    assert " ".join(reason) == "not given back before the eviction deadline"
 
     revoked = lease_hash(real_redis, victim)
     assert revoked["state"] == "revoked"

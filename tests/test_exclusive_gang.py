@@ -207,7 +207,9 @@ def test_exclusive_goes_to_an_empty_device_and_keeps_everyone_else_off_it(boss: 
 def test_exclusive_field_goes_when_the_lease_ends(boss: Boss, how: str) -> None:
     r = boss.redis
     boss.add_device("gpu0", "8GiB")
-    excl = boss.acquire("2GiB", exclusive=True, ttl=0.05 if how == "expire" else 60, request_id="x")
+    excl = boss.acquire(
+        "2GiB", exclusive=True, ttl=0.05 if how == "expire" else 60, keepalive=False, request_id="x"
+    )
     assert exclusive_of(r) == "x"
     if how != "expire":  # (with a short ttl, this could already find it expired)
         with pytest.raises(AcquireTimeout):
@@ -509,7 +511,9 @@ def test_ending_a_gang_frees_every_device(boss: Boss, how: str) -> None:
     r = boss.redis
     host(boss, "node-a", "16GiB", "16GiB", "16GiB")
     single = boss.acquire("2GiB", device="gpu1", ttl=60)
-    gang = boss.acquire("4GiB", devices=3, ttl=0.05 if how == "expire" else 60, request_id="g")
+    gang = boss.acquire(
+        "4GiB", devices=3, ttl=0.05 if how == "expire" else 60, keepalive=False, request_id="g"
+    )
     assert gang.devices == ("gpu1", "gpu0", "gpu2")  # best fit first: gpu1 has the least room
     assert [used(r, d) for d in ("gpu0", "gpu1", "gpu2")] == [4 * GiB, 6 * GiB, 4 * GiB]
     assert all(r.sismember(POOL.device_leases(d), "g") for d in gang.devices)

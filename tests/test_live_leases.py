@@ -122,7 +122,9 @@ def test_every_end_of_a_lease_removes_its_line(boss: Boss, how: str) -> None:
     boss.add_device("gpu0", 24 * GiB)
     boss.acquire(GiB, ttl=60, request_id="keep", device="gpu0")
     boss.add_device("gpu1", 24 * GiB)
-    lease = boss.acquire(2 * GiB, ttl=0.2 if how == "expire" else 60, request_id="goes", device="gpu1")
+    lease = boss.acquire(
+        2 * GiB, ttl=0.2 if how == "expire" else 60, keepalive=False, request_id="goes", device="gpu1"
+    )
     assert "goes" in live(r)
     if how == "release":
         boss.release(lease)

@@ -225,7 +225,7 @@ from gpuboss_client import Boss, scripts
 boss = Boss.from_url(sys.argv[1], holder="wheel-check")
 boss.add_device("gpu0", "24GiB", cuda_index=0)
 with boss.lease("8GiB", ttl=30, timeout=10) as lease:
-    print(lease)
+    print(repr(lease))
     used = boss.devices()[0].used_mib
 print(json.dumps({
     "lease": lease.id, "device": lease.device, "mib": lease.mib, "token": lease.token,

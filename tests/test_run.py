@@ -503,8 +503,9 @@ def test_acquire_timeout_exits_11_and_leaves_nothing(
     w = start(wrappers, redis_url, "--vram", "1GiB", "--timeout", "0.3", *child("--code", "0"))
     code, out, err = w.finish()
     assert (code, out) == (11, [])  # the command never ran
-    assert len(err) == 1, err
-    assert err[0].startswith("error[acquire_timeout]: 1024 MiB not granted"), err
+    assert len(err) == 2, err
+    assert err[0].startswith("gpuboss run: waiting in pool default: no device has room"), err
+    assert err[1].startswith("error[acquire_timeout]: 1024 MiB not granted"), err
     assert [x.id for x in admin.leases()] == [mine.id]  # no waiter left behind
     assert used(real_redis) == DEVICE_MIB
     admin.release(mine)
@@ -521,7 +522,9 @@ def test_a_signal_while_waiting_leaves_the_queue(
     w.signal(sig)
     code, out, err = w.finish()
     assert (code, out) == (128 + sig, [])
-    assert err == [f"gpuboss run: {sig.name} while waiting for the lease: gave up the request"]
+    # How the wait stood (nothing fits; the estimate is the holder's expiry), then why it ended.
+    assert err[0].startswith("gpuboss run: waiting in pool default: no device has room (about "), err
+    assert err[1:] == [f"gpuboss run: {sig.name} while waiting for the lease: gave up the request"]
     assert [x.id for x in admin.leases()] == [mine.id]
     assert state(real_redis, waiter.id) == "force_released"
     admin.release(mine)

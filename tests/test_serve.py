@@ -190,10 +190,10 @@ def test_new_user_gets_a_durable_embedded_redis(tmp_path: Path, served: list[Ser
     http = _ready(base, first.proc)
 
     over_http = _lease_over_http(http, "8GiB", "http-user")
-    with Boss.from_url(url, holder="py-user") as boss:
-        lease = boss.acquire("4GiB", ttl=3600, timeout=5)
-        assert lease.device == "gpu0"
-        assert {over_http["id"], lease.id} <= set(_live(http))
+    boss = Boss.from_url(url, holder="py-user")  # not closed: closing would release the lease
+    lease = boss.acquire("4GiB", ttl=3600, timeout=5, keepalive=False)
+    assert lease.device == "gpu0"
+    assert {over_http["id"], lease.id} <= set(_live(http))
     http.close()
 
     assert first.stop(signal.SIGTERM) == 0, first.seen

@@ -38,7 +38,17 @@ from typing import Annotated
 
 import typer
 
-from gpuboss_client import BadRequest, Boss, GpubossError, Lease, LeaseContext, LeaseEvicted, LeaseLost
+from gpuboss_client import (
+    BadRequest,
+    Boss,
+    GpubossError,
+    Lease,
+    LeaseContext,
+    LeaseEvicted,
+    LeaseLost,
+    WaitState,
+)
+from gpuboss_client.ops import DEFAULT_TTL
 
 from .render import human_mib
 
@@ -89,6 +99,10 @@ class _Say:
 
     def problem(self, line: str) -> None:
         typer.echo(f"gpuboss run: {line}", err=True)
+
+    def waiting(self, state: WaitState) -> None:
+        """How the wait for the lease stands, each time it changes."""
+        self.info(state.describe(time.monotonic()))
 
 
 def _signame(signum: int) -> str:
@@ -529,7 +543,7 @@ def run(
     ] = 10.0,
     ttl: Annotated[
         float, typer.Option("--ttl", metavar="SECONDS", help="The lease expires this long after a crash.")
-    ] = 10.0,
+    ] = DEFAULT_TTL,
     timeout: Annotated[
         float | None,
         typer.Option("--timeout", metavar="SECONDS", help="Give up waiting for the lease (default: wait)."),
@@ -565,21 +579,13 @@ def run(
     ):
         say.problem(f"{argv[0]}: command not found")  # before asking for any memory
         raise typer.Exit(NOT_FOUND)
-    with _client_logging(quiet), connect(ctx, block_s=ttl / 3 if 0 < ttl <= 86400 else 0.0) as cli_boss:
+    with _client_logging(quiet), connect(ctx) as cli_boss:
         if not isinstance(cli_boss, Boss):
             raise BadRequest(
                 "gpuboss run holds its lease through Redis, not through a boss service: "
                 "give --redis-url (or GPUBOSS_REDIS_URL)"
             )
         labels = _labels(label)
-        # While queued, the client blocks in Redis for up to a third of the TTL at a time; the
-        # connection's read timeout must outlast that.
-        read_timeout = cli_boss.redis.connection_pool.connection_kwargs.get("socket_timeout")
-        if isinstance(read_timeout, int | float) and ttl / 3 + 1 > read_timeout:
-            raise BadRequest(
-                f"--ttl {ttl:g} is too long for a Redis timeout of {read_timeout:g} s: "
-                f"use at most {3 * (read_timeout - 1):g} s, or raise GPUBOSS_REDIS_TIMEOUT_S"
-            )
         boss = Boss(cli_boss.redis, holder=holder if holder is not None else os.path.basename(argv[0]))
         runner = _Runner(
             boss, argv, say, pool=pool, grace=grace, idle_ok=idle_ok, own_group=not _foreground_job()
@@ -587,7 +593,7 @@ def run(
         lease = functools.partial(
             boss.lease, vram, vram_gb=vram_gb, priority=priority, device=device, pool=pool, ttl=ttl,
             timeout=timeout, labels=labels, preemptible=preemptible or idle_ok, grace=grace,
-            exclusive=exclusive, devices=devices,
+            exclusive=exclusive, devices=devices, on_wait=say.waiting,
         )  # fmt: skip
         try:
             code = runner.main(lease)

@@ -964,7 +964,33 @@ def remove_device(name: str, *, pool: str, force: bool) -> Op[None]:
         if code == "ok":
             break
     if f["devices"] == 0:
+        # The registry lives outside the pool's slot, so no script can keep it in step. A device
+        # added between the script and this SREM (its own SADD came first) must not lose the pool:
+        # look again after removing it, and put it back if the pool has a device by then.
         yield Command(("SREM", POOLS, pool))
+        if (yield Command(("SCARD", keys.devices))):
+            yield Command(("SADD", POOLS, pool))
+
+
+def repair_pools() -> Op[list[str]]:
+    """Register every pool that has devices but is missing from the pool registry (after a client
+    died between a device's script and its registration); returns the pools put back. It scans the
+    keyspace, so the reaper runs it now and then, never the hot path."""
+    pattern = PoolKeys("*").devices  # "gpuboss:{*}:v1:devices": { } are plain characters to SCAN
+    known = {_text(p) for p in (yield Command(("SMEMBERS", POOLS)))}
+    found: list[str] = []
+    cursor = "0"
+    while True:
+        cursor, keys = yield Command(("SCAN", cursor, "MATCH", pattern, "COUNT", 1000, "TYPE", "set"))
+        for key in keys:
+            pool = _text(key).split("{", 1)[1].rsplit("}", 1)[0]
+            if pool not in known and valid_pool(pool) and (yield Command(("SCARD", _text(key)))):
+                yield Command(("SADD", POOLS, pool))
+                known.add(pool)
+                found.append(pool)
+        cursor = _text(cursor)
+        if cursor == "0":
+            return found
 
 
 def _pools(pool: str | None) -> Op[list[PoolKeys]]:

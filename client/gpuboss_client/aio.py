@@ -258,6 +258,11 @@ class AsyncBoss:
         """End expired leases and abandoned waiters now; returns how many."""
         return await self.run(core.reap(pool))
 
+    async def repair_pools(self) -> list[str]:
+        """Operator: put pools that have devices back in the pool registry; returns them. (It
+        scans the keyspace; the boss's reaper runs it now and then.)"""
+        return await self.run(core.repair_pools())
+
     async def findings(self, pool: str | None = None) -> list[core.Findings]:
         """What the NVML agent measured in ``pool`` or in every pool: device health, leases'
         real use and findings, peaks per label."""
@@ -355,7 +360,7 @@ class AsyncBoss:
             lease.keepalive = False
             self._held.discard(lease)
             return
-        except GpubossError as exc:
+        except Exception as exc:  # Redis away, or the client closed under us: try again sooner
             log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
             failed = True
         wait = core.next_beat(lease, failed)
@@ -427,7 +432,7 @@ class AsyncBoss:
             log.exception("on_evict of lease %s failed; releasing it anyway", lease.id)
         try:
             await self.release(lease)
-        except GpubossError as exc:
+        except Exception as exc:  # it expires, or is revoked, by itself
             log.warning("could not release evicted lease %s: %s", lease.id, exc)
 
     async def _listen(self, pubsub: Any) -> None:

@@ -6,8 +6,12 @@ wrappers around them. The boss service uses them to act for HTTP holders, who pr
 """
 
 from ._core import (
+    DEFAULT_GRACE,
+    DEFAULT_POOL,
+    DEFAULT_TTL,
     MAX_EVENTS,
     MAX_READINGS,
+    AcquireOptions,
     AcquireRequest,
     Beat,
     DeviceHealth,
@@ -29,8 +33,12 @@ from ._core import (
 )
 
 __all__ = [
+    "DEFAULT_GRACE",
+    "DEFAULT_POOL",
+    "DEFAULT_TTL",
     "MAX_EVENTS",
     "MAX_READINGS",
+    "AcquireOptions",
     "AcquireRequest",
     "Beat",
     "DeviceHealth",

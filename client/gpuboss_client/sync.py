@@ -257,6 +257,11 @@ class Boss:
         """End expired leases and abandoned waiters now; returns how many."""
         return self.run(core.reap(pool))
 
+    def repair_pools(self) -> list[str]:
+        """Operator: put pools that have devices back in the pool registry; returns them. (It
+        scans the keyspace; the boss's reaper runs it now and then.)"""
+        return self.run(core.repair_pools())
+
     def findings(self, pool: str | None = None) -> list[core.Findings]:
         """What the NVML agent measured in ``pool`` or in every pool: device health, leases'
         real use and findings, peaks per label."""
@@ -354,7 +359,7 @@ class Boss:
             lease.keepalive = False
             self._held.discard(lease)
             return
-        except GpubossError as exc:
+        except Exception as exc:  # Redis away, or the client closed under us: try again sooner
             log.warning("heartbeat of lease %s failed: %s", lease.id, exc)
             failed = True
         wait = core.next_beat(lease, failed)
@@ -426,7 +431,7 @@ class Boss:
             log.exception("on_evict of lease %s failed; releasing it anyway", lease.id)
         try:
             self.release(lease)
-        except GpubossError as exc:
+        except Exception as exc:  # it expires, or is revoked, by itself
             log.warning("could not release evicted lease %s: %s", lease.id, exc)
 
     def _listen(self, pubsub: Any) -> None:

@@ -30,6 +30,7 @@ RULES: list[tuple[str, str]] = [
     (r"\basync with\b", "with"),
     (r"\bawait ", ""),
     (r"\bAsyncBoss\b", "Boss"),
+    (r"\bAsyncIterator\b", "Iterator"),
     (r"\bAsyncLeaseContext\b", "LeaseContext"),
     (r"\b__aenter__\b", "__enter__"),
     (r"\b__aexit__\b", "__exit__"),

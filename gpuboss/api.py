@@ -853,7 +853,7 @@ async def stream_events(
     resume = _parse_event_id(last_event_id) if last_event_id else None
     sub = hub.subscribe(pool)  # before reading the backlog, so nothing falls between the two
     try:
-        backlog = await _backlog(boss, hub, pool, last, resume)
+        backlog = await _backlog(boss, pool, last, resume)
     except BaseException:
         sub.close()
         raise
@@ -872,20 +872,16 @@ def _parse_event_id(text: str) -> tuple[str, str]:
 
 
 async def _backlog(
-    boss: AsyncBoss, hub: EventHub, pool: str | None, last: int, resume: tuple[str, str] | None
+    boss: AsyncBoss, pool: str | None, last: int, resume: tuple[str, str] | None
 ) -> list[Event]:
     if resume is None:
         return await boss.events(pool, count=last) if last else []
     # Entry ids are Redis times, so the resumed id is also the right cursor for the other pools.
-    pools = [pool] if pool is not None else sorted({*await _redis_call("SMEMBERS", hub.pools()), resume[0]})
-    cursors = dict.fromkeys(pools, resume[1])
     out: list[Event] = []
-    while len(out) < REPLAY_MAX:
-        page = await boss.tail_events(cursors, count=ops.MAX_EVENTS)
-        if not page:
+    async for event in boss.follow(pool, after=resume[1], block=None):
+        out.append(event)
+        if len(out) >= REPLAY_MAX:
             break
-        out += page
-        cursors.update((e.pool, e.id) for e in page)
     return out
 
 

@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from types import TracebackType
 
 from gpuboss_client import AsyncBoss, Event
-from gpuboss_client.keys import POOLS, valid_pool
-from gpuboss_client.ops import MAX_EVENTS
 
 from .background import BackgroundLoop
 
@@ -128,13 +125,6 @@ class EventHub(BackgroundLoop):
         self._subscribers.add(sub)
         return sub
 
-    async def pools(self) -> list[str]:
-        """The pools that have devices now."""
-        members = await self.boss.redis.smembers(POOLS)
-        return sorted(
-            p for p in (m.decode() if isinstance(m, bytes) else m for m in members) if valid_pool(p)
-        )
-
     async def stop(self) -> None:
         """Stop tailing and end every subscription."""
         await super().stop()
@@ -142,41 +132,29 @@ class EventHub(BackgroundLoop):
             sub.close()
 
     async def run(self) -> None:
-        """Tail until cancelled."""
-        start: str | None = None
+        """Tail until cancelled: one :meth:`AsyncBoss.follow` of every pool, resumed after an outage
+        where each pool was left (a pool that appears starts at the hub's start)."""
+        start: dict[str, str] | None = None
         failing = False
-        refreshed = -math.inf
-        loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
                 if start is None:
-                    sec, usec = await self.boss.redis.time()
-                    start = f"{int(sec) * 1000 + int(usec) // 1000}-0"
+                    start = await self.boss.event_cursors()
                     self.tailing.set()
-                # The pool list is read at most once per block period, not on every event: a new
-                # pool's cursor starts at the hub's start, so none of its events is missed.
-                if loop.time() - refreshed >= self.block_s:
-                    for pool in await self.pools():
-                        self._cursors.setdefault(pool, start)
-                    refreshed = loop.time()
-                if not self._cursors:
-                    await asyncio.sleep(self.block_s)  # no pool yet; nothing to block on
-                    continue
-                events = await self.boss.tail_events(self._cursors, count=MAX_EVENTS, block=self.block_s)
+                async for event in self.boss.follow(after=start | self._cursors, block=self.block_s):
+                    if failing:
+                        log.info("event hub reads events again")
+                        failing = False
+                    self._cursors[event.pool] = event.id
+                    key = (event.pool, event.name)
+                    self.counts[key] = self.counts.get(key, 0) + 1
+                    self.publish(event)
+                return  # the client was closed
             except Exception as exc:  # outages above all; the hub must outlive them
                 if not failing:
                     log.warning("event hub cannot read events (retrying every %s s): %s", self.retry_s, exc)
                 failing = True
                 await asyncio.sleep(self.retry_s)
-                continue
-            if failing:
-                log.info("event hub reads events again")
-                failing = False
-            for event in events:
-                self._cursors[event.pool] = event.id
-                key = (event.pool, event.name)
-                self.counts[key] = self.counts.get(key, 0) + 1
-                self.publish(event)
 
     def publish(self, event: Event) -> None:
         """Hand ``event`` to every subscriber; drop those whose queue is full."""

@@ -197,3 +197,32 @@ def test_repair_pools_puts_back_a_pool_with_devices(boss: Boss) -> None:
 
     assert [s.pool for s in boss.status()] == ["a", "b"]
     assert boss.repair_pools() == []
+
+
+# --- following events ----------------------------------------------------------------------------
+
+
+def test_follow_reads_each_event_of_every_pool_once_new_pools_included(boss: Boss) -> None:
+    boss.add_device("gpu0", "8GiB", pool="a")
+    start = boss.event_cursors()
+    assert set(start) == {"a", "*"}
+    boss.add_device("gpu1", "8GiB", pool="a")
+    boss.add_device("gpu0", "8GiB", pool="b")  # a pool that appears after the start
+
+    got = [(e.pool, e.name, e.fields["device"]) for e in boss.follow(after=start, block=None)]
+
+    assert got == [("a", "device_added", "gpu1"), ("b", "device_added", "gpu0")]
+    every = [(e.pool, e.fields["device"]) for e in boss.follow("a", after="0-0", block=None)]
+    assert every == [("a", "gpu0"), ("a", "gpu1")]
+    assert list(boss.follow("b", after=start, block=None))[0].pool == "b"
+
+
+def test_follow_blocks_until_the_next_event(real_redis: redis.Redis) -> None:
+    boss = Boss(real_redis, holder="reader")
+    boss.add_device("gpu0", "8GiB")
+    events = boss.follow(block=5.0)
+    t, out = in_thread(lambda: next(events))
+    wait_for("the reader to block", lambda: any(c.get("cmd") == "xread" for c in real_redis.client_list()))
+    boss.add_device("gpu1", "8GiB")
+    t.join(5)
+    assert out["value"].fields["device"] == "gpu1"

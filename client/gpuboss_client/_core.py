@@ -1104,6 +1104,67 @@ def read_events(cursors: Mapping[str, str], count: int, block_ms: int | None) ->
     return out
 
 
+#: the largest sequence number of a stream entry id
+MAX_SEQ = 2**64 - 1
+
+
+#: the key of :func:`event_cursors` for pools that appear later (no pool has this name)
+LATER = "*"
+
+
+def event_cursors(pool: str | None) -> Op[dict[str, str]]:
+    """Where the event streams of ``pool`` (or every pool) end now: each pool's last event id, and
+    under :data:`LATER` the cursor for pools that appear later. Following from there misses
+    nothing and repeats nothing that a read of recent events cut at these cursors showed."""
+    pools = yield from _pools(pool)
+    sec, usec = yield Command(("TIME",))
+    ms = int(_text(sec)) * 1000 + int(_text(usec)) // 1000
+    # A pool that appears later has had its entries since this millisecond at the most.
+    out = {LATER: f"{ms - 1}-{MAX_SEQ}" if ms else "0-0"}
+    for keys in pools:
+        last = yield Command(("XREVRANGE", keys.events, "+", "-", "COUNT", 1))
+        out[keys.pool] = _text(last[0][0]) if last else "0-0"
+    return out
+
+
+class Follow:
+    """Where a reader of events stands in each pool (:meth:`AsyncBoss.follow`), free of I/O.
+
+    It follows ``pool``, or every pool: then the pool registry is read again at most every
+    ``look_every`` seconds. ``after`` is one event id for every pool, or a cursor per pool (as
+    :func:`event_cursors` gives, or as a reader left them), where :data:`LATER` is for pools that
+    appear later (so a pool that comes back does not replay its history).
+    """
+
+    def __init__(
+        self, pool: str | None, after: str | Mapping[str, str], *, clock: Clock, look_every: float
+    ) -> None:
+        self.pool = pool
+        if isinstance(after, str):
+            self.after, self.cursors = after, {}
+        else:
+            self.after = after.get(LATER, "0-0")
+            self.cursors = {p: c for p, c in after.items() if p != LATER and (pool is None or p == pool)}
+        if pool is not None:
+            _check_pool(pool)
+            self.cursors.setdefault(pool, self.after)
+        self._clock = clock
+        self._look_every = look_every
+        self._looked: float | None = None
+
+    def step(self, count: int, block_ms: int | None) -> Op[list[Event]]:
+        """The next events (waiting up to ``block_ms`` for one), oldest first; cursors move on."""
+        now = self._clock()
+        if self.pool is None and (self._looked is None or now - self._looked >= self._look_every):
+            for keys in (yield from _pools(None)):
+                self.cursors.setdefault(keys.pool, self.after)
+            self._looked = now
+        events = (yield from read_events(self.cursors, count, block_ms)) if self.cursors else []
+        for event in events:
+            self.cursors[event.pool] = event.id
+        return events
+
+
 def close(lease: Lease) -> Op[str | None]:
     """Release a lease on leaving its context; returns why it was lost, or None if it was not."""
     if lease._released:  # given back already (by on_evict's handling, or by hand)

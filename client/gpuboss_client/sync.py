@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -283,6 +283,39 @@ class Boss:
             block = min(block, self._max_block)
         block_ms = None if block is None else int(block * 1000)
         return self.run(core.read_events(cursors, count, block_ms))
+
+    def event_cursors(self, pool: str | None = None) -> dict[str, str]:
+        """Where the event streams of ``pool`` (or of every pool) end now, for :meth:`follow`: each
+        pool's last event id, and under ``"*"`` the cursor for pools that appear later."""
+        return self.run(core.event_cursors(pool))
+
+    def follow(
+        self,
+        pool: str | None = None,
+        *,
+        after: str | Mapping[str, str] | None = None,
+        block: float | None = 1.0,
+    ) -> Iterator[Event]:
+        """Events of ``pool``, or of every pool (pools that appear later included), each once,
+        oldest first: those after ``after``, an event id for every pool or a cursor per pool (as
+        :meth:`event_cursors` gives; None: from now).
+
+        It waits up to ``block`` seconds at a time for new ones, for ever (until the client is
+        closed); with ``block=None`` it ends once it has caught up. Redis errors are raised.
+        """
+        start = after if after is not None else self.event_cursors(pool)
+        wait = block if block is not None else self._max_block or 1.0
+        follow = core.Follow(pool, start, clock=self._clock, look_every=wait)
+        if block is not None and self._max_block is not None:
+            block = min(block, self._max_block)
+        while not self._closed:
+            events = self.run(follow.step(core.MAX_EVENTS, None if block is None else int(block * 1000)))
+            for event in events:
+                yield event
+            if block is None and not events:
+                return
+            if not follow.cursors:
+                backend.sleep(wait)  # no pool yet: nothing to block on until one appears
 
     # --- leases held -------------------------------------------------------------------------
 

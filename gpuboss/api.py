@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-import redis
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -37,17 +36,14 @@ from gpuboss_client import (
     LeaseEvicted,
     NotFound,
     PoolNotFound,
-    ProtocolError,
     QueueFull,
     Unauthorized,
     __version__,
     ops,
-    script_shas,
     split_queue,
     status_document,
 )
 from gpuboss_client.keys import valid_pool
-from gpuboss_client.scripts import source
 from gpuboss_client.units import MAX_TTL_MS, parse_ttl_ms
 
 from . import dashboard, metrics
@@ -519,28 +515,6 @@ async def _held(boss: AsyncBoss, who: Principal, pool: str, lease_id: str) -> No
         who.check_holds(await boss.run(ops.lease_info(pool, lease_id)))
 
 
-async def _redis_call(what: str, call: Any) -> Any:
-    """Await a plain Redis call, mapping its failures onto the error tree."""
-    try:
-        return await call
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
-    except redis.RedisError as exc:
-        raise ProtocolError(f"Redis refused {what}: {exc}") from exc
-
-
-async def load_scripts(client: Any) -> dict[str, str]:
-    """Make sure Redis has every Lua script cached (loading the missing ones); their SHAs by name."""
-    shas = script_shas()
-    loaded = await _redis_call("SCRIPT EXISTS", client.script_exists(*shas.values()))
-    for (name, sha), present in zip(shas.items(), loaded, strict=True):
-        if not present:
-            got = await _redis_call("SCRIPT LOAD", client.script_load(source(name)))
-            if got != sha:
-                raise ProtocolError(f"Redis loaded script {name} as {got}, expected {sha}")
-    return shas
-
-
 # --- routes ---------------------------------------------------------------------------------------
 
 router = APIRouter()
@@ -565,8 +539,7 @@ async def readyz(boss: BossDep, settings: SettingsDep) -> dict[str, Any]:
     reachable within ``redis_timeout_s``."""
     try:
         async with asyncio.timeout(settings.redis_timeout_s):
-            await _redis_call("PING", boss.redis.ping())
-            shas = await load_scripts(boss.redis)
+            shas = await boss.load_scripts()
     except TimeoutError:
         raise BackendUnavailable(f"Redis did not answer within {settings.redis_timeout_s} s") from None
     return {"status": "ready", "redis": "ok", "scripts": shas}
@@ -1003,7 +976,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     url: str = app.state.redis_url
     boss = AsyncBoss.from_url(url, holder=BOSS_HOLDER, socket_connect_timeout=settings.redis_timeout_s)
     try:
-        shas = await load_scripts(boss.redis)
+        shas = await boss.load_scripts()
         log.info("scripts: %s", " ".join(f"{name}={sha}" for name, sha in shas.items()))
         for spec in settings.devices:
             created = await boss.add_device(

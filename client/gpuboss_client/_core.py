@@ -32,6 +32,7 @@ from .errors import (
     error_for,
 )
 from .keys import POOLS, PoolKeys, valid_name, valid_pool
+from .scripts import script_shas, source
 from .units import parse_mib, parse_priority, parse_ttl_ms
 
 __all__ = [
@@ -1106,6 +1107,20 @@ def read_events(cursors: Mapping[str, str], count: int, block_ms: int | None) ->
 
 #: the largest sequence number of a stream entry id
 MAX_SEQ = 2**64 - 1
+
+
+def load_scripts() -> Op[dict[str, str]]:
+    """Make sure Redis has every Lua script cached (loading the missing ones, after a restart or a
+    SCRIPT FLUSH); returns their SHAs by name. A PING first: it answers even with no script."""
+    yield Command(("PING",))
+    shas = script_shas()
+    loaded = yield Command(("SCRIPT", "EXISTS", *shas.values()))
+    for (name, sha), present in zip(shas.items(), loaded, strict=True):
+        if not present:
+            got = _text((yield Command(("SCRIPT", "LOAD", source(name)))))
+            if got != sha:
+                raise ProtocolError(f"Redis loaded script {name} as {got}, expected {sha}")
+    return shas
 
 
 #: the key of :func:`event_cursors` for pools that appear later (no pool has this name)

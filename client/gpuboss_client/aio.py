@@ -285,6 +285,11 @@ class AsyncBoss:
         block_ms = None if block is None else int(block * 1000)
         return await self.run(core.read_events(cursors, count, block_ms))
 
+    async def load_scripts(self) -> dict[str, str]:
+        """Ping Redis and make sure it has every Lua script cached; their SHAs by name (what the
+        service's ``/readyz`` reports)."""
+        return await self.run(core.load_scripts())
+
     async def event_cursors(self, pool: str | None = None) -> dict[str, str]:
         """Where the event streams of ``pool`` (or of every pool) end now, for :meth:`follow`: each
         pool's last event id, and under ``"*"`` the cursor for pools that appear later."""

@@ -114,7 +114,12 @@ class AcquireBody(RequestDoc):
     pool: PoolName = DEFAULT_POOL
     device: str | None = Field(default=None, max_length=64, description="a device name; null: best fit")
     devices: int = Field(default=1, ge=1, le=16, description="a gang: the same amount on N devices of a host")
-    ttl_s: Seconds = Field(default=10.0, description="the lease expires this long after the last heartbeat")
+    ttl_s: Seconds = Field(
+        default=ops.DEFAULT_TTL, description="the lease expires this long after the last heartbeat"
+    )
+    max_hold_s: Seconds | None = Field(
+        default=None, description="a hard cap: the lease ends this long after its grant, heartbeats or not"
+    )
     timeout_s: float = Field(
         default=DEFAULT_WAIT_S,
         ge=0,
@@ -125,7 +130,9 @@ class AcquireBody(RequestDoc):
         default=None, max_length=64, description="the lease id; retrying the same one never grants twice"
     )
     preemptible: bool = Field(default=False, description="a request of higher priority may evict it")
-    grace_s: float = Field(default=10.0, ge=0, le=MAX_SECONDS, description="time to give memory back")
+    grace_s: float = Field(
+        default=ops.DEFAULT_GRACE, ge=0, le=MAX_SECONDS, description="time to give memory back"
+    )
     exclusive: bool = Field(default=False, description="nothing else may share the device")
     holder: str | None = Field(
         default=None, max_length=128, description='who holds it: default the token\'s name, or "http"'
@@ -688,7 +695,7 @@ async def acquire(
         vram=body.vram, vram_gb=body.vram_gb, priority=body.priority, device=body.device, pool=body.pool,
         ttl=body.ttl_s, timeout=timeout, labels=body.labels, request_id=body.request_id,
         preemptible=body.preemptible, grace=body.grace_s, exclusive=body.exclusive, devices=body.devices,
-        max_queue=settings.max_queue,
+        max_hold=body.max_hold_s, max_queue=settings.max_queue,
     )  # fmt: skip
     client_host = request.client.host if request.client else ""
     # No pub/sub channel: an HTTP holder learns of eviction from its heartbeat replies. The queue

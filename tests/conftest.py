@@ -50,8 +50,9 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], deadline_s: float) -> N
 def _stop_client_workers() -> Iterator[None]:
     """After each test, stop the heartbeat and notice workers of the clients it made (without
     releasing anything), so that no test's leases are renewed into the next one."""
+    before = {*sync._clients, *aio._clients}
     yield
-    for client in [*sync._clients, *aio._clients]:
+    for client in {*sync._clients, *aio._clients} - before:  # a module's shared service stays
         client._stop()
 
 

@@ -10,6 +10,7 @@ import typer
 
 from gpuboss_client import BackendUnavailable, BadRequest, Boss, GpubossError, parse_mib
 
+from .common import connect, exit_with
 from .render import human_mib
 
 if TYPE_CHECKING:
@@ -70,12 +71,10 @@ def agent(
 ) -> None:
     """Register this host's GPUs (NVML) and keep their budgets honest: memory used outside leases
     shrinks them, and over-use, under-use, leaks and lost devices are logged as events."""
-    # Imported here: main imports this module, and only this command needs the service package.
+    # Imported here: only this command needs the service package.
     from gpuboss.agent import Agent
     from gpuboss.fakenvml import FakeNvml
     from gpuboss.probe import NvmlMissing, NvmlProbe, ProbeError
-
-    from .main import connect, exit_with
 
     try:
         reserved_mib = parse_mib(reserved, minimum=0)

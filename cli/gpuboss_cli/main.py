@@ -4,7 +4,9 @@ Every command talks to Redis through :mod:`gpuboss_client`, never directly, or, 
 service (``--boss-url`` or ``GPUBOSS_BOSS_URL``), to its HTTP API through
 :class:`gpuboss_cli.http.HttpBoss`, which has the same methods and results. Errors from either end
 the command through one helper, :func:`exit_with`: a red ``error[<code>]: <message>`` line on
-stderr, and the error's own exit code.
+stderr, and the error's own exit code. Both helpers live in :mod:`gpuboss_cli.common`, shared with
+the commands that have modules of their own (``agent``, ``run``, ``serve``), which this module
+registers.
 """
 
 from __future__ import annotations
@@ -15,12 +17,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Any, NoReturn, Protocol
+from typing import Annotated, Any
 
-import pydantic
 import typer
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -31,14 +31,10 @@ from gpuboss_client import (
     BackendUnavailable,
     BadRequest,
     Boss,
-    DeviceInfo,
     Event,
-    GpubossError,
     LeaseInfo,
     LeaseNotHeld,
-    Plan,
     PoolStatus,
-    Unauthorized,
     split_queue,
     status_document,
 )
@@ -47,7 +43,8 @@ from gpuboss_client.ops import Findings
 from . import agent as agent_cmd
 from . import run as run_cmd
 from . import serve as serve_cmd
-from .http import HttpBoss, is_http_url
+from .common import Backend, Options, connect, exit_with, load_settings, target
+from .http import HttpBoss
 from .render import (
     devices_table,
     event_line,
@@ -57,14 +54,13 @@ from .render import (
     queue_table,
     watch_frame,
 )
-from .settings import HOLDER, Settings, redact
+from .settings import redact
 
 __all__ = ["Backend", "app", "connect", "exit_with", "main"]
 
 DEFAULT_POOL = "default"
 PIPE_WIDTH = 250
 FOLLOW_BLOCK_S = 0.5  # how long one read of --follow blocks; new pools are looked for in between
-MAX_SEQ = 2**64 - 1  # the largest sequence number of a stream entry id
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.05, 3600.0
 ADD_HINT = "gpuboss devices add NAME --vram 24GiB"
 
@@ -83,122 +79,6 @@ app.add_typer(pool_app, name="pool")
 PoolOpt = Annotated[str | None, typer.Option("--pool", "-p", help="Only this pool (default: every pool).")]
 OnePoolOpt = Annotated[str, typer.Option("--pool", "-p", help="The device's pool.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document instead of tables.")]
-
-
-@dataclass(frozen=True, slots=True)
-class _Options:
-    redis_url: str | None
-    boss_url: str | None = None
-    token: str | None = None
-
-
-class Backend(Protocol):
-    """What the commands need: :class:`gpuboss_client.Boss` (Redis) and :class:`HttpBoss` both are."""
-
-    def status(self, pool: str | None = None) -> list[PoolStatus]: ...
-    def leases(self, pool: str | None = None) -> list[LeaseInfo]: ...
-    def devices(self, pool: str | None = None) -> list[DeviceInfo]: ...
-    def events(self, pool: str | None = None, *, count: int = 100) -> list[Event]: ...
-    def findings(self, pool: str | None = None) -> list[Findings]: ...
-    def reap(self, pool: str | None = None) -> int: ...
-    def force_release(self, lease_id: str, pool: str | None = None) -> LeaseInfo: ...
-    def remove_device(self, name: str, *, pool: str = ..., force: bool = False) -> None: ...
-    def configure_pool(self, pool: str = ..., *, min_residency: float = 0, aging: float = 0) -> None: ...
-
-    def plan(
-        self,
-        vram: int | str | None = None,
-        *,
-        vram_gb: float | None = None,
-        priority: int | str = "normal",
-        device: str | None = None,
-        pool: str = ...,
-        exclusive: bool = False,
-        devices: int = 1,
-    ) -> Plan: ...
-
-    def add_device(
-        self,
-        name: str,
-        vram: int | str,
-        *,
-        reserved: int | str = 0,
-        pool: str = ...,
-        host: str | None = None,
-        cuda_index: int | None = None,
-    ) -> bool: ...
-
-
-def exit_with(err: GpubossError, url: str | None = None) -> NoReturn:
-    """End the command for ``err``: one red line on stderr, exit with ``err.exit_code``.
-
-    ``url`` is where the command was sent: a Redis URL, or a boss service's ``http(s)://`` URL. A
-    :class:`BackendUnavailable` names it (password masked): "cannot reach Redis at URL"; over HTTP
-    :class:`HttpBoss` already words it, "cannot reach the boss at URL" or "the boss at URL cannot
-    reach Redis".
-    """
-    message = err.message
-    over_http = url is not None and is_http_url(url)
-    if isinstance(err, BackendUnavailable) and url is not None and not over_http:
-        message = f"cannot reach Redis at {redact(url)}: {message}"
-    elif isinstance(err, Unauthorized) and over_http:
-        message += " (give the boss's token with --token or GPUBOSS_TOKEN)"
-    line = " ".join(f"error[{err.code}]: {message}".split())
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text(line, style="red"))
-    raise typer.Exit(err.exit_code)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"GPUBOSS_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
-        )
-        raise BadRequest(f"bad setting: {problems}") from exc
-
-
-def _target(ctx: typer.Context, settings: Settings) -> tuple[str, bool]:
-    """(URL, whether it is a boss service): the options win over the environment, and a boss
-    URL in the environment wins over a Redis URL there."""
-    opts = ctx.find_object(_Options) or _Options(None)
-    if opts.redis_url is not None and opts.boss_url is not None:
-        raise BadRequest("give --redis-url or --boss-url, not both")
-    if opts.boss_url is not None:
-        return opts.boss_url, True
-    if opts.redis_url is not None:
-        return opts.redis_url, False
-    if settings.boss_url:
-        return settings.boss_url, True
-    return settings.redis_url, False
-
-
-@contextmanager
-def connect(ctx: typer.Context, *, block_s: float = 0.0) -> Iterator[Backend]:
-    """A :class:`Boss` for the configured Redis, or an :class:`HttpBoss` for the configured boss
-    service; any GpubossError inside ends the command. ``block_s``: the longest a command blocks
-    in Redis (BLPOP), added to the read timeout."""
-    url: str | None = None
-    try:
-        settings = _settings()
-        url, over_http = _target(ctx, settings)
-        if over_http:
-            opts = ctx.find_object(_Options)
-            token = opts.token if opts is not None and opts.token is not None else settings.token
-            with HttpBoss(url, token=token, timeout=settings.boss_timeout_s) as http:
-                yield http
-            return
-        timeout = settings.redis_timeout_s
-        try:
-            boss = Boss.from_url(
-                url, holder=HOLDER, socket_connect_timeout=timeout, socket_timeout=timeout + block_s
-            )
-        except ValueError as exc:  # redis-py's complaint about the URL itself
-            raise BadRequest(f"bad Redis URL {redact(url)}: {exc}") from exc
-        with boss:
-            yield boss
-    except GpubossError as err:
-        exit_with(err, url)
 
 
 def _console() -> Console:
@@ -260,7 +140,7 @@ def _global(
 ) -> None:
     """Operate gpuboss: devices, leases and the queue of a Redis-backed VRAM lease coordinator,
     through Redis directly or through a boss service (--boss-url)."""
-    ctx.obj = _Options(redis_url, boss_url, token)
+    ctx.obj = Options(redis_url, boss_url, token)
 
 
 @app.command()
@@ -499,34 +379,13 @@ def _tail(boss: Boss, pool: str | None, count: int, block: float) -> Iterator[Ev
     """The last ``count`` events, then new ones for ever, each exactly once, read from Redis.
 
     Every pool's cursor is taken first and the recent events are cut at it, so nothing is shown
-    twice or lost in between. Without ``pool``, pools that appear later are picked up too.
+    twice or lost in between. Without ``pool``, pools that appear later are followed too.
     """
-    names = [pool] if pool is not None else [s.pool for s in boss.status(None)]
-    cursors: dict[str, str] = {}
-    for name in names:
-        last = boss.events(name, count=1)
-        cursors[name] = last[-1].id if last else "0-0"
+    cursors = boss.event_cursors(pool)
     recent = boss.events(pool, count=count) if count else []
-    yield from (e for e in recent if e.pool in cursors and _event_id(e.id) <= _event_id(cursors[e.pool]))
-    pause = threading.Event()
-    floor = "0-0"  # where a pool found by the next look starts; see below
-    while True:
-        if cursors:
-            for event in boss.tail_events(cursors, count=1000, block=block):
-                cursors[event.pool] = event.id
-                yield event
-        else:
-            pause.wait(block)  # no pool yet: nothing to block on until one appears
-        if pool is None:
-            # A pool found now was not there at the previous look, so all its events came after
-            # every event seen before that look: start it there (from that millisecond on, as
-            # streams number their entries apart). A pool that comes back after losing its devices
-            # thus does not replay its old history.
-            seen = max(cursors.values(), key=_event_id, default="0-0")
-            for s in boss.status(None):
-                cursors.setdefault(s.pool, floor)
-            ms = _event_id(seen)[0]
-            floor = f"{ms - 1}-{MAX_SEQ}" if ms else "0-0"
+    cut = {name: _event_id(cursor) for name, cursor in cursors.items()}
+    yield from (e for e in recent if _event_id(e.id) <= cut.get(e.pool, cut["*"]))
+    yield from boss.follow(pool, after=cursors, block=block)
 
 
 def _follow(boss: Backend, pool: str | None, count: int, block: float) -> Iterator[Event]:
@@ -573,7 +432,7 @@ def events_cmd(
         with connect(ctx) as boss:
             if follow:
                 # a blocking read must end well within the Redis socket timeout
-                block = min(FOLLOW_BLOCK_S, _settings().redis_timeout_s / 2)
+                block = min(FOLLOW_BLOCK_S, load_settings().redis_timeout_s / 2)
                 feed: Iterator[Event] = _follow(boss, pool, count, block)
             else:
                 recent = boss.events(pool, count=count)
@@ -654,7 +513,7 @@ def watch(
     console = _console()
     try:
         with connect(ctx) as boss:
-            url, _ = _target(ctx, _settings())
+            url, _ = target(ctx, load_settings())
             where = redact(url) + (f", pool {pool}" if pool is not None else "")
 
             def fetch() -> tuple[list[PoolStatus], list[LeaseInfo]]:

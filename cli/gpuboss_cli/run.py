@@ -50,6 +50,7 @@ from gpuboss_client import (
 )
 from gpuboss_client.ops import DEFAULT_TTL
 
+from .common import connect, exit_with
 from .render import human_mib
 
 __all__ = ["run"]
@@ -566,8 +567,6 @@ def run(
 
     gpuboss's own: 11 not granted in time, 14 evicted (CMD was stopped), 7 lease lost (CMD was stopped).
     """
-    from .main import connect, exit_with  # main imports this module
-
     argv = list(ctx.args)
     if not argv:
         exit_with(BadRequest("no command to run: gpuboss run --vram SIZE -- CMD [ARGS...]"))

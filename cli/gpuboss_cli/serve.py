@@ -16,6 +16,8 @@ import typer
 from gpuboss.settings import ServiceSettings
 from gpuboss_client import BadRequest, GpubossError
 
+from .common import exit_with
+
 __all__ = ["serve"]
 
 # The flag (and environment variable) that sets each field, for error messages.
@@ -96,8 +98,6 @@ def serve(
     otherwise an in-memory fakeredis (with a warning: nothing persists). Tokens come from
     $GPUBOSS_TOKENS only, never from flags (command lines are visible to every user).
     """
-    from .main import exit_with
-
     # `gpuboss --redis-url URL serve` and `gpuboss serve --redis-url URL` both work; the nearer wins.
     global_url = ctx.find_root().params.get("redis_url")
     flags: dict[str, Any] = {

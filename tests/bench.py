@@ -2,7 +2,8 @@
 
 Run it as ``.venv/bin/python tests/bench.py`` (``--quick`` for a smoke run, ``--json PATH`` to keep
 the numbers). It starts its own ``redis-server`` on a free loopback port in a temporary directory
-and measures three things for each contender, a fourth for gpuboss alone and a fifth over HTTP:
+and measures three things for each contender, a fourth for gpuboss alone, a fifth over HTTP and
+a sixth for the client's heartbeat worker:
 
 1. uncontended acquire + release pairs from one client process: pairs/s, per-pair latency p50/p99,
    and where the time goes: client CPU (``process_time``), server main-thread CPU (``INFO cpu``)
@@ -25,9 +26,15 @@ and measures three things for each contender, a fourth for gpuboss alone and a f
    ``gpuboss serve`` runs) under uvicorn in its own process on a free loopback port, against this
    run's redis-server, driven by one keep-alive ``httpx.Client`` (POST /v1/leases with
    ``timeout_s`` 0, then POST /v1/leases/{id}/release), interleaved with the direct client and
-   the locks on the same Redis. It adds the service process's CPU per pair (``/proc``).
+   the locks on the same Redis. It adds the service process's CPU per pair (``/proc``);
+6. the heartbeat worker: one client holds N leases (1 MiB each, TTL 3 s, so its one background
+   worker renews each once a second) and sits idle for a fixed window, after 1.5 beat intervals
+   of warm-up (every lease has beaten once). It reports the heartbeats Redis ran per second
+   (``INFO commandstats``: nothing else runs scripts meanwhile), the worker thread's CPU per wall
+   second (its own CPU clock, read from the main thread; ``/proc/self/task/<tid>/stat`` beside
+   it, in clock ticks) and per beat, and redis-server's main-thread CPU per second and per beat.
 
-The locks get a 10 s expiry, like a lease's default TTL. Uncontended runs are split into rounds
+The locks get a 10 s expiry (a lease's default TTL until it became 4 s; kept so that runs compare). Uncontended runs are split into rounds
 that alternate between contenders, so that noise from other work on the machine falls on all of
 them alike. With at least two CPUs, redis-server is pinned to one and every client process to
 another; the HTTP service shares redis-server's CPU, as it would sit beside Redis.
@@ -73,13 +80,16 @@ PRLOCK = "python-redis-lock"
 HTTP = "gpuboss over HTTP"
 UNCONTENDED = (GPUBOSS, REDIS_PY, PRLOCK)
 CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK)
-LOCK_EXPIRE_S = 10  # the locks expire like a lease with the default 10 s TTL
+LOCK_EXPIRE_S = 10  # as a lease's default TTL was (now 4 s); kept so that runs compare
 HANDOFF_MIB = 1024  # the hand-off device fits exactly one lease of this size
 LIVE_DEVICE_MIB = 16 * 1024 * 1024  # room for every live lease plus the measured one
 EVICT_MIB = 1024  # the eviction device fits exactly one lease of this size
 EVICT_WAIT_S = 30  # bound on every step of an eviction round (each takes milliseconds)
 HTTP_MIB = 1024  # what each HTTP pair (and the direct pair beside it) leases
 SERVE_WAIT_S = 30  # bound on the HTTP service's start
+HEARTBEAT_MIB = 1  # what each lease of the heartbeat section holds
+HEARTBEAT_TTL_S = 3.0  # the worker renews a lease every third of its TTL: once a second
+HEARTBEAT_THREAD = "gpuboss-heartbeats"  # the name of Boss's heartbeat worker thread
 
 
 def mono_ns() -> int:
@@ -171,6 +181,13 @@ def lua_usec(client: redis.Redis) -> int:
     return sum(int(v["usec"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
 
 
+def script_calls(client: redis.Redis) -> int:
+    """Scripts run since the last CONFIG RESETSTAT (EVAL, EVALSHA and FCALL calls)."""
+    stats: dict[str, dict[str, Any]] = client.info("commandstats")
+    names = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall")
+    return sum(int(v["calls"]) for k, v in stats.items() if k in names)
+
+
 # --- one acquire + release pair per contender ------------------------------------------------
 
 Pair = Callable[[], None]
@@ -235,9 +252,11 @@ class PairStats:
         return out
 
 
-def process_cpu_ns(pid: int) -> int:
-    """CPU time (user + system, every thread) of another process so far, from /proc, in ns."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+def process_cpu_ns(pid: int | str, tid: int | None = None) -> int:
+    """CPU time (user + system, every thread) of another process so far, from /proc, in ns; with
+    ``tid``, of that one thread (``pid`` "self" for a thread of this process). Clock-tick resolution."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path, encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces
     ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
     return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
@@ -620,6 +639,103 @@ def http_pair(http: httpx.Client, pool: str) -> Pair:
     return pair
 
 
+# --- the heartbeat worker --------------------------------------------------------------------
+
+
+def thread_cpu_ns(thread: threading.Thread) -> int:
+    """CPU time of another thread of this process so far, in ns, from its CPU clock (``time.thread_time``
+    reads only the calling thread's; ``/proc`` counts in clock ticks, 10 ms apiece)."""
+    assert thread.ident is not None
+    return time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+
+
+def new_thread(named: str, before: set[threading.Thread]) -> threading.Thread:
+    """The one thread called ``named`` that was not running before (other clients have theirs)."""
+    found = [t for t in threading.enumerate() if t.name == named and t not in before]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one new {named!r} thread, found {len(found)}")
+    return found[0]
+
+
+@dataclass
+class Sample:
+    """Counters at one end of the heartbeat window."""
+
+    wall_ns: int
+    worker_cpu_ns: int
+    worker_ticks_ns: int
+    process_cpu_ns: int
+    server_cpu_us: float
+    scripts: int
+    lua_us: int
+    expires_ms: list[int]
+
+    @classmethod
+    def take(cls, worker: threading.Thread, client: redis.Redis, leases: list[Lease]) -> Sample:
+        assert worker.native_id is not None
+        return cls(
+            wall_ns=time.perf_counter_ns(),
+            worker_cpu_ns=thread_cpu_ns(worker),
+            worker_ticks_ns=process_cpu_ns("self", worker.native_id),
+            process_cpu_ns=time.process_time_ns(),
+            server_cpu_us=server_cpu_us(client),
+            scripts=script_calls(client),
+            lua_us=lua_usec(client),
+            expires_ms=[lease.info.expires_at_ms or 0 for lease in leases],
+        )
+
+
+def run_heartbeats(url: str, client: redis.Redis, n: int, window_s: float) -> dict[str, Any]:
+    """One client holding ``n`` self-renewing leases, idle for ``window_s``: what the renewals cost."""
+    boss = Boss(connect(url), holder="bench-heartbeats")
+    try:
+        boss.add_device("gpu0", n * HEARTBEAT_MIB, pool="heartbeat")
+        before = set(threading.enumerate())
+        started = time.perf_counter()
+        leases = [
+            boss.acquire(HEARTBEAT_MIB, pool="heartbeat", ttl=HEARTBEAT_TTL_S, timeout=0) for _ in range(n)
+        ]
+        setup_s = time.perf_counter() - started
+        worker = new_thread(HEARTBEAT_THREAD, before)
+        interval_s = HEARTBEAT_TTL_S / 3
+        # Warm-up: every lease beats once, so the window sees the worker in its steady state. The
+        # main thread sleeps on purpose: the worker is what runs, and nothing else may meanwhile.
+        time.sleep(1.5 * interval_s)
+        first = Sample.take(worker, client, leases)
+        time.sleep(window_s)
+        last = Sample.take(worker, client, leases)
+        lost = sum(lease.lost for lease in leases)
+        renewed = sum(b > a for a, b in zip(first.expires_ms, last.expires_ms, strict=True))
+        released = len(boss.release_all())
+    finally:
+        boss.close()
+    wall_s = (last.wall_ns - first.wall_ns) / 1e9
+    beats = last.scripts - first.scripts
+    worker_cpu_s = (last.worker_cpu_ns - first.worker_cpu_ns) / 1e9
+    server_s = (last.server_cpu_us - first.server_cpu_us) / 1e6
+    per_beat = max(1, beats)
+    return {
+        "leases": n,
+        "ttl_s": HEARTBEAT_TTL_S,
+        "beat_interval_s": interval_s,
+        "expected_beats_per_s": n / interval_s,
+        "setup_s": setup_s,
+        "window_s": wall_s,
+        "beats": beats,
+        "beats_per_s": beats / wall_s,
+        "worker_cpu_s_per_s": worker_cpu_s / wall_s,
+        "worker_cpu_us_per_beat": worker_cpu_s * 1e6 / per_beat,
+        "worker_cpu_proc_s_per_s": (last.worker_ticks_ns - first.worker_ticks_ns) / 1e9 / wall_s,
+        "process_cpu_s_per_s": (last.process_cpu_ns - first.process_cpu_ns) / 1e9 / wall_s,
+        "redis_cpu_s_per_s": server_s / wall_s,
+        "redis_cpu_us_per_beat": server_s * 1e6 / per_beat,
+        "lua_us_per_beat": (last.lua_us - first.lua_us) / per_beat,
+        "leases_renewed_in_window": renewed,
+        "lost": lost,
+        "released": released,
+    }
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -793,6 +909,29 @@ def section_http(
     return {"pairs": summary, "ratio_http_vs_direct": ratio, "server": server}
 
 
+def section_heartbeats(args: argparse.Namespace, url: str, client: redis.Redis) -> dict[str, Any]:
+    n, window = args.heartbeat_leases, args.heartbeat_window
+    stats = run_heartbeats(url, client, n, window)
+    print(
+        f"\n## 6. Heartbeat worker: one client renewing {n:,} leases (TTL {HEARTBEAT_TTL_S:g} s, "
+        f"a beat each every {stats['beat_interval_s']:g} s), {window:g} s window"
+    )
+    worker = f"{stats['worker_cpu_s_per_s']:.3f} s/s ({fmt(stats['worker_cpu_us_per_beat'])} µs per beat)"
+    server = f"{stats['redis_cpu_s_per_s']:.3f} s/s ({fmt(stats['redis_cpu_us_per_beat'])} µs per beat)"
+    beats = fmt(stats["beats_per_s"], 0)
+    print(f"heartbeat worker: {n:,} leases, {beats} beats/s, worker CPU {worker}, Redis CPU {server}")
+    print(f"beats/s: heartbeat scripts Redis ran (INFO commandstats); {n:,} leases ask for "
+          f"{fmt(stats['expected_beats_per_s'], 0)}")  # fmt: skip
+    print(f"worker CPU: the {HEARTBEAT_THREAD} thread alone, from its CPU clock "
+          f"({stats['worker_cpu_proc_s_per_s']:.2f} s/s from /proc in clock ticks; whole process "
+          f"{stats['process_cpu_s_per_s']:.3f} s/s)")  # fmt: skip
+    print(f"Redis CPU: redis-server main thread (INFO cpu); Lua {fmt(stats['lua_us_per_beat'])} µs per beat")
+    print(f"renewed in the window: {stats['leases_renewed_in_window']:,} of {n:,} leases; "
+          f"lost: {stats['lost']} (must be 0); released at the end: {stats['released']:,} "
+          f"(set up in {stats['setup_s']:.1f} s)")  # fmt: skip
+    return stats
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--pairs", type=int, default=20000, help="uncontended pairs per contender")
@@ -806,7 +945,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--http-pairs", type=int, default=5000, help="pairs per contender over HTTP and beside it"
     )
-    ap.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default: all)")
+    ap.add_argument("--heartbeat-leases", type=int, default=1000, help="leases the heartbeat worker renews")
+    ap.add_argument(
+        "--heartbeat-window", type=float, default=5.0, help="seconds the heartbeat worker is measured"
+    )
+    ap.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     ap.add_argument("--no-pin", action="store_true", help="do not pin redis-server and clients to CPUs")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
@@ -815,10 +958,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.pairs, args.live_pairs, args.levels = 400, 200, "10,1000"
         args.duration, args.rounds, args.evict_rounds = 0.4, 2, 30
         args.http_pairs = 200
+        args.heartbeat_leases, args.heartbeat_window = 50, 1.0
     args.levels = [int(x) for x in args.levels.split(",")]
     args.sections = {int(x) for x in args.sections.split(",")}
-    if not args.sections <= {1, 2, 3, 4, 5}:
-        ap.error("--sections takes numbers from 1 to 5")
+    if not args.sections <= {1, 2, 3, 4, 5, 6}:
+        ap.error("--sections takes numbers from 1 to 6")
     args.warmup = min(500, max(20, args.pairs // 20))
     args.evict_warmup = min(20, max(5, args.evict_rounds // 10))
     return args
@@ -864,6 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
             # A fresh database, as section 3 has: its live leases would otherwise still be there.
             client.flushall()
             results["http"] = section_http(args, url, client, boss, server_cpu)
+        if 6 in args.sections:
+            client.flushall()  # the worker's leases alone in the database, whatever ran before
+            results["heartbeats"] = section_heartbeats(args, url, client)
         client.close()
     load = round(os.getloadavg()[0], 2)
     results["meta"]["load_average_1m_at_end"] = load

@@ -5,6 +5,7 @@ speed is asserted."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 
 BENCH = Path(__file__).with_name("bench.py")
 CONTENDERS = ("gpuboss", "redis-py Lock", "python-redis-lock")
+HEARTBEAT_LINE = re.compile(
+    r"^heartbeat worker: (?P<leases>[\d,]+) leases, (?P<beats>[\d,]+) beats/s, "
+    r"worker CPU (?P<worker>[\d.]+) s/s \((?P<worker_beat>[\d,.]+) µs per beat\), "
+    r"Redis CPU (?P<redis>[\d.]+) s/s \((?P<redis_beat>[\d,.]+) µs per beat\)$",
+    re.MULTILINE,
+)
 
 
 @pytest.mark.slow
@@ -32,6 +39,7 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "## 3. Uncontended pairs with N other live leases",
         "## 4. Eviction latency",
         "## 5. Uncontended acquire + release over HTTP",
+        "## 6. Heartbeat worker",
         "HTTP / direct client per pair:",
         "on_evict p99:",
         "gpuboss / redis-py Lock per pair:",
@@ -75,3 +83,25 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
     assert http["pairs"]["gpuboss over HTTP"]["boss_cpu_us_per_pair"] > 0
     assert http["ratio_http_vs_direct"]["mean"] > 0
     assert http["server"]["app"].startswith("gpuboss.api.create_app")
+
+    # Quick mode: 50 leases renewed once a second each, measured over 1 s after a warm-up.
+    line = HEARTBEAT_LINE.search(proc.stdout)
+    assert line is not None, f"no heartbeat worker line in:\n{proc.stdout}"
+    assert line["leases"] == "50"
+    assert int(line["beats"].replace(",", "")) > 0
+    for number in ("worker", "worker_beat", "redis", "redis_beat"):
+        assert float(line[number].replace(",", "")) >= 0, number
+    beats = results["heartbeats"]
+    assert beats["leases"] == 50
+    assert beats["ttl_s"] == 3.0
+    assert beats["beat_interval_s"] == 1.0
+    assert beats["beats"] > 0
+    assert beats["beats_per_s"] > 0
+    # The worker did the beating, and it costs CPU: of its thread, of the process, of Redis.
+    assert 0 < beats["worker_cpu_s_per_s"] <= beats["process_cpu_s_per_s"] + 0.01
+    assert beats["worker_cpu_us_per_beat"] > 0
+    assert beats["redis_cpu_s_per_s"] >= 0
+    assert beats["lua_us_per_beat"] > 0
+    # Every lease stayed held throughout and was released at the end.
+    assert beats["lost"] == 0
+    assert beats["released"] == 50

@@ -214,7 +214,7 @@ def test_follow_reads_each_event_of_every_pool_once_new_pools_included(boss: Bos
     assert got == [("a", "device_added", "gpu1"), ("b", "device_added", "gpu0")]
     every = [(e.pool, e.fields["device"]) for e in boss.follow("a", after="0-0", block=None)]
     assert every == [("a", "gpu0"), ("a", "gpu1")]
-    assert list(boss.follow("b", after=start, block=None))[0].pool == "b"
+    assert [e.pool for e in boss.follow("b", after=start, block=None)] == ["b"]
 
 
 def test_follow_blocks_until_the_next_event(real_redis: redis.Redis) -> None:

@@ -34,7 +34,8 @@ a sixth for the client's heartbeat worker:
    second (its own CPU clock, read from the main thread; ``/proc/self/task/<tid>/stat`` beside
    it, in clock ticks) and per beat, and redis-server's main-thread CPU per second and per beat.
 
-The locks get a 10 s expiry (a lease's default TTL until it became 4 s; kept so that runs compare). Uncontended runs are split into rounds
+The locks get a 10 s expiry (a lease's default TTL until it became 4 s; kept so that runs
+compare). Uncontended runs are split into rounds
 that alternate between contenders, so that noise from other work on the machine falls on all of
 them alike. With at least two CPUs, redis-server is pinned to one and every client process to
 another; the HTTP service shares redis-server's CPU, as it would sit beside Redis.

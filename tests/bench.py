@@ -34,7 +34,7 @@ a sixth for the client's heartbeat worker:
    second (its own CPU clock, read from the main thread; ``/proc/self/task/<tid>/stat`` beside
    it, in clock ticks) and per beat, and redis-server's main-thread CPU per second and per beat.
 
-The locks get a 10 s expiry (a lease's default TTL until it became 4 s; kept so that runs
+The locks get a 10 s expiry (a lease's default TTL until it became 3 s; kept so that runs
 compare). Uncontended runs are split into rounds
 that alternate between contenders, so that noise from other work on the machine falls on all of
 them alike. With at least two CPUs, redis-server is pinned to one and every client process to
@@ -81,7 +81,7 @@ PRLOCK = "python-redis-lock"
 HTTP = "gpuboss over HTTP"
 UNCONTENDED = (GPUBOSS, REDIS_PY, PRLOCK)
 CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK)
-LOCK_EXPIRE_S = 10  # as a lease's default TTL was (now 4 s); kept so that runs compare
+LOCK_EXPIRE_S = 10  # as a lease's default TTL was (now 3 s); kept so that runs compare
 HANDOFF_MIB = 1024  # the hand-off device fits exactly one lease of this size
 LIVE_DEVICE_MIB = 16 * 1024 * 1024  # room for every live lease plus the measured one
 EVICT_MIB = 1024  # the eviction device fits exactly one lease of this size

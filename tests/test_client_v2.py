@@ -318,6 +318,7 @@ def test_a_dead_holder_frees_its_memory_within_5_s_with_default_settings(
     lease = own.acquire(8 * GiB, pool="crash", timeout=10)
     waited = time.monotonic() - killed_at
 
+    print(f"\nmemory back {waited:.2f} s after {sig.name}")
     assert waited < 5.0, f"memory came back {waited:.2f} s after {sig.name}"
     own.release(lease)
 

@@ -17,7 +17,7 @@ from .errors import ProtocolError
 
 #: seconds a lease stays reserved after its holder stops renewing it: a holder killed outright has
 #: its memory back within this time (its heartbeats run every third of it)
-DEFAULT_TTL = 4.0
+DEFAULT_TTL = 3.0
 DEFAULT_GRACE = 10.0
 DEFAULT_POOL = "default"
 

@@ -19,7 +19,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
-from support import Tier
+from support import Child, Tier
 
 from gpuboss_client import Boss, aio, sync
 
@@ -44,6 +44,15 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], deadline_s: float) -> N
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server did not start (exit {proc.poll()})") from None
             time.sleep(0.02)  # waiting for an external process to listen: nothing to block on
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    """Processes a test starts; every one is killed and waited for afterwards."""
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.stop()
 
 
 @pytest.fixture(autouse=True)

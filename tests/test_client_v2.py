@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -288,14 +287,6 @@ def test_interpreter_exit_releases_what_is_held(client: str, redis_url: str, rea
 
 
 # --- a killed or terminated holder's memory comes back within 5 s ---------------------------------
-
-
-@pytest.fixture
-def children() -> Iterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.stop()
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeAlias, cast
 
@@ -31,15 +30,6 @@ pytestmark = pytest.mark.slow
 HOLDER = Path(__file__).with_name("holder.py")
 DEVICE_MIB = 10 * 1024
 Entry: TypeAlias = tuple[str, dict[str, str]]  # one stream entry: id, fields
-
-
-@pytest.fixture
-def children() -> Iterator[list[Child]]:
-    """Processes a test starts; every one is killed and waited for afterwards."""
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.stop()
 
 
 @pytest.fixture

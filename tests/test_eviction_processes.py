@@ -44,15 +44,6 @@ def mono_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-@pytest.fixture
-def children() -> Iterator[list[Child]]:
-    """Processes a test starts; every one is killed and waited for afterwards."""
-    started: list[Child] = []
-    yield started
-    for child in started:
-        child.stop()
-
-
 def start(children: list[Child], redis_url: str, *args: str) -> Child:
     child = Child(HOLDER, redis_url, "--pool", POOL, *args)
     children.append(child)

@@ -396,7 +396,8 @@ class AsyncBoss:
         try:
             await self.heartbeat(lease)
         except LeaseLost as exc:
-            log.warning("%s", exc)
+            if exc.details.get("state") != "released":  # else a release of ours was under way
+                log.warning("%s", exc)
             lease.keepalive = False
             self._held.discard(lease)
             return

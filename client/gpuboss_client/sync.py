@@ -393,7 +393,8 @@ class Boss:
         try:
             self.heartbeat(lease)
         except LeaseLost as exc:
-            log.warning("%s", exc)
+            if exc.details.get("state") != "released":  # else a release of ours was under way
+                log.warning("%s", exc)
             lease.keepalive = False
             self._held.discard(lease)
             return

@@ -64,11 +64,13 @@ def test_a_lease_is_lost_at_its_eviction_deadline_less_the_margin(rclient: redis
     lease._evict_notice(now_ms + 1000)  # as if told: give it back within 1 s of Redis time
     fence = lease.evict_deadline
     assert fence is not None
-    # The grant's Redis time maps to the local time it was sent at (the safe side); the fence is
-    # the deadline on that scale, less the margin for a 1 s grace (0.2 s).
+    # The grant's Redis time (rounded down to the ms, so up to 1 ms more) maps to the local time
+    # it was sent at (the safe side); the fence is the deadline on that scale, less the margin for
+    # a 1 s grace (0.2 s).
     assert lease.info.expires_at_ms is not None
     granted_ms = lease.info.expires_at_ms - 60_000
-    assert fence == pytest.approx(clock.now + (now_ms + 1000 - granted_ms) / 1000 - core.fence_margin(1.0))
+    expected = clock.now + (now_ms + 1000 - granted_ms - 1) / 1000 - core.fence_margin(1.0)
+    assert fence == pytest.approx(expected, abs=1e-9)
 
     clock.now = fence - 0.001
     assert not lease.lost

@@ -2,10 +2,11 @@
 
 A hypothesis state machine on one pool (two devices on one host, for gangs, and maybe a third on
 another) acquires at once (preemptible or not, gangs of two), queues waiters (the acquire script
-with wait=1, which may evict), marks leases idle and busy, releases, heartbeats, force-releases,
-cancels waiters, lets victims that ignore their notice run past their (short) grace deadline and
-reaps them, and knocks on revoked leases with their old token. It does not predict which victims
-the engine picks; instead a ledger replays the event stream and after every step checks:
+with wait=1, which may evict), marks leases idle and busy (or every active lease idle, for a big
+job that then queues), releases, heartbeats, force-releases, cancels waiters, lets victims that
+ignore their notice run past their (short) grace deadline and reaps them, and knocks on revoked
+leases with their old token. It does not predict which victims the engine picks; instead a
+ledger replays the event stream and after every step checks:
 
 * the events of each lease follow its life (queued, granted, idle/busy, evicting, one terminal
   event, nothing after it); fencing tokens strictly increase; a gang is granted all its devices on
@@ -19,7 +20,17 @@ the engine picks; instead a ledger replays the event stream and after every step
 * Redis agrees with the ledger: lease states, each device's ``used_mib`` (gangs count on every
   device) within its budget, its ``claimed_mib`` the sum of its waiters' claims;
 * a revoked lease is fenced: its token neither releases, renews, idles nor wakes it, and nothing
-  changes when it tries.
+  changes when it tries;
+* the holder fences itself in time: each granted lease has its client-side :class:`Lease`, built
+  the way its holder has it (from ``acquire``'s grant, or a waiter's wake message, on a local clock
+  skewed from Redis's), and told of its eviction the way the holder learns it (the notice, i.e.
+  the ``evicting`` event's deadline, for holders that listen, else only a heartbeat/idle/busy
+  reply). Whenever Redis TIME is at or past a told deadline (the moment the server may revoke),
+  ``lease.lost`` is true and ``check()`` raises LeaseEvicted, also at the very first millisecond of
+  each deadline (checked there by ``ignore_notices``); a revoked lease whose holder listens was
+  told, and is lost; a told lease is not fenced while its deadline is still far off. A holder's own
+  lease that it knows lost refuses ``busy`` itself, sending nothing. The tests count these checks
+  and fail if a run made none.
 
 TTLs are long, so nothing expires of itself; grace periods are 1 to 50 ms (or long), and a victim
 that ignores its notice is revoked once Redis TIME has passed its deadline.
@@ -30,13 +41,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import ClassVar, cast
 
 import fakeredis
 import pytest
 import redis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -69,6 +81,10 @@ GRACES_MS = (1, 20, 50, 600_000)  # short ones are revoked in a run; the long on
 TERMINAL = frozenset({"released", "expired", "revoked", "force_released", "cancelled", "abandoned"})
 HELD = frozenset({"active", "idle", "evicting"})  # granted and not ended
 VICTIM_ENDS = frozenset({"released", "revoked", "expired", "force_released"})
+#: the holders' local clock is time.monotonic() plus one of these (s): the fence must not care
+SKEWS_S = (0.0, -86_400.0, 3_600.25)
+#: how many leases' fences were checked at or past their deadline, by kind (see ``_check_fences``)
+FENCED: Counter[str] = Counter()
 
 Event = dict[str, str]
 Hash = dict[str, str]
@@ -84,6 +100,8 @@ class Request:
     preemptible: bool
     gang: int
     waits: bool  # queued with wait=1 (may evict) rather than tried once
+    grace_ms: int
+    hears: bool  # its holder hears eviction notices (else only heartbeat/idle/busy replies tell it)
 
 
 class Ledger:
@@ -193,14 +211,21 @@ class Ledger:
                 assert room < r.mib, f"{r.id} evicted though {d} had {room} MiB free and unpromised"
 
 
-def _lease_obj(h: Hash, lease_id: str) -> Lease:
-    """A client-side lease object for a lease hash (any holder process could rebuild one)."""
-    info = LeaseInfo(
-        id=lease_id, pool=POOL, state=h["state"], holder=HOLDER, holder_host=HOST, holder_pid=PID,
-        mib=int(h["mib"]), priority=int(h["priority"]), device=h["device"], token=int(h["token"]),
-        cuda_indexes=(), device_host=h.get("device_host"), ttl_ms=TTL_MS, expires_at_ms=None,
-        requested_at_ms=None, granted_at_ms=None, ended_at_ms=None, reason=None,
+def _info(
+    lease_id: str, state: str, req: Request, device: str, token: int, expires_at: int | None
+) -> LeaseInfo:
+    return LeaseInfo(
+        id=lease_id, pool=POOL, state=state, holder=HOLDER, holder_host=HOST, holder_pid=PID,
+        mib=req.mib, priority=req.priority, device=device, token=token, cuda_indexes=(),
+        device_host=None, ttl_ms=TTL_MS, expires_at_ms=expires_at, requested_at_ms=None,
+        granted_at_ms=None, ended_at_ms=None, reason=None,
     )  # fmt: skip
+
+
+def _lease_obj(h: Hash, req: Request) -> Lease:
+    """A token-only client-side lease object for a lease hash (any process could rebuild one; it
+    has no idea of time, so it never counts as lost by itself)."""
+    info = _info(req.id, h["state"], req, h["device"], int(h["token"]), None)
     return Lease(info, deadline=math.inf, clock=time.monotonic)
 
 
@@ -218,24 +243,75 @@ class EvictionMachine(RuleBasedStateMachine):
         super().__init__()
         self.r = type(self).connect()
         self.r.flushdb()
-        self.boss = Boss(self.r, holder=HOLDER, host=HOST, pid=PID)
+        self.skew = 0.0  # drawn in start(), before anything reads the clock
+        self.boss = Boss(self.r, holder=HOLDER, host=HOST, pid=PID, clock=self.clock)
         self.keys = PoolKeys(POOL)
         self.requests: dict[str, Request] = {}
         self.ledger = Ledger({}, {}, self.requests)
         self.n = 0
         self.last_event = "0-0"
         self.step: list[Event] = []  # events of the last step
+        # The holders' side: each granted lease's Lease object, as its holder has it.
+        self.held: dict[str, Lease] = {}
+        self.sent: dict[str, float] = {}  # waiter -> local time its holder began waiting
+        self.deadlines: dict[str, int] = {}  # victim -> its eviction deadline (Redis ms)
+        self.fenced: set[tuple[str, str]] = set()  # (kind, lease) checked past its deadline
+
+    def clock(self) -> float:
+        """The holders' local clock: monotonic, and off from Redis's by whatever."""
+        return time.monotonic() + self.skew
 
     def teardown(self) -> None:
         self.boss.close()
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _new(self, mib: int, priority: int, preemptible: bool, gang: int, waits: bool) -> Request:
+    def _new(
+        self, mib: int, priority: int, preemptible: bool, gang: int, waits: bool, grace_ms: int, hears: bool
+    ) -> Request:
         self.n += 1
-        req = Request(f"{'w' if waits else 'a'}{self.n}", mib, priority, preemptible, gang, waits)
+        lid = f"{'w' if waits else 'a'}{self.n}"
+        req = Request(lid, mib, priority, preemptible, gang, waits, grace_ms, hears)
         self.requests[req.id] = req
         return req
+
+    def _hold(self, lid: str, device: str, token: int, now_ms: int, expires_at: int) -> None:
+        """The waiter's holder learns of its grant (sent at Redis time ``now_ms``; it began waiting
+        at ``self.sent[lid]`` on its clock) and builds its lease, as ``acquire`` does."""
+        req = self.requests[lid]
+        info = _info(lid, "active", req, device, token, expires_at)
+        lease = Lease(info, deadline=0.0, clock=self.clock, grace_ms=req.grace_ms)
+        lease._renewed(self.sent.pop(lid), info, now_ms)
+        assert not lease.lost
+        assert not lease.evicting
+        self.held[lid] = lease
+
+    def _check_fences(self, now_ms: int, kind: str) -> None:
+        """The holders' promise, at Redis time ``now_ms`` (read before the local clock is): a lease
+        told to give its memory back by a deadline that Redis has reached counts as lost."""
+        for lid, lease in self.held.items():
+            deadline = lease.evict_deadline_ms
+            if deadline is None:
+                continue
+            assert deadline == self.deadlines[lid], (lid, deadline, self.deadlines[lid])
+            if now_ms >= deadline:
+                assert lease.lost, (
+                    f"{lid} (grace {self.requests[lid].grace_ms} ms) not lost at Redis time {now_ms}, "
+                    f"{now_ms - deadline} ms past its eviction deadline: its fence is "
+                    f"{(cast(float, lease.evict_deadline) - self.clock()) * 1e6:.0f} us ahead on its clock"
+                )
+                with pytest.raises(LeaseEvicted):
+                    lease.check()
+                if (kind, lid) not in self.fenced:  # count each lease once per kind
+                    self.fenced.add((kind, lid))
+                    FENCED[kind] += 1
+                    event(f"fence checked: {kind}")
+            elif (
+                deadline - now_ms > 3000
+                and lease.lost_reason == "not given back before the eviction deadline"
+            ):
+                # (the margin is at most 2 s): not fenced absurdly early either
+                raise AssertionError(f"{lid} fenced {deadline - now_ms} ms before its deadline")
 
     def _hash(self, lease_id: str) -> Hash:
         return cast(Hash, self.r.hgetall(self.keys.lease(lease_id)))
@@ -262,9 +338,12 @@ class EvictionMachine(RuleBasedStateMachine):
 
     # --- rules -------------------------------------------------------------------------------
 
-    @initialize(totals=st.lists(st.sampled_from(TOTALS), min_size=2, max_size=3))
-    def start(self, totals: list[int]) -> None:
+    @initialize(
+        totals=st.lists(st.sampled_from(TOTALS), min_size=2, max_size=3), skew=st.sampled_from(SKEWS_S)
+    )
+    def start(self, totals: list[int], skew: float) -> None:
         """g0 and g1 on one host (gangs of two fit there), g2 alone on another."""
+        self.skew = skew
         for i, total in enumerate(totals):
             name, host = f"g{i}", "h1" if i < 2 else "h2"
             assert self.boss.add_device(name, total, pool=POOL, host=host)
@@ -279,12 +358,13 @@ class EvictionMachine(RuleBasedStateMachine):
         gang=st.sampled_from((1, 1, 2)),
     )
     def acquire_now(self, mib: int, priority: int, preemptible: bool, grace_ms: int, gang: int) -> None:
-        """``timeout=0``: granted at once or AcquireTimeout, and never evicts."""
-        req = self._new(mib, priority, preemptible, gang, waits=False)
+        """``timeout=0``: granted at once or AcquireTimeout, and never evicts. The holder is this
+        client, which hears its notices (and ``use`` renews it: no heartbeat worker)."""
+        req = self._new(mib, priority, preemptible, gang, waits=False, grace_ms=grace_ms, hears=True)
         try:
             lease = self.boss.acquire(
                 mib, priority=priority, pool=POOL, ttl=TTL_S, timeout=0, request_id=req.id,
-                preemptible=preemptible, grace=grace_ms / 1000, devices=gang,
+                preemptible=preemptible, grace=grace_ms / 1000, devices=gang, keepalive=False,
             )  # fmt: skip
         except InsufficientVram:
             assert not self._fits_ever(mib, gang)
@@ -296,6 +376,9 @@ class EvictionMachine(RuleBasedStateMachine):
             return
         h = self._hash(req.id)
         assert (h["state"], h["device"], int(h["token"])) == ("active", ",".join(lease.devices), lease.token)
+        assert not lease.lost
+        assert not lease.evicting
+        self.held[req.id] = lease
 
     @rule(
         mib=st.sampled_from(SIZES),
@@ -303,36 +386,52 @@ class EvictionMachine(RuleBasedStateMachine):
         preemptible=st.booleans(),
         grace_ms=st.sampled_from(GRACES_MS),
         gang=st.sampled_from((1, 1, 1, 2)),
+        hears=st.booleans(),
     )
-    def enqueue(self, mib: int, priority: int, preemptible: bool, grace_ms: int, gang: int) -> None:
+    def enqueue(
+        self, mib: int, priority: int, preemptible: bool, grace_ms: int, gang: int, hears: bool
+    ) -> None:
         """The acquire script with wait=1, as a blocking acquire sends it: granted, or queued
-        (having maybe asked victims to make room)."""
-        req = self._new(mib, priority, preemptible, gang, waits=True)
+        (having maybe asked victims to make room). Its holder learns of a later grant from its wake
+        message, and may or may not hear eviction notices."""
+        req = self._new(mib, priority, preemptible, gang, waits=True, grace_ms=grace_ms, hears=hears)
         if not self._fits_ever(mib, gang):
             return
+        self.sent[req.id] = self.clock()
         args: list[str | int] = [
             req.id, HOLDER, HOST, PID, mib, priority, "", TTL_MS, "{}", 1,
             int(preemptible), grace_ms, "", 0, gang,
         ]  # fmt: skip
         reply = self.boss._scripts["acquire"](keys=self.keys.script_keys(), args=args)
         code, fields = _core.parse_reply(reply, frozenset({"granted", "queued"}))
+        if code == "queued":
+            self.sent[req.id] = self.clock()  # it blocks on its wake list from now on
         self._sync()
         if code == "queued":
             evicting = [e for e in self.step if e["event"] == "evicting" and e["for"] == req.id]
             assert int(fields["evicting"]) == len(evicting)
+        elif req.id not in self.held:  # granted in its own call: the reply says so
+            now, expires_at = int(fields["now"]), int(fields["expires_at"])
+            self._hold(req.id, fields["device"], int(fields["token"]), now, expires_at)
         assert self.ledger.state[req.id] == ("queued" if code == "queued" else "active")
 
     @precondition(lambda self: self.requests)
-    @rule(data=st.data(), verb=st.sampled_from(("idle", "idle", "busy", "release", "heartbeat")))
-    def use(self, data: st.DataObject, verb: str) -> None:
+    @rule(
+        data=st.data(),
+        verb=st.sampled_from(("idle", "idle", "busy", "release", "heartbeat")),
+        own=st.booleans(),
+    )
+    def use(self, data: st.DataObject, verb: str, own: bool) -> None:
         """A holder's call with the lease's token, whatever became of the lease: a held one
-        moves on, an ended one refuses (a revoked one with LeaseEvicted) and nothing changes."""
+        moves on, an ended one refuses (a revoked one with LeaseEvicted) and nothing changes.
+        The call goes through the holder's own lease object (which learns from the reply, and
+        refuses ``busy`` itself once it knows the lease lost) or, if not ``own``, a token-only one."""
         lid = self._pick(data)
         h = self._hash(lid)
         if "token" not in h:  # never granted: there is no token to call with
             return
         before = self.ledger.state[lid]
-        lease = _lease_obj(h, lid)
+        lease = self.held[lid] if own else _lease_obj(h, self.requests[lid])
         error: GpubossError | None = None
         info: LeaseInfo | None = None
         try:
@@ -352,6 +451,10 @@ class EvictionMachine(RuleBasedStateMachine):
             # Fenced: refused (a release of a released lease is a retry), and nothing changes.
             if verb == "release" and before == "released":
                 assert error is None, error
+            elif own and verb == "busy" and error is not None and "state" not in error.details:
+                # Refused here, unsent: the holder knows (it released it, or its deadline passed).
+                assert lease.lost, error
+                assert type(error) is (LeaseEvicted if lease.evicting else LeaseLost), error
             else:
                 assert type(error) is _lost_cls(before), error
                 assert error.details.get("state") == before, error
@@ -413,16 +516,43 @@ class EvictionMachine(RuleBasedStateMachine):
             assert code == "granted"
             assert fields["state"] == after
 
+    @rule(
+        device=st.integers(0, 2),
+        priority=st.sampled_from(PRIORITIES),
+        grace_ms=st.sampled_from(GRACES_MS),
+        hears=st.booleans(),
+        ignored=st.booleans(),
+    )
+    def make_room(self, device: int, priority: int, grace_ms: int, hears: bool, ignored: bool) -> None:
+        """The holders keep their active leases warm (idle, each through its own lease object) for
+        a big job, as large as a whole device, that then queues: it evicts them if it fits nowhere
+        else (and the victims may ignore their notices at once)."""
+        names = sorted(self.ledger.budget)
+        mib = self.ledger.budget[names[device % len(names)]]
+        for lid in sorted(self.ledger.state):
+            if self.ledger.state[lid] == "active":  # as of now: each idle may let a waiter evict
+                self.boss.idle(self.held[lid])
+                self._sync()
+        self.enqueue(mib, priority, preemptible=False, grace_ms=grace_ms, gang=1, hears=hears)
+        if ignored:
+            self.ignore_notices()
+
     @rule()
     def ignore_notices(self) -> None:
         """Victims that do not give their memory back are revoked once their deadline passes."""
         deadlines = {
             i: int(self._hash(i)["evict_deadline"]) for i, s in self.ledger.state.items() if s == "evicting"
         }
-        due = max((d for d in deadlines.values() if d - self._redis_ms() < 1000), default=None)
-        if due is None:
+        soon = sorted({d for d in deadlines.values() if d - self._redis_ms() < 1000})
+        if not soon:
             return
-        while self._redis_ms() <= due:  # Redis TIME is the clock the scripts go by
+        due = soon[-1]
+        for deadline in soon:
+            # The first millisecond at which the server may revoke: told holders count as lost.
+            while (now := self._redis_ms()) < deadline:  # Redis TIME is the clock the scripts go by
+                pass
+            self._check_fences(now, "at the deadline")
+        while self._redis_ms() <= due:
             pass
         self.boss.reap(POOL)
         self._sync()
@@ -450,6 +580,41 @@ class EvictionMachine(RuleBasedStateMachine):
 
         for e in self.step:
             self.ledger.apply(e, seq_of)
+            lid = e.get("lease")
+            if lid is None:
+                continue
+            req = self.requests[lid]
+            if e["event"] == "granted" and req.waits and lid in self.sent:
+                # What the release that granted it pushed to its wake list (none if it was granted
+                # in its own acquire call: enqueue builds that one from the reply).
+                for msg in cast(list[str], self.r.lrange(self.keys.wake(lid), 0, -1)):
+                    parts = msg.split(" ")
+                    if parts[0] == "granted":
+                        assert (parts[2], parts[3]) == (e["device"], e["token"]), (msg, e)
+                        self._hold(lid, parts[2], int(parts[3]), int(parts[1]), int(parts[4]))
+                        break
+            elif e["event"] == "evicting":
+                self.deadlines[lid] = int(e["deadline"])
+                if req.hears:  # the notice (pub/sub) reaches the holder at once
+                    self.held[lid]._evict_notice(int(e["deadline"]))
+
+    @invariant()
+    def holders_fenced(self) -> None:
+        """Every granted lease has its holder's object; a told holder is lost once Redis reaches its
+        deadline; a revoked lease whose holder listens was told, and is lost."""
+        self._sync()
+        now = self._redis_ms()
+        assert set(self.held) == set(self.ledger.devices)
+        self._check_fences(now, "after a step")
+        for lid, state in self.ledger.state.items():
+            if state == "revoked" and self.requests[lid].hears:
+                lease = self.held[lid]
+                assert lease.evict_deadline_ms is not None, lid
+                assert now >= lease.evict_deadline_ms, (lid, now, lease.evict_deadline_ms)
+                assert lease.lost, lid
+                if ("revoked", lid) not in self.fenced:
+                    self.fenced.add(("revoked", lid))
+                    FENCED["revoked"] += 1
 
     @invariant()
     def redis_agrees(self) -> None:
@@ -516,15 +681,25 @@ def _machine(name: str, connect: Callable[[], redis.Redis]) -> type[EvictionMach
     return type(name, (EvictionMachine,), {"connect": staticmethod(connect)})
 
 
+def _run(machine: type[EvictionMachine], max_examples: int) -> None:
+    """Run the machine; the holders' fence must have been checked past deadlines (not vacuously)."""
+    FENCED.clear()
+    run_state_machine_as_test(
+        machine, settings=settings(BASE, max_examples=max_examples, stateful_step_count=25)
+    )
+    print(f"{machine.__name__}: fence checks {dict(FENCED)}")
+    assert FENCED["after a step"] > 0, FENCED
+    assert FENCED["at the deadline"] > 0, FENCED
+    assert FENCED["revoked"] > 0, FENCED
+
+
 def test_eviction_model_fakeredis() -> None:
     server = fakeredis.FakeServer()
-    machine = _machine("FakeRedisEviction", lambda: fakeredis.FakeRedis(server=server, decode_responses=True))
-    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=50, stateful_step_count=25))
+    _run(_machine("FakeRedisEviction", lambda: fakeredis.FakeRedis(server=server, decode_responses=True)), 50)
 
 
 def test_eviction_model_redis(redis_url: str) -> None:
-    machine = _machine("RedisEviction", lambda: redis.Redis.from_url(redis_url, decode_responses=True))
-    run_state_machine_as_test(machine, settings=settings(BASE, max_examples=20, stateful_step_count=25))
+    _run(_machine("RedisEviction", lambda: redis.Redis.from_url(redis_url, decode_responses=True)), 20)
 
 
 def test_busy_does_not_revive_a_lease_evicted_by_the_same_call(boss: Boss) -> None:

@@ -164,10 +164,11 @@ class Lease:
             )
 
     def _renewed(self, sent_at: float, info: LeaseInfo, now_ms: int) -> None:
-        # Redis ran the script after we sent it, so Redis time `now_ms` is at `sent_at` or later on
-        # our clock: `offset` is at most the true difference, and every deadline derived from it
+        # Redis ran the script after we sent it, so the Redis time it read is at `sent_at` or later
+        # on our clock; and that time lies below `now_ms + 1` (the scripts round TIME down to the
+        # ms). So `offset` is below the true difference, and every deadline derived from it
         # (expiry, eviction) falls on the safe side. Give up a margin before the expiry.
-        self._offset = sent_at - now_ms / 1000
+        self._offset = sent_at - (now_ms + 1) / 1000
         expires_at = info.expires_at_ms or now_ms
         self._deadline = self._offset + expires_at / 1000 - fence_margin(info.ttl_ms / 1000)
         self.info = info

@@ -20,7 +20,18 @@ from typing import Any
 
 import pytest
 import redis
-from support import POOL, Child, Tier, in_thread, other, redis_ms, snapshot, state, wait_for
+from support import (
+    POOL,
+    Child,
+    Tier,
+    in_thread,
+    join_evict_thread,
+    other,
+    redis_ms,
+    snapshot,
+    state,
+    wait_for,
+)
 
 from gpuboss_client import (
     AsyncBoss,
@@ -155,6 +166,7 @@ def test_a_retried_acquire_returns_the_lease_held_and_it_still_hears_eviction(bo
     requester = other(boss, "llm").acquire(6 * GiB, priority="high", timeout=10)
 
     assert requester.device == "gpu0"
+    join_evict_thread(first)  # it ran on_evict, then released
     assert heard == ["tts-1"]
     assert holder.held() == []
 

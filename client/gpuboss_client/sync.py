@@ -72,6 +72,7 @@ class Boss:
         self._listener: backend.Worker | None = None
         self._keeper: backend.Worker | None = None
         self._wake: backend.Signal | None = None
+        self._keeper_due: float | None = None  # when the heartbeat worker wakes next by itself
         self._lock = threading.Lock()  # starting workers; never held across I/O
         self._closed = False
         _clients.add(self)
@@ -363,30 +364,32 @@ class Boss:
     # --- the heartbeat worker ----------------------------------------------------------------
 
     def _keep(self, lease: Lease) -> None:
-        """Have the heartbeat worker renew ``lease``: one worker renews every lease of the client."""
+        """Have the heartbeat worker renew ``lease``: one worker renews every lease of the client.
+
+        The worker is woken only when the lease is due before the worker's next wake-up anyway:
+        a hand-off (release, acquire, release...) costs it no thread switch per lease.
+        """
         wait = core.next_beat(lease, failed=False)
-        lease._next_beat = self._clock() + (wait or 0.0)
-        lease.keepalive = True
         with self._lock:
+            lease._next_beat = self._clock() + (wait or 0.0)
+            lease.keepalive = True
             if self._keeper is None or not self._keeper.alive():
-                self._wake = backend.Signal()
+                self._wake, self._keeper_due = backend.Signal(), None
                 self._keeper = backend.Worker(self._keep_alive, self._wake, name="gpuboss-heartbeats")
-            wake = self._wake
-        assert wake is not None
-        wake.set()
+            wake = self._wake if self._keeper_due is None or lease._next_beat < self._keeper_due else None
+        if wake is not None:
+            wake.set()
 
     def _keep_alive(self, wake: backend.Signal) -> None:
         while not self._closed:
-            soonest: float | None = None
+            wake.clear()  # before looking: a lease kept from now on sets it again
             for lease in self._held.leases():
-                if not lease.keepalive:
-                    continue
-                if lease._next_beat <= self._clock():
+                if lease.keepalive and lease._next_beat <= self._clock():
                     self._beat(lease)
-                if lease.keepalive:
-                    soonest = lease._next_beat if soonest is None else min(soonest, lease._next_beat)
-            wake.wait(None if soonest is None else soonest - self._clock())
-            wake.clear()
+            with self._lock:  # the soonest beat, and when this worker wakes, agree for _keep
+                due = [x._next_beat for x in self._held.leases() if x.keepalive]
+                self._keeper_due = min(due) if due else None
+            wake.wait(None if self._keeper_due is None else self._keeper_due - self._clock())
 
     def _beat(self, lease: Lease) -> None:
         failed = False

@@ -449,3 +449,19 @@ def test_one_heartbeat_worker_renews_every_lease_of_a_client(boss: Boss) -> None
     assert names.count("gpuboss-heartbeats") == 1
     assert not any(n.startswith("gpuboss-heartbeat-") for n in names)
     boss.release_all()
+
+
+def test_a_short_lease_wakes_the_worker_that_sleeps_for_a_long_one(boss: Boss) -> None:
+    """The worker sleeps until its soonest beat; a lease due sooner wakes it."""
+    boss.add_device("gpu0", 24 * GiB)
+    long = boss.acquire(GiB, ttl=60)  # its first beat is 20 s away: the worker sleeps that long
+    wait_for(
+        "the worker to sleep",
+        lambda: boss._keeper_due is not None and boss._keeper_due > time.monotonic() + 10,
+    )
+    short = boss.acquire(GiB, ttl=1.0)
+    first = short.info.expires_at_ms or 0
+    wait_for("the short lease's renewal", lambda: (short.info.expires_at_ms or 0) > first, timeout=3)
+    assert not short.lost
+    boss.release_all()
+    assert long.lost  # released

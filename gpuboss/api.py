@@ -701,7 +701,7 @@ async def acquire(
     # No pub/sub channel: an HTTP holder learns of eviction from its heartbeat replies. The queue
     # cap is checked inside the acquire script (a retry of a request that waits already passes).
     holder = ops.Holder(who.holder_for(body.holder), body.host or client_host, body.pid or 0, notify="")
-    lease = await boss.run(ops.acquire(req, holder, time.monotonic, max_block=boss._max_block))
+    lease = await boss.run(ops.acquire(req, holder, time.monotonic, max_block=boss.max_block))
     return lease.info.to_dict() | {"env": lease.env}
 
 

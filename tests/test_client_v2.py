@@ -190,7 +190,7 @@ def test_a_wait_longer_than_the_read_timeout_keeps_waiting(redis_url: str, real_
     holder.release(lease)
     t.join(10)
     assert isinstance(out.get("value"), Lease), out
-    assert Boss.from_url(redis_url, holder="x")._max_block == 2.5  # half redis-py's default 5 s
+    assert Boss.from_url(redis_url, holder="x").max_block == 2.5  # half redis-py's default 5 s
 
 
 # --- leases keep themselves alive -------------------------------------------------------------------

@@ -78,6 +78,12 @@ class AsyncBoss:
         self._closed = False
         _clients.add(self)
 
+    @property
+    def max_block(self) -> float | None:
+        """The longest one blocking Redis command of this client waits (half the connection's read
+        timeout; None: no read timeout). Give it to :func:`ops.acquire` when driving it by hand."""
+        return self._max_block
+
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> AsyncBoss:
         """Connect to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``)."""

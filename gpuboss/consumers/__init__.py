@@ -1,0 +1,9 @@
+"""Managed consumers: GPU services that cannot embed the client (Ollama, vLLM, ComfyUI, TTS and STT
+daemons, containers, native processes), declared in a registry file; the boss holds their leases.
+
+:mod:`.registry` reads and checks the registry file.
+"""
+
+from .registry import PRESETS, Consumer, Registry, load_registry
+
+__all__ = ["PRESETS", "Consumer", "Registry", "load_registry"]

@@ -14,13 +14,15 @@ usage (``usedGpuMemory`` is None where NVML cannot tell), and devices that fall 
 
 from __future__ import annotations
 
+import json
 import string
 import uuid as uuidlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-from gpuboss_client import parse_mib
+from gpuboss_client import BadRequest, parse_mib
 
 __all__ = [
     "NVML_DEVICE_MIG_DISABLE",
@@ -258,6 +260,8 @@ class FakeNvml:
         self.init_count = 0
         #: every call made, by function name
         self.calls: dict[str, int] = {}
+        #: the JSON file the GPUs are read from (see :meth:`from_file`), if any
+        self.state_file: Path | None = None
 
     @classmethod
     def from_spec(cls, spec: str) -> FakeNvml:
@@ -269,6 +273,49 @@ class FakeNvml:
             name, _, size = part.rpartition("=")
             gpus.append(FakeGpu(fake_uuid(i), name=name or "NVIDIA Fake GPU", total_mib=parse_mib(size)))
         return cls(gpus)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FakeNvml:
+        """GPUs described by a JSON file, read again at the start of every pass of the agent, so
+        that another program (a test's fake engine, a demo) can change what NVML reports::
+
+            {"gpus": [{"name": "NVIDIA A100", "total": "40GiB", "uuid": "GPU-...",
+                       "processes": [{"pid": 4242, "mib": 2048}], "other_mib": 0, "lost": false}]}
+
+        ``uuid`` defaults to a fixed one per position. A GPU keeps its identity across passes by
+        uuid; one that leaves the file vanishes, as if it fell off the bus."""
+        nvml = cls()
+        nvml.state_file = Path(path)
+        nvml._reload()
+        return nvml
+
+    def _reload(self) -> None:
+        if self.state_file is None:
+            return
+        try:
+            doc = json.loads(self.state_file.read_text(encoding="utf-8"))
+            entries = doc["gpus"]
+            if not isinstance(entries, list):
+                raise TypeError("gpus must be a list")
+            by_uuid = {g.uuid: g for g in self.gpus}
+            gpus = []
+            for i, entry in enumerate(entries):
+                uuid = str(entry.get("uuid") or fake_uuid(i))
+                gpu = by_uuid.get(uuid) or FakeGpu(uuid)
+                gpu.name = str(entry.get("name", gpu.name))
+                gpu.total_mib = parse_mib(entry.get("total", gpu.total_mib))
+                gpu.other_mib = int(entry.get("other_mib", 0))
+                gpu.lost = bool(entry.get("lost", False))
+                gpu.processes = [
+                    FakeProcess(int(p["pid"]), int(p["mib"])) for p in entry.get("processes", [])
+                ]
+                gpus.append(gpu)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, BadRequest) as exc:
+            # A file being rewritten, or wrong: keep the last good state (NVML has no such error).
+            if not self.gpus:
+                raise ValueError(f"{self.state_file}: cannot read the fake GPUs: {exc}") from exc
+            return
+        self.gpus = gpus
 
     # Constants and error classes are the module's, as in pynvml.
     def __getattr__(self, name: str) -> Any:
@@ -319,6 +366,7 @@ class FakeNvml:
 
     def nvmlDeviceGetCount(self) -> int:
         self._enter("nvmlDeviceGetCount")
+        self._reload()  # a pass begins here: a file-backed fake reads its file again
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> _Handle:

@@ -65,7 +65,8 @@ def agent(
         typer.Option(
             "--fake-nvml",
             metavar="SPEC",
-            help="Demo: fake GPUs instead of NVML, e.g. '24GiB,NVIDIA A100=40GiB'.",
+            help="Demo: fake GPUs instead of NVML, e.g. '24GiB,NVIDIA A100=40GiB', or "
+            "'@state.json' to read them (with processes) from a file on every pass.",
         ),
     ] = None,
 ) -> None:
@@ -79,7 +80,15 @@ def agent(
     try:
         reserved_mib = parse_mib(reserved, minimum=0)
         try:
-            probe = NvmlProbe(FakeNvml.from_spec(fake_nvml) if fake_nvml is not None else None)
+            fake = None
+            if fake_nvml is not None and fake_nvml.startswith("@"):
+                try:
+                    fake = FakeNvml.from_file(fake_nvml[1:])
+                except ValueError as exc:
+                    raise BadRequest(str(exc)) from None
+            elif fake_nvml is not None:
+                fake = FakeNvml.from_spec(fake_nvml)
+            probe = NvmlProbe(fake)
         except NvmlMissing as err:
             raise BadRequest(err.message) from None
         except ProbeError as err:

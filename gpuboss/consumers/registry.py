@@ -35,7 +35,15 @@ from urllib.parse import urlsplit
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from gpuboss_client import BadRequest, parse_mib, parse_priority
 from gpuboss_client.keys import valid_name, valid_pool
@@ -61,6 +69,14 @@ def _priority(priority: Any) -> int:
         raise ValueError(exc.message) from None
 
 
+def _name(name: str) -> str:
+    if not valid_name(name):
+        raise ValueError(f"must be 1-64 of [A-Za-z0-9_.:-], not {name!r}")
+    return name
+
+
+#: a consumer, kind or device name
+Name = Annotated[str, AfterValidator(_name)]
 #: MiB, given as an int or a size like "8GiB"
 Mib = Annotated[int, BeforeValidator(_mib)]
 #: 0-100, or low/normal/high
@@ -147,15 +163,15 @@ _PRESET_HEALTH = {
 class Consumer(_Spec):
     """One GPU service the boss manages (see the module docstring)."""
 
-    name: str
+    name: Name
     url: str
     preset: Literal["plain", "ollama", "vllm", "comfyui", "llamacpp"] = "plain"
-    kinds: list[str] = Field(default_factory=list)
+    kinds: list[Name] = Field(default_factory=list)
     vram: Mib | None = None
     #: per model, for multi-model engines (Ollama: a lease per loaded model)
     models: dict[str, Mib] = Field(default_factory=dict)
     priority: Priority = 50
-    device: str | None = None
+    device: Name | None = None
     pool: str = "default"
     preemptible: bool = False
     #: seconds idle before it gives its memory back by itself; -1 keeps it until evicted; 0 at once
@@ -168,13 +184,6 @@ class Consumer(_Spec):
     systemd: Systemd | None = None
     self_managed: bool = False
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, name: str) -> str:
-        if not valid_name(name):
-            raise ValueError(f"must be 1-64 of [A-Za-z0-9_.:-], not {name!r}")
-        return name
-
     @field_validator("url")
     @classmethod
     def _url(cls, url: str) -> str:
@@ -186,21 +195,6 @@ class Consumer(_Spec):
         except ValueError as exc:
             raise ValueError(f"bad port in {url!r}") from exc
         return url.rstrip("/")
-
-    @field_validator("kinds")
-    @classmethod
-    def _kinds(cls, kinds: list[str]) -> list[str]:
-        for kind in kinds:
-            if not valid_name(kind):
-                raise ValueError(f"a kind must be 1-64 of [A-Za-z0-9_.:-], not {kind!r}")
-        return kinds
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, device: str | None) -> str | None:
-        if device is not None and not valid_name(device):
-            raise ValueError(f"must be a device name, 1-64 of [A-Za-z0-9_.:-], not {device!r}")
-        return device
 
     @field_validator("pool")
     @classmethod

@@ -47,14 +47,15 @@ def generate(text: str) -> str:
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     if ruff is None:
         raise SystemExit("unasync: ruff is needed (pip install ruff)")
-    formatted = subprocess.run(
-        [ruff, "format", "--stdin-filename", str(TARGET), "-"],
-        input=text,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return formatted.stdout
+    for step in (["check", "--select", "I", "--fix", "--quiet"], ["format"]):  # imports sorted, formatted
+        text = subprocess.run(
+            [ruff, *step, "--stdin-filename", str(TARGET), "-"],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return text
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,14 @@ weight ``smoothing`` per pass, never below 0. Counting is conservative: a lease 
 another host, or from another pid namespace (a container), cannot be matched to its processes,
 so their memory counts as unmanaged too.
 
+**Managed consumers** (:mod:`gpuboss.consumers`) are measured through their processes, not by
+holder pid: the boss sets :attr:`Agent.owners` to map each consumer's process (the child it
+started, the container's, the one listening on its port) to an :class:`Owner`. A process is
+attributed to the nearest of itself and its ancestors that is an owner or a holder. An owner's
+memory counts for its leases; an owner with no lease on the device (a consumer given back, or
+stuck) is unmanaged memory, but not a leak. Each pass reports the MiB measured per owner
+(:attr:`PassReport.owned`) to :attr:`Agent.listeners`, and :meth:`Agent.kick` asks for a pass now.
+
 **Findings** (events, once each when they appear): ``over_use`` and ``under_use`` per lease,
 ``leak`` (a process using memory with no lease on the device for ``confirm_passes`` passes in a
 row), ``device_lost`` (a device vanished or fails: its budget drops to 0) and ``device_back``.
@@ -27,6 +35,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +46,7 @@ from gpuboss_client import BadRequest, Boss, DeviceInfo, DeviceNotFound, Gpuboss
 from gpuboss_client.keys import valid_name, valid_pool
 from gpuboss_client.units import MAX_MIB
 
-__all__ = ["Agent", "DeviceReading", "PassReport", "background_agent", "proc_parent"]
+__all__ = ["Agent", "DeviceReading", "Owner", "PassReport", "background_agent", "proc_parent"]
 
 log = logging.getLogger("gpuboss.agent")
 
@@ -76,14 +85,29 @@ class DeviceReading:
     readings: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who a managed consumer's processes work for: ``key`` names the consumer, ``leases`` are the
+    ids of its live leases (none: its memory is unmanaged, but not a leak)."""
+
+    key: str
+    leases: tuple[str, ...] = ()
+
+
 @dataclass
 class PassReport:
-    """One pass: the devices read, those registered now, findings logged, and a probe error."""
+    """One pass: the devices read, those registered now, findings logged, and a probe error.
+
+    ``started`` is the monotonic time the pass began reading; ``owned`` the MiB each owner's
+    processes use, summed over devices (0 for an owner none of whose processes use any).
+    """
 
     devices: list[DeviceReading] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
     events: int = 0
     error: str | None = None
+    started: float = 0.0
+    owned: dict[str, int] = field(default_factory=dict)
 
 
 def _positive(what: str, value: float, top: float) -> float:
@@ -143,6 +167,15 @@ class Agent:
         self._known: set[str] | None = None  # devices this host's agent measures
         self._smoothed: dict[str, int] = {}
         self._unleased_passes: dict[tuple[str, int], int] = {}
+        #: the processes of managed consumers, by pid (read once per pass; see the module docstring)
+        self.owners: Callable[[], Mapping[int, Owner]] | None = None
+        #: called with every pass's report, from the agent's thread
+        self.listeners: list[Callable[[PassReport], None]] = []
+        self._wake = threading.Event()
+
+    def kick(self) -> None:
+        """Run the next pass now rather than after ``interval_s`` (from any thread)."""
+        self._wake.set()
 
     # --- one pass ---------------------------------------------------------------------------
 
@@ -152,7 +185,7 @@ class Agent:
         A probe that fails as a whole (NVML down) marks every device this agent measures lost
         and is reported in ``error``; Redis errors raise.
         """
-        report = PassReport()
+        report = PassReport(started=time.monotonic())
         if self._known is None:
             self._known = self._load()
         try:
@@ -166,11 +199,17 @@ class Agent:
         report.registered = self._register(healthy.values())
         self._known |= set(healthy)
         leases = [x for x in self.boss.leases(self.pool) if x.state in LIVE and x.device]
-        usage, unknown, unleased = self._attribute(healthy.values(), procs, leases)
+        owners = dict(self.owners()) if self.owners is not None else {}
+        report.owned = {o.key: 0 for o in owners.values()}
+        usage, unknown, unleased, quiet = self._attribute(
+            healthy.values(), procs, leases, owners, report.owned
+        )
         for name in sorted(self._known):
             dev = healthy.get(name)
             reading = (
-                self._lost(name) if dev is None else self._reading(dev, leases, usage, unknown, unleased)
+                self._lost(name)
+                if dev is None
+                else self._reading(dev, leases, usage, unknown, unleased, quiet.get(name, 0))
             )
             try:
                 report.events += self.boss.run(ops.measure(self.pool, self._measurement(reading)))
@@ -181,6 +220,8 @@ class Agent:
                 self._registered.pop(name, None)
                 continue
             report.devices.append(reading)
+        for listener in self.listeners:
+            listener(report)
         return report
 
     def run(
@@ -199,7 +240,15 @@ class Agent:
             else:
                 if on_pass is not None:
                     on_pass(report)
-            stop.wait(self.interval_s)
+            if stop.is_set():
+                break
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def stop(self, stop: threading.Event) -> None:
+        """End :meth:`run` (with its ``stop`` event) without waiting out the interval."""
+        stop.set()
+        self._wake.set()
 
     # --- parts ------------------------------------------------------------------------------
 
@@ -243,53 +292,77 @@ class Agent:
         return added
 
     def _holder_leases(
-        self, pid: int, device: str, by_pid: Mapping[int, list[LeaseInfo]], parents: dict[int, int | None]
-    ) -> list[LeaseInfo]:
-        """The leases on ``device`` held by ``pid`` or its nearest ancestor holding one there."""
+        self,
+        pid: int,
+        device: str,
+        by_pid: Mapping[int, list[LeaseInfo]],
+        owners: Mapping[int, Owner],
+        parents: dict[int, int | None],
+    ) -> tuple[Owner | None, list[LeaseInfo]]:
+        """Who ``pid`` works for on ``device``: the nearest of it and its ancestors that is an owner
+        (a managed consumer's process: that owner, and its leases there) or holds a lease there."""
         p: int | None = pid
         for _ in range(MAX_ANCESTORS):
             if p is None or p <= 1:
                 break
+            owner = owners.get(p)
+            if owner is not None:
+                return owner, [x for x in by_pid.get(-1, ()) if x.id in owner.leases and device in x.devices]
             on = [x for x in by_pid.get(p, ()) if device in x.devices]
             if on:
-                return on
+                return None, on
             if p not in parents:
                 parents[p] = self.parent_of(p)
             p = parents[p]
-        return []
+        return None, []
 
     def _attribute(
-        self, devices: Iterable[ProbedDevice], procs: list[ProcUse], leases: list[LeaseInfo]
-    ) -> tuple[dict[tuple[str, str], int], set[str], dict[str, dict[int, int]]]:
+        self,
+        devices: Iterable[ProbedDevice],
+        procs: list[ProcUse],
+        leases: list[LeaseInfo],
+        owners: Mapping[int, Owner],
+        owned: dict[str, int],
+    ) -> tuple[dict[tuple[str, str], int], set[str], dict[str, dict[int, int]], dict[str, int]]:
         """Per (lease, device) the MiB its holder uses; the leases whose usage NVML could not
-        tell; per device the MiB of each process holding no lease there."""
+        tell; per device the MiB of each process holding no lease there; per device the MiB of
+        owners' processes with no lease there. Adds each owner's MiB to ``owned``."""
+        owned_ids = {i for o in owners.values() for i in o.leases}
         by_pid: dict[int, list[LeaseInfo]] = {}
         for x in leases:
-            if x.holder_host == self.host:
+            if x.id in owned_ids:  # a managed consumer's: matched through its owner, pid -1 here
+                by_pid.setdefault(-1, []).append(x)
+            elif x.holder_host == self.host:
                 by_pid.setdefault(x.holder_pid, []).append(x)
         names = {d.uuid: d.device_id for d in devices if d.processes_visible}
         parents: dict[int, int | None] = {}
         usage: dict[tuple[str, str], int] = {}
         unknown: set[str] = set()
         unleased: dict[str, dict[int, int]] = {}
+        quiet: dict[str, int] = {}
         for p in procs:
             name = names.get(p.device)
             if name is None:
                 continue
-            owners = self._holder_leases(p.pid, name, by_pid, parents)
+            owner, owners_here = self._holder_leases(p.pid, name, by_pid, owners, parents)
+            if owner is not None:
+                owned[owner.key] += p.used_mib or 0
+                if not owners_here:
+                    quiet[name] = quiet.get(name, 0) + (p.used_mib or 0)
+                    continue
             if p.used_mib is None:
-                unknown.update(x.id for x in owners)
-            elif owners:
+                unknown.update(x.id for x in owners_here)
+            elif owners_here:
                 # One process holding several leases on the device: its usage is shared out
                 # in proportion to their sizes.
-                total = sum(x.mib for x in owners)
-                for x in owners:
+                total = sum(x.mib for x in owners_here)
+                for x in owners_here:
                     key = (x.id, name)
                     usage[key] = usage.get(key, 0) + p.used_mib * x.mib // total
             elif p.used_mib > 0:
                 per = unleased.setdefault(name, {})
                 per[p.pid] = per.get(p.pid, 0) + p.used_mib
-        return usage, unknown, unleased
+        return usage, unknown, unleased, quiet
 
     def _reading(
         self,
@@ -298,16 +371,17 @@ class Agent:
         usage: Mapping[tuple[str, str], int],
         unknown: set[str],
         unleased: Mapping[str, Mapping[int, int]],
+        quiet: int = 0,
     ) -> DeviceReading:
         name = dev.device_id
         here = [x for x in leases if name in x.devices]
         mine = unleased.get(name, {})
         if dev.processes_visible:
-            explained = sum(mib for (_, d), mib in usage.items() if d == name) + sum(mine.values())
+            explained = sum(mib for (_, d), mib in usage.items() if d == name) + sum(mine.values()) + quiet
             explained += sum(x.mib for x in here if x.id in unknown)
             # Memory a holder uses beyond its lease is as unavailable as anyone else's.
             excess = sum(max(0, usage.get((x.id, name), 0) - x.mib) for x in here)
-            raw = sum(mine.values()) + excess + max(0, dev.used_mib - explained)
+            raw = sum(mine.values()) + quiet + excess + max(0, dev.used_mib - explained)
             # A gang lease is measured on each of its devices; its reading is the largest.
             readings = {
                 x.id: max(usage.get((x.id, d), 0) for d in x.devices)
@@ -403,7 +477,7 @@ def background_agent(
     try:
         yield agent
     finally:
-        stop.set()
+        agent.stop(stop)
         thread.join(10)
         probe.close()
         boss.close()

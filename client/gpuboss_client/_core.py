@@ -35,6 +35,7 @@ from ._measure import (
     Measurement as Measurement,
     findings as findings,
     measure as measure,
+    note as note,
 )
 from ._models import (
     DEFAULT_GRACE as DEFAULT_GRACE,

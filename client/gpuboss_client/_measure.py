@@ -6,6 +6,7 @@ read by :func:`findings`). Operations like those of :mod:`._ops`, free of I/O.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,6 +189,27 @@ class Findings:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(f"malformed findings document: {dict(doc)!r}") from exc
+
+
+_NOTE_NAME = re.compile(r"consumer_[a-z_]+")
+_NOTE_FIELD = re.compile(r"[a-z_]{1,32}")
+
+
+def note(pool: str, event: str, fields: Mapping[str, str]) -> Op[None]:
+    """Append ``event`` (``consumer_`` + ``[a-z_]``, at most 32 characters) with up to 16
+    ``fields`` (names of ``[a-z_]``, values of at most 512 bytes) to the pool's event stream:
+    what the boss does to a managed consumer, beside the lease transitions (see ``lua/note.lua``)."""
+    keys = _check_pool(pool)
+    if len(event) > 32 or not _NOTE_NAME.fullmatch(event):
+        raise BadRequest(f"event must be consumer_ followed by [a-z_], at most 32 characters, not {event!r}")
+    if len(fields) > 16:
+        raise BadRequest("at most 16 fields")
+    args: list[str | int] = [event]
+    for k, v in fields.items():
+        if k == "event" or not _NOTE_FIELD.fullmatch(k) or len(v.encode()) > 512:
+            raise BadRequest(f"field {k!r}: names are 1-32 of [a-z_] (not event), values at most 512 bytes")
+        args += [k, v]
+    parse_reply((yield Call("note", keys.script_keys(), args)), _OK)
 
 
 def findings(pool: str | None) -> Op[list[Findings]]:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
@@ -93,13 +93,19 @@ class AsyncBoss:
             raise BadRequest(f"bad Redis URL {url!r}: {exc}") from exc
         return cls(client, holder=holder)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, release: bool = True) -> None:
         """Release every lease this client holds, stop its workers and close the connection.
 
         Leases that cannot be released (Redis unreachable) expire by themselves after their TTL.
+        With ``release=False`` the leases are left to expire after their TTL, or to be taken over
+        by :meth:`adopt` in a process that follows this one (a restarted service).
         """
         try:
-            await self.release_all()
+            if release:
+                await self.release_all()
+            else:
+                for lease in self._held.leases():
+                    self._held.discard(lease)
         except BackendUnavailable as exc:
             log.warning("could not release leases on closing (they expire by themselves): %s", exc)
         finally:
@@ -150,6 +156,43 @@ class AsyncBoss:
         :class:`LeaseLost` (:class:`LeaseEvicted` after an eviction) is raised on exit at the latest.
         ``str(lease)`` is the device string frameworks take (``"cuda:0"``)."""
         return AsyncLeaseContext(self, core.Ask.of(vram, options))
+
+    async def adopt(
+        self,
+        info: LeaseInfo,
+        *,
+        on_evict: Callable[[Lease], Any] | None = None,
+        grace: float = core.DEFAULT_GRACE,
+    ) -> Lease:
+        """Take over a live lease granted to this client's holder (same name and host) by an earlier
+        process, e.g. a service that restarted within the lease's TTL: it is renewed at once, and
+        from then on as if acquired here. ``grace`` is what the lease was granted with (the
+        eviction fence needs it). Its eviction notices reach this client through heartbeat
+        replies (the earlier process's channel is gone). Raises :class:`LeaseLost` if it has
+        ended, :class:`BadRequest` for another holder's lease or a waiter."""
+        if (info.holder, info.holder_host) != (self.holder.name, self.holder.host) or info.state not in (
+            "active",
+            "idle",
+            "evicting",
+        ):
+            raise BadRequest(
+                f"lease {info.id} is {info.state}, held by {info.holder} on {info.holder_host}: "
+                f"not a live lease of {self.holder.name} on {self.holder.host}"
+            )
+        lease = self._held.add(
+            core.Lease(info, deadline=0.0, clock=self._clock, grace_ms=round(grace * 1000))
+        )
+        lease._boss = self
+        try:
+            await self.heartbeat(lease)
+        except BaseException:
+            self._held.discard(lease)
+            raise
+        if on_evict is not None:
+            lease.on_evict = on_evict
+        self._keep(lease)
+        self._dispatch(lease)
+        return lease
 
     async def release(self, lease: Lease | str) -> None:
         """Release a lease (or the id of one this client holds); raises :class:`LeaseLost` if it

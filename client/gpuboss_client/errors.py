@@ -13,6 +13,7 @@ __all__ = [
     "AcquireTimeout",
     "BackendUnavailable",
     "BadRequest",
+    "ConsumerNotFound",
     "DeviceBusy",
     "DeviceNotFound",
     "Forbidden",
@@ -87,6 +88,13 @@ class PoolNotFound(NotFound):
 
     code = "pool_not_found"
     exit_code = 5
+
+
+class ConsumerNotFound(NotFound):
+    """No managed consumer with that name (or it serves no such model)."""
+
+    code = "consumer_not_found"
+    exit_code = 18
 
 
 class LeaseNotHeld(GpubossError):
@@ -195,6 +203,7 @@ ERRORS: dict[str, type[GpubossError]] = {
         LeaseNotFound,
         DeviceNotFound,
         PoolNotFound,
+        ConsumerNotFound,
         LeaseNotHeld,
         LeaseLost,
         LeaseEvicted,

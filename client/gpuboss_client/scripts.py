@@ -25,6 +25,7 @@ NAMES = (
     "idle",
     "leases",
     "measure",
+    "note",
     "plan",
     "reap",
     "release",

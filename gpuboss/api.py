@@ -21,12 +21,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpuboss_client import (
-    ERRORS,
     AsyncBoss,
     BackendUnavailable,
     BadRequest,
@@ -47,7 +46,11 @@ from gpuboss_client.keys import valid_pool
 from gpuboss_client.units import MAX_TTL_MS, parse_ttl_ms
 
 from . import dashboard, metrics
+from .agent import Agent
 from .auth import HolderDep, OperatorDep, Principal, ReaderDep
+from .consumers import routes as consumer_routes
+from .consumers.service import managed_consumers
+from .docs import Doc, RequestDoc, errors_doc
 from .hub import EventHub, Subscription, event_key
 from .reaper import Reaper
 from .settings import ServiceSettings
@@ -72,31 +75,6 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 # --- request and response documents ---------------------------------------------------------------
-
-
-def _check_text(value: Any) -> None:
-    # JSON may carry lone surrogates, which Redis cannot store as UTF-8: refuse them as bad input.
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_text(k)
-            _check_text(v)
-
-
-class RequestDoc(BaseModel):
-    """A request body: unknown fields are refused, and types are not coerced."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    @model_validator(mode="after")
-    def _unicode(self) -> RequestDoc:
-        for name in type(self).model_fields:
-            _check_text(getattr(self, name))
-        return self
 
 
 Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
@@ -187,22 +165,6 @@ class PoolConfigBody(RequestDoc):
 
     min_residency_s: float = Field(default=0, ge=0, le=MAX_SECONDS)
     aging_s: float = Field(default=0, ge=0, le=MAX_SECONDS)
-
-
-class Doc(BaseModel):
-    """A response document (fields exactly as the client's ``to_dict``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class ErrorDoc(BaseModel):
-    """An error: its stable code, a message, whether retrying may help, and details."""
-
-    model_config = ConfigDict(extra="allow")
-
-    error: str = Field(description="stable code, e.g. lease_not_found")
-    message: str
-    retryable: bool
 
 
 class DeviceDoc(Doc):
@@ -439,25 +401,6 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(err.to_dict(), status_code=status, headers=headers)
 
 
-def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for the error codes a route may answer with."""
-    by_status: dict[int, list[str]] = {}
-    for code in codes:
-        by_status.setdefault(ERRORS[code].http_status, []).append(code)
-    out: dict[int | str, dict[str, Any]] = {}
-    for status, names in sorted(by_status.items()):
-        doc: dict[str, Any] = {"model": ErrorDoc, "description": "error: " + ", ".join(names)}
-        if any(ERRORS[name].retryable for name in names):
-            doc["headers"] = {
-                "Retry-After": {
-                    "description": "seconds to wait before retrying",
-                    "schema": {"type": "integer"},
-                }
-            }
-        out[status] = doc
-    return out
-
-
 _REDIS = ("backend_unavailable", "protocol_error")
 _READ = ("bad_request", "unauthorized", *_REDIS)
 _HOLD = ("bad_request", "unauthorized", "forbidden", *_REDIS)
@@ -538,7 +481,7 @@ async def healthz() -> dict[str, Any]:
     tags=["health"],
     summary="Redis is reachable and the scripts are loaded",
     response_model=ReadyDoc,
-    responses=_errors(*_REDIS),
+    responses=errors_doc(*_REDIS),
 )
 async def readyz(boss: BossDep, settings: SettingsDep) -> dict[str, Any]:
     """Pings Redis and checks (``SCRIPT EXISTS``) that every Lua script is cached, loading any that
@@ -557,7 +500,7 @@ async def readyz(boss: BossDep, settings: SettingsDep) -> dict[str, Any]:
     tags=["health"],
     summary="Whether a GPU has free memory, in MiB",
     response_model=GpuHealthDoc,
-    responses=_errors("bad_request", *_REDIS, "pool_not_found"),
+    responses=errors_doc("bad_request", *_REDIS, "pool_not_found"),
 )
 async def health(boss: BossDep, settings: SettingsDep, pool: PoolQuery = None) -> dict[str, Any]:
     """VRAM summed over the devices of ``pool`` (or of every pool), with each device's figures;
@@ -598,7 +541,7 @@ async def health(boss: BossDep, settings: SettingsDep, pool: PoolQuery = None) -
     tags=["status"],
     summary="Devices, leases and queue of every pool",
     response_model=StatusDoc,
-    responses=_errors(*_READ, "pool_not_found"),
+    responses=errors_doc(*_READ, "pool_not_found"),
 )
 async def get_status(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """Per pool: counts, Redis time, devices with budgets, granted leases and the queue in order."""
@@ -610,7 +553,7 @@ async def get_status(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dic
     tags=["status"],
     summary="Devices and their memory",
     response_model=DevicesDoc,
-    responses=_errors(*_READ, "pool_not_found"),
+    responses=errors_doc(*_READ, "pool_not_found"),
 )
 async def get_devices(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """Every device of ``pool`` (or of every pool), sizes in MiB."""
@@ -622,7 +565,7 @@ async def get_devices(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> di
     tags=["status"],
     summary="Live leases and waiters",
     response_model=LeasesDoc,
-    responses=_errors(*_READ, "pool_not_found"),
+    responses=errors_doc(*_READ, "pool_not_found"),
 )
 async def get_leases(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """Every live lease and waiting request, soonest expiry first per pool."""
@@ -634,7 +577,7 @@ async def get_leases(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dic
     tags=["status"],
     summary="Waiters in queue order",
     response_model=QueueDoc,
-    responses=_errors(*_READ, "pool_not_found"),
+    responses=errors_doc(*_READ, "pool_not_found"),
 )
 async def get_queue(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """The waiting requests, by priority and then arrival."""
@@ -646,7 +589,7 @@ async def get_queue(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict
     tags=["status"],
     summary="What the NVML agent measured",
     response_model=FindingsDoc,
-    responses=_errors(*_READ, "pool_not_found"),
+    responses=errors_doc(*_READ, "pool_not_found"),
 )
 async def get_findings(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """Per pool: device health (ok, lost, unmeasured; leaks), the measured leases with their
@@ -659,7 +602,7 @@ async def get_findings(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> d
     tags=["leases"],
     summary="One lease or waiter",
     response_model=LeaseDoc,
-    responses=_errors(*_READ, "lease_not_found"),
+    responses=errors_doc(*_READ, "lease_not_found"),
 )
 async def get_lease(
     id: str, boss: BossDep, _: ReaderDep, pool: OnePoolQuery = DEFAULT_POOL
@@ -674,7 +617,7 @@ async def get_lease(
     status_code=201,
     summary="Acquire a lease (waits up to timeout_s)",
     response_model=GrantDoc,
-    responses=_errors(*_ACQUIRE),
+    responses=errors_doc(*_ACQUIRE),
 )
 async def acquire(
     body: AcquireBody, request: Request, boss: BossDep, settings: SettingsDep, who: HolderDep
@@ -710,7 +653,7 @@ async def acquire(
     tags=["leases"],
     summary="Renew a lease and learn its state",
     response_model=BeatDoc,
-    responses=_errors(*_LEASE),
+    responses=errors_doc(*_LEASE),
 )
 async def heartbeat(id: str, body: HeartbeatBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """Pushes the expiry ``ttl_s`` (default: the lease's own TTL) into the future. ``state``
@@ -732,7 +675,7 @@ async def heartbeat(id: str, body: HeartbeatBody, boss: BossDep, who: HolderDep)
     tags=["leases"],
     summary="Release a lease",
     response_model=ReleasedDoc,
-    responses=_errors(*_LEASE),
+    responses=errors_doc(*_LEASE),
 )
 async def release(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """Frees the memory and, in the same step, grants the waiters that now fit. 409 ``lease_lost``
@@ -747,7 +690,7 @@ async def release(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> di
     tags=["leases"],
     summary="Keep a lease warm (evictable)",
     response_model=BeatDoc,
-    responses=_errors(*_LEASE),
+    responses=errors_doc(*_LEASE),
 )
 async def idle(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """The model stays resident, but anyone who needs the room may evict it, least recently used
@@ -761,7 +704,7 @@ async def idle(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[
     tags=["leases"],
     summary="Take a warm lease back into use",
     response_model=BeatDoc,
-    responses=_errors(*_LEASE),
+    responses=errors_doc(*_LEASE),
 )
 async def busy(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """409 ``lease_evicted`` when the lease is being evicted: release it and acquire again."""
@@ -781,7 +724,7 @@ async def busy(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[
     tags=["status"],
     summary="Dry run: what would happen to a request now",
     response_model=PlanDoc,
-    responses=_errors(*_READ, "pool_not_found", "device_not_found"),
+    responses=errors_doc(*_READ, "pool_not_found", "device_not_found"),
 )
 async def plan(body: PlanBody, boss: BossDep, _: ReaderDep) -> dict[str, Any]:
     """``grant`` on a device, ``evict`` these victims, ``wait`` behind ``ahead`` requests, or
@@ -798,7 +741,7 @@ async def plan(body: PlanBody, boss: BossDep, _: ReaderDep) -> dict[str, Any]:
     tags=["events"],
     summary="Recent events",
     response_model=EventsDoc,
-    responses=_errors(*_READ),
+    responses=errors_doc(*_READ),
 )
 async def get_events(
     boss: BossDep,
@@ -815,7 +758,7 @@ async def get_events(
     tags=["events"],
     summary="Live events (server-sent events)",
     response_class=StreamingResponse,
-    responses=_errors(*_READ) | {200: {"description": "server-sent events", "content": _SSE}},
+    responses=errors_doc(*_READ) | {200: {"description": "server-sent events", "content": _SSE}},
 )
 async def stream_events(
     boss: BossDep,
@@ -895,7 +838,7 @@ async def _sse(sub: Subscription, backlog: list[Event]) -> AsyncIterator[str]:
     tags=["admin"],
     summary="Add or update a device (operator)",
     response_model=DevicePutDoc,
-    responses=_errors(*_HOLD, "device_not_found"),
+    responses=errors_doc(*_HOLD, "device_not_found"),
 )
 async def put_device(name: str, body: DeviceBody, boss: BossDep, _: OperatorDep) -> dict[str, Any]:
     """Adds a device of ``vram`` (``reserved`` of it never leased) to ``pool``, or updates it."""
@@ -913,7 +856,7 @@ async def put_device(name: str, body: DeviceBody, boss: BossDep, _: OperatorDep)
     tags=["admin"],
     summary="Remove a device (operator)",
     response_model=DeviceRemovedDoc,
-    responses=_errors(*_HOLD, "device_not_found", "pool_not_found", "device_busy"),
+    responses=errors_doc(*_HOLD, "device_not_found", "pool_not_found", "device_busy"),
 )
 async def delete_device(
     name: str,
@@ -933,7 +876,7 @@ async def delete_device(
     tags=["admin"],
     summary="End a lease without its token (operator)",
     response_model=LeaseDoc,
-    responses=_errors(*_HOLD, "lease_not_found", "pool_not_found", "lease_lost"),
+    responses=errors_doc(*_HOLD, "lease_not_found", "pool_not_found", "lease_lost"),
 )
 async def force_release(
     id: str, boss: BossDep, _: OperatorDep, body: Annotated[PoolBody | None, Body()] = None
@@ -948,7 +891,7 @@ async def force_release(
     tags=["admin"],
     summary="Reap expired leases now (operator)",
     response_model=ReapedDoc,
-    responses=_errors(*_HOLD, "pool_not_found"),
+    responses=errors_doc(*_HOLD, "pool_not_found"),
 )
 async def reap(
     boss: BossDep, _: OperatorDep, body: Annotated[PoolBody | None, Body()] = None
@@ -963,7 +906,7 @@ async def reap(
     tags=["admin"],
     summary="Set a pool's eviction and starvation guards (operator)",
     response_model=PoolConfigDoc,
-    responses=_errors(*_HOLD, "pool_not_found"),
+    responses=errors_doc(*_HOLD, "pool_not_found"),
 )
 async def configure_pool(pool: str, body: PoolConfigBody, boss: BossDep, _: OperatorDep) -> dict[str, Any]:
     """``min_residency_s``: a lease younger than this is evicted only when nothing else makes
@@ -1007,7 +950,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     hub.start()
     reaper.start()
     try:
-        yield
+        async with managed_consumers(settings, url, app.state.agent) as manager:
+            app.state.consumers = manager
+            yield
     finally:
         await reaper.stop()
         await hub.stop()
@@ -1055,8 +1000,9 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def create_app(settings: ServiceSettings, redis_url: str) -> FastAPI:
-    """The boss service for ``settings``, on the Redis at ``redis_url``."""
+def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = None) -> FastAPI:
+    """The boss service for ``settings``, on the Redis at ``redis_url``; ``agent`` is the agent
+    running beside it, whose measurements the managed consumers wait for."""
     app = FastAPI(
         title="gpuboss",
         version=__version__,
@@ -1073,15 +1019,18 @@ def create_app(settings: ServiceSettings, redis_url: str) -> FastAPI:
             {"name": "status", "description": "Devices, leases, queue, dry runs; any token"},
             {"name": "events", "description": "The event log of every lease transition; any token"},
             {"name": "admin", "description": "Devices, pools, force-release, reap; operator tokens"},
+            {"name": "consumers", "description": "Managed GPU services: list, ensure, release, reload"},
             {"name": "health", "description": "Liveness and readiness; no token"},
         ],
     )
     app.state.settings = settings
     app.state.redis_url = redis_url
+    app.state.agent = agent
     for exc_type in (GpubossError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_middleware(BodyCap, limit=MAX_BODY_BYTES)
     app.include_router(router)
+    app.include_router(consumer_routes.router)
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

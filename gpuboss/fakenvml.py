@@ -499,3 +499,15 @@ class FakeNvml:
         if migDevice.mig is None:
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         return _Handle(migDevice.gpu)
+
+
+def fake_nvml(spec: str) -> FakeNvml:
+    """The fake NVML a ``--fake-nvml`` option names: ``"@state.json"`` (see :meth:`FakeNvml.from_file`)
+    or a spec like ``"24GiB,NVIDIA A100=40GiB"`` (see :meth:`FakeNvml.from_spec`). Raises
+    :class:`BadRequest` for a spec or file it cannot read."""
+    if spec.startswith("@"):
+        try:
+            return FakeNvml.from_file(spec[1:])
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"--fake-nvml {spec}: {exc}") from None
+    return FakeNvml.from_spec(spec)

@@ -17,7 +17,7 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -34,6 +34,8 @@ from . import __version__
 from .agent import background_agent
 from .api import create_app
 from .embedded import Embedded, embedded_redis
+from .fakenvml import fake_nvml
+from .probe import DeviceProbe, NvmlProbe
 from .settings import ServiceSettings
 
 __all__ = ["bind_socket", "check_redis", "serve"]
@@ -222,6 +224,11 @@ class _Server(uvicorn.Server):
         print("\n".join(out), flush=True)
 
 
+def _fake_probe(spec: str) -> Callable[[], DeviceProbe]:
+    fake = fake_nvml(spec)  # read now: a bad spec or file stops the start with its message
+    return lambda: NvmlProbe(fake)
+
+
 def serve(settings: ServiceSettings) -> None:
     """Run the boss service for ``settings`` until SIGINT or SIGTERM; then return normally.
 
@@ -252,12 +259,16 @@ def _serve(settings: ServiceSettings, signals: _Signals) -> None:
             else:
                 url = settings.redis_url
                 check_redis(url, settings.redis_timeout_s)
-            stack.enter_context(
+            agent = stack.enter_context(
                 background_agent(
-                    settings.agent, url, pool=settings.pool, interval_s=settings.agent_interval_s
+                    settings.agent,
+                    url,
+                    pool=settings.pool,
+                    interval_s=settings.agent_interval_s,
+                    probe_factory=_fake_probe(settings.fake_nvml) if settings.fake_nvml else None,
                 )
             )
-            app = create_app(settings, url)
+            app = create_app(settings, url, agent=agent)
             config = uvicorn.Config(
                 app,
                 log_config=None,  # configured above, with gpuboss's own loggers

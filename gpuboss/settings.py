@@ -115,6 +115,10 @@ class ServiceSettings(BaseSettings):
     #: the NVML agent beside the service: "auto" when NVML works here, "on" (required), "off"
     agent: Literal["auto", "on", "off"] = "auto"
     agent_interval_s: float = Field(default=2.0, gt=0, le=3600)
+    #: the agent reads fake GPUs instead of NVML: a spec like "24GiB", or "@state.json" (re-read every pass)
+    fake_nvml: str | None = None
+    #: the consumer registry (YAML) of the services the boss manages; SIGHUP reads it again
+    consumers: Path | None = None
 
     @field_validator("devices", mode="before")
     @classmethod

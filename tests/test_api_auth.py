@@ -98,6 +98,18 @@ ROUTES: dict[tuple[str, str], tuple[Access, Build]] = {
         lambda s: Call("POST", f"/v1/leases/{s.lease['id']}/force-release", {"pool": "default"}),
     ),
     ("POST", "/v1/reap"): ("operator", lambda s: Call("POST", "/v1/reap", {})),
+    ("GET", "/v1/consumers"): ("reader", lambda s: Call("GET", "/v1/consumers")),
+    ("GET", "/v1/consumers/{name}"): ("reader", lambda s: Call("GET", "/v1/consumers/sleeper")),
+    ("POST", "/v1/consumers/{name}/ensure"): (
+        "acquire",
+        lambda s: Call("POST", "/v1/consumers/sleeper/ensure", {"timeout_s": 0}),
+    ),
+    ("POST", "/v1/consumers/{name}/release"): (
+        "acquire",
+        lambda s: Call("POST", "/v1/consumers/sleeper/release", {}),
+    ),
+    ("POST", "/v1/consumers/release-all"): ("operator", lambda s: Call("POST", "/v1/consumers/release-all")),
+    ("POST", "/v1/consumers/reload"): ("operator", lambda s: Call("POST", "/v1/consumers/reload")),
     ("PUT", "/v1/pools/{pool}/config"): (
         "operator",
         lambda s: Call("PUT", "/v1/pools/default/config", {"min_residency_s": 5, "aging_s": 0}),
@@ -149,10 +161,23 @@ def expected(access: Access, who: Who) -> int | None:
     return None
 
 
+#: a consumer the boss starts as a child process (no engine needed to load or unload it)
+REGISTRY = """
+consumers:
+  - name: sleeper
+    url: http://127.0.0.1:9
+    vram: 1GiB
+    command: {argv: [sleep, "600"], stop_timeout: 2}
+"""
+
+
 @pytest.fixture(scope="module")
-def secured(redis_url: str) -> Iterator[Service]:
-    """The service with alice and bob (holders) and root (operator) tokens, for the whole module."""
-    with serve(make_settings(redis_url, tokens=TOKENS, reap_interval_s=60)) as svc:
+def secured(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The service with alice and bob (holders) and root (operator) tokens, and one managed
+    consumer, for the whole module."""
+    registry = tmp_path_factory.mktemp("consumers") / "consumers.yaml"
+    registry.write_text(REGISTRY, encoding="utf-8")
+    with serve(make_settings(redis_url, tokens=TOKENS, reap_interval_s=60, consumers=registry)) as svc:
         yield svc
 
 

@@ -74,21 +74,13 @@ def agent(
     shrinks them, and over-use, under-use, leaks and lost devices are logged as events."""
     # Imported here: only this command needs the service package.
     from gpuboss.agent import Agent
-    from gpuboss.fakenvml import FakeNvml
+    from gpuboss.fakenvml import fake_nvml as fake
     from gpuboss.probe import NvmlMissing, NvmlProbe, ProbeError
 
     try:
         reserved_mib = parse_mib(reserved, minimum=0)
         try:
-            fake = None
-            if fake_nvml is not None and fake_nvml.startswith("@"):
-                try:
-                    fake = FakeNvml.from_file(fake_nvml[1:])
-                except ValueError as exc:
-                    raise BadRequest(str(exc)) from None
-            elif fake_nvml is not None:
-                fake = FakeNvml.from_spec(fake_nvml)
-            probe = NvmlProbe(fake)
+            probe = NvmlProbe(None if fake_nvml is None else fake(fake_nvml))
         except NvmlMissing as err:
             raise BadRequest(err.message) from None
         except ProbeError as err:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import httpx
 
@@ -47,11 +47,30 @@ class Actions:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def load(self, model: str | None = None) -> None:
-        """Make the consumer (or one model of it) resident."""
+    @property
+    def child_pid(self) -> int | None:
+        """The pid of the process this consumer runs as, if gpuboss started it and it runs."""
+        proc = self._process
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    async def loaded_models(self) -> dict[str, int] | None:
+        """What an Ollama consumer has loaded now, MiB by model (``GET /api/ps``); None for any
+        other consumer, or when the engine does not answer."""
+        if self.consumer.preset != "ollama":
+            return None
+        try:
+            reply = await self._client.get("/api/ps", timeout=5.0)
+            models = reply.json()["models"] if reply.status_code == 200 else None
+            return {str(m["name"]): int(m.get("size_vram", 0)) // 2**20 for m in models or ()}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    async def load(self, model: str | None = None, env: Mapping[str, str] | None = None) -> None:
+        """Make the consumer (or one model of it) resident. A process gpuboss starts gets ``env``
+        on top of its own (the lease's ``CUDA_VISIBLE_DEVICES``)."""
         c = self.consumer
         if c.command is not None:
-            await self._start()
+            await self._start(env or {})
         elif (argv := service_command(c, "start")) is not None:
             await self._run(argv)
         elif c.preset == "ollama":
@@ -121,14 +140,17 @@ class Actions:
                 f"consumer {self.consumer.name}: {' '.join(argv)} exited {proc.returncode}: {said}"
             )
 
-    async def _start(self) -> None:
+    async def _start(self, env: Mapping[str, str]) -> None:
         command = self.consumer.command
         assert command is not None
         if self._process is not None and self._process.returncode is None:
             return
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *command.argv, env={**os.environ, **command.env}, cwd=command.cwd, start_new_session=True
+                *command.argv,
+                env={**os.environ, **env, **command.env},
+                cwd=command.cwd,
+                start_new_session=True,
             )
         except OSError as exc:
             raise BackendUnavailable(

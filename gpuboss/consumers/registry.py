@@ -88,12 +88,17 @@ class _Spec(BaseModel):
 
 
 class Health(_Spec):
-    """How to tell that a consumer is up: ``GET path`` answers ``status`` within ``timeout``."""
+    """How to tell that a consumer is up: ``GET path`` answers ``status`` within ``timeout``.
+
+    After a load it must pass within ``start`` seconds; while loaded it is checked every
+    ``interval`` seconds (a failing consumer is ``unhealthy`` until it passes again).
+    """
 
     path: str = "/health"
     status: int = Field(default=200, ge=100, le=599)
     timeout: Seconds = 5.0
     interval: Seconds = 10.0
+    start: Seconds = 120.0
 
 
 class HttpAction(_Spec):
@@ -176,6 +181,10 @@ class Consumer(_Spec):
     preemptible: bool = False
     #: seconds idle before it gives its memory back by itself; -1 keeps it until evicted; 0 at once
     keep_warm: float = Field(default=-1, ge=-1, le=86_400)
+    #: seconds it has to give its memory back (unload and be measured free) once evicted or released
+    grace: Seconds = 30.0
+    #: MiB it keeps while unloaded (a CUDA context, vLLM asleep); counted as unmanaged memory then
+    residual: Mib = 0
     health: Health | None = None
     load: HttpAction | None = None
     unload: HttpAction | None = None

@@ -1,0 +1,72 @@
+"""The document bases of the HTTP API: requests refuse unknown fields and coerce nothing, responses
+are the client's ``to_dict``, errors are ``{"error", "message", "retryable", ...}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gpuboss_client import ERRORS
+
+__all__ = ["Doc", "ErrorDoc", "RequestDoc", "errors_doc"]
+
+
+def _check_text(value: Any) -> None:
+    # JSON may carry lone surrogates, which Redis cannot store as UTF-8: refuse them as bad input.
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k)
+            _check_text(v)
+
+
+class RequestDoc(BaseModel):
+    """A request body: unknown fields are refused, and types are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="after")
+    def _unicode(self) -> RequestDoc:
+        for name in type(self).model_fields:
+            _check_text(getattr(self, name))
+        return self
+
+
+class Doc(BaseModel):
+    """A response document (fields exactly as the client's ``to_dict``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDoc(BaseModel):
+    """An error: its stable code, a message, whether retrying may help, and details."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="stable code, e.g. lease_not_found")
+    message: str
+    retryable: bool
+
+
+def errors_doc(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error codes a route may answer with."""
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(ERRORS[code].http_status, []).append(code)
+    out: dict[int | str, dict[str, Any]] = {}
+    for status, names in sorted(by_status.items()):
+        doc: dict[str, Any] = {"model": ErrorDoc, "description": "error: " + ", ".join(names)}
+        if any(ERRORS[name].retryable for name in names):
+            doc["headers"] = {
+                "Retry-After": {
+                    "description": "seconds to wait before retrying",
+                    "schema": {"type": "integer"},
+                }
+            }
+        out[status] = doc
+    return out

@@ -13,7 +13,8 @@ processes NVML cannot see), plus what a holder uses beyond its lease. A holder's
 belongs to the holder: declare it in the lease. Where NVML reports a process's usage as unknown
 and the process holds a lease, the lease's size is assumed. The value rises at once (so budgets
 shrink before anyone else can take the memory) and falls by an exponential moving average with
-weight ``smoothing`` per pass, never below 0. Counting is conservative: a lease held from
+weight ``smoothing`` per pass, never below 0 (a managed consumer's memory outside its leases
+counts as measured, without smoothing). Counting is conservative: a lease held from
 another host, or from another pid namespace (a container), cannot be matched to its processes,
 so their memory counts as unmanaged too.
 
@@ -85,6 +86,23 @@ class DeviceReading:
     readings: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Attribution:
+    """Who uses what on this host's devices, in one pass (MiB).
+
+    ``usage``: per (lease, device), what its holder's processes use; ``unknown``: leases whose
+    usage NVML could not tell; ``unleased``: per device, each process of no lease; ``quiet``: per
+    device, managed consumers' processes with no lease there; ``accounted``: per device, the
+    processes counted for a lease or a consumer.
+    """
+
+    usage: dict[tuple[str, str], int] = field(default_factory=dict)
+    unknown: set[str] = field(default_factory=set)
+    unleased: dict[str, dict[int, int]] = field(default_factory=dict)
+    quiet: dict[str, int] = field(default_factory=dict)
+    accounted: dict[str, set[int]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     """Who a managed consumer's processes work for: ``key`` names the consumer, ``leases`` are the
@@ -108,6 +126,8 @@ class PassReport:
     error: str | None = None
     started: float = 0.0
     owned: dict[str, int] = field(default_factory=dict)
+    #: the device on which each owner's processes use the most
+    where: dict[str, str] = field(default_factory=dict)
 
 
 def _positive(what: str, value: float, top: float) -> float:
@@ -166,6 +186,7 @@ class Agent:
         self._registered: dict[str, tuple[int, int | None]] = {}
         self._known: set[str] | None = None  # devices this host's agent measures
         self._smoothed: dict[str, int] = {}
+        self._last_unleased: dict[str, dict[int, int]] = {}
         self._unleased_passes: dict[tuple[str, int], int] = {}
         #: the processes of managed consumers, by pid (read once per pass; see the module docstring)
         self.owners: Callable[[], Mapping[int, Owner]] | None = None
@@ -201,16 +222,10 @@ class Agent:
         leases = [x for x in self.boss.leases(self.pool) if x.state in LIVE and x.device]
         owners = dict(self.owners()) if self.owners is not None else {}
         report.owned = {o.key: 0 for o in owners.values()}
-        usage, unknown, unleased, quiet = self._attribute(
-            healthy.values(), procs, leases, owners, report.owned
-        )
+        seen = self._attribute(healthy.values(), procs, leases, owners, report)
         for name in sorted(self._known):
             dev = healthy.get(name)
-            reading = (
-                self._lost(name)
-                if dev is None
-                else self._reading(dev, leases, usage, unknown, unleased, quiet.get(name, 0))
-            )
+            reading = self._lost(name) if dev is None else self._reading(dev, leases, seen)
             try:
                 report.events += self.boss.run(ops.measure(self.pool, self._measurement(reading)))
             except DeviceNotFound:
@@ -322,11 +337,9 @@ class Agent:
         procs: list[ProcUse],
         leases: list[LeaseInfo],
         owners: Mapping[int, Owner],
-        owned: dict[str, int],
-    ) -> tuple[dict[tuple[str, str], int], set[str], dict[str, dict[int, int]], dict[str, int]]:
-        """Per (lease, device) the MiB its holder uses; the leases whose usage NVML could not
-        tell; per device the MiB of each process holding no lease there; per device the MiB of
-        owners' processes with no lease there. Adds each owner's MiB to ``owned``."""
+        report: PassReport,
+    ) -> _Attribution:
+        """Who uses what (see :class:`_Attribution`); reports each owner's MiB and device."""
         owned_ids = {i for o in owners.values() for i in o.leases}
         by_pid: dict[int, list[LeaseInfo]] = {}
         for x in leases:
@@ -336,46 +349,48 @@ class Agent:
                 by_pid.setdefault(x.holder_pid, []).append(x)
         names = {d.uuid: d.device_id for d in devices if d.processes_visible}
         parents: dict[int, int | None] = {}
-        usage: dict[tuple[str, str], int] = {}
-        unknown: set[str] = set()
-        unleased: dict[str, dict[int, int]] = {}
-        quiet: dict[str, int] = {}
+        out = _Attribution()
+        per_owner: dict[str, dict[str, int]] = {}
         for p in procs:
             name = names.get(p.device)
             if name is None:
                 continue
             owner, owners_here = self._holder_leases(p.pid, name, by_pid, owners, parents)
+            if owner is not None or owners_here:
+                out.accounted.setdefault(name, set()).add(p.pid)
             if owner is not None:
-                owned[owner.key] += p.used_mib or 0
+                report.owned[owner.key] += p.used_mib or 0
+                on = per_owner.setdefault(owner.key, {})
+                on[name] = on.get(name, 0) + (p.used_mib or 0)
                 if not owners_here:
-                    quiet[name] = quiet.get(name, 0) + (p.used_mib or 0)
+                    out.quiet[name] = out.quiet.get(name, 0) + (p.used_mib or 0)
                     continue
             if p.used_mib is None:
-                unknown.update(x.id for x in owners_here)
+                out.unknown.update(x.id for x in owners_here)
             elif owners_here:
                 # One process holding several leases on the device: its usage is shared out
                 # in proportion to their sizes.
                 total = sum(x.mib for x in owners_here)
                 for x in owners_here:
                     key = (x.id, name)
-                    usage[key] = usage.get(key, 0) + p.used_mib * x.mib // total
+                    out.usage[key] = out.usage.get(key, 0) + p.used_mib * x.mib // total
             elif p.used_mib > 0:
-                per = unleased.setdefault(name, {})
+                per = out.unleased.setdefault(name, {})
                 per[p.pid] = per.get(p.pid, 0) + p.used_mib
-        return usage, unknown, unleased, quiet
+        report.where = {key: max(on, key=lambda d: on[d]) for key, on in per_owner.items()}
+        return out
 
     def _reading(
         self,
         dev: ProbedDevice,
         leases: list[LeaseInfo],
-        usage: Mapping[tuple[str, str], int],
-        unknown: set[str],
-        unleased: Mapping[str, Mapping[int, int]],
-        quiet: int = 0,
+        seen: _Attribution,
     ) -> DeviceReading:
         name = dev.device_id
+        usage, unknown = seen.usage, seen.unknown
+        quiet = seen.quiet.get(name, 0)
         here = [x for x in leases if name in x.devices]
-        mine = unleased.get(name, {})
+        mine = seen.unleased.get(name, {})
         if dev.processes_visible:
             explained = sum(mib for (_, d), mib in usage.items() if d == name) + sum(mine.values()) + quiet
             explained += sum(x.mib for x in here if x.id in unknown)
@@ -391,9 +406,20 @@ class Agent:
         else:
             raw = max(0, dev.used_mib - sum(x.mib for x in here))
             readings = {}
+        # Managed consumers' memory outside their leases (quiet) counts exactly: the boss knows
+        # those processes, and it is measured; only the rest is smoothed.
+        rest = max(0, raw - quiet)
         prev = self._smoothed.get(name)
-        smoothed = raw if prev is None or raw >= prev else raw + int((prev - raw) * (1 - self.smoothing))
+        # Memory of processes that had no lease last pass and are counted for one now moved,
+        # it was not freed: it leaves the smoothed value at once.
+        before = self._last_unleased.get(name, {})
+        moved = sum(before.get(pid, 0) for pid in seen.accounted.get(name, ()))
+        if prev is not None:
+            prev = max(0, prev - moved)
+        self._last_unleased[name] = dict(mine)
+        smoothed = rest if prev is None or rest >= prev else rest + int((prev - rest) * (1 - self.smoothing))
         self._smoothed[name] = smoothed
+        smoothed += raw - rest
         # A process counts as leaking once seen without a lease for confirm_passes passes in a
         # row: a holder that just released, or is about to acquire, is not reported.
         for key in [k for k in self._unleased_passes if k[0] == name and k[1] not in mine]:

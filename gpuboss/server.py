@@ -33,6 +33,7 @@ from gpuboss_client import BackendUnavailable, BadRequest, DeviceInfo, GpubossEr
 from . import __version__
 from .agent import background_agent
 from .api import create_app
+from .consumers.registry import load_registry
 from .embedded import Embedded, embedded_redis
 from .fakenvml import fake_nvml
 from .probe import DeviceProbe, NvmlProbe
@@ -248,6 +249,8 @@ def serve(settings: ServiceSettings) -> None:
 def _serve(settings: ServiceSettings, signals: _Signals) -> None:
     with contextlib.ExitStack() as stack:
         try:
+            if settings.consumers is not None:  # a registry with errors stops the start, naming the field
+                load_registry(settings.consumers)
             # The address first: a port in use is found before any Redis is started.
             sock = stack.enter_context(contextlib.closing(bind_socket(settings.host, settings.port)))
             embedded: Embedded | None = None

@@ -22,6 +22,11 @@
 --                              renews it past that (optional, 0 = none)
 -- ARGV[17] max_queue   int     refuse to queue (queue_full) while this many wait in the pool
 --                              (optional, 0 = no cap)
+-- ARGV[18] take_over   "1"|"0" the holder's own process already uses this memory on `want`, where
+--                              the agent counts it as unmanaged: a grant moves up to mib of the
+--                              device's unmanaged_mib to the lease. Only for a request that names
+--                              its device and does not wait, and only while nobody waits in the
+--                              pool (nobody else could be granted the room). (optional, "0")
 -- A request that does not fit, and that nobody ahead of it holds back, evicts the cheapest set of
 -- victims that makes it fit on one device (see plan_eviction), and waits for their memory.
 -- Replies: {"granted", "now", now, "state", s, "device", d, "token", t, "expires_at", ms,
@@ -53,6 +58,7 @@ local exclusive = ARGV[14] == '1' and '1' or '0'
 local gang = int_arg(ARGV[15] or 1, 1, 16)
 local max_hold_ms = int_arg(ARGV[16] or 0, 0, MAX_TTL_MS)
 local max_queue = int_arg(ARGV[17] or 0, 0, 1000000)
+local take_over = ARGV[18] == '1'
 
 if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of [A-Za-z0-9_.:-]') end
 if #holder < 1 or #holder > 128 then return fail('bad_request', 'holder must be 1-128 bytes') end
@@ -68,6 +74,9 @@ if gang == nil then return fail('bad_request', 'devices must be an integer from 
 if gang > 1 and want ~= '' then return fail('bad_request', 'a gang of devices cannot name one device') end
 if max_hold_ms == nil then return fail('bad_request', 'max_hold_ms must be an integer from 0 to ' .. MAX_TTL_MS) end
 if max_queue == nil then return fail('bad_request', 'max_queue must be an integer from 0 to 1000000') end
+if take_over and (want == '' or wait) then
+  return fail('bad_request', 'take_over needs a device and no waiting')
+end
 
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
@@ -136,6 +145,17 @@ end
 
 -- Waiters ahead of this request take reaped memory first, and the devices are read after that.
 if dirty then settle_all(now) end
+-- Taking over memory in use: credit the device's unmanaged memory to this request for the rest of
+-- the call, and give the credit back unless it is granted (nobody waits, so nobody else can use it).
+local credit = 0
+if take_over and redis.call('ZCARD', K_QUEUE) == 0 and redis.call('SISMEMBER', K_DEVICES, want) == 1 then
+  credit = math.min(mib, tonumber(redis.call('HGET', device_key(want), 'unmanaged_mib') or 0))
+  if credit > 0 then redis.call('HINCRBY', device_key(want), 'unmanaged_mib', -credit) end
+end
+local function no(reply)
+  if credit > 0 then redis.call('HINCRBY', device_key(want), 'unmanaged_mib', credit) end
+  return reply
+end
 local devs = load_devices()
 if #devs == 0 then return fail('pool_not_found', 'the pool has no devices') end
 if want ~= '' and redis.call('SISMEMBER', K_DEVICES, want) == 0 then
@@ -152,8 +172,8 @@ if #cands == 0 then
   for _, d in ipairs(devs) do
     if (want == '' or want == d.name) and d.budget > largest then largest = d.budget end
   end
-  return fail('insufficient_vram', mib .. ' MiB on ' .. gang .. ' device(s) of one host can never fit:'
-              .. ' the largest budget is ' .. largest .. ' MiB')
+  return no(fail('insufficient_vram', mib .. ' MiB on ' .. gang .. ' device(s) of one host can never fit:'
+                 .. ' the largest budget is ' .. largest .. ' MiB'))
 end
 
 -- Waiters ahead of this request: every one of priority >= its own (it would queue behind them).
@@ -184,7 +204,7 @@ if dev then
   grant(l, dev, now)
   return grant_reply('granted', l, now)
 end
-if not wait then return {'busy', 'now', now} end
+if not wait then return no({'busy', 'now', now}) end
 if max_queue > 0 and redis.call('ZCARD', K_QUEUE) >= max_queue then
   return fail('queue_full', max_queue .. ' requests wait in this pool already')
 end

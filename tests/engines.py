@@ -19,10 +19,16 @@ Kinds:
              {"unload_models", "free_memory"}`` frees it; ``GET /system_stats``.
 ``plain``    ``POST /load``, ``POST /unload``, ``GET /health``.
 
-Each load or unload takes ``--delay`` seconds before the memory changes, like a real engine.
-The engine's own process appears on GPU ``--gpu`` of the state file with the MiB it holds (its
-entry goes when it holds nothing). Writers take a lock file beside the state and replace it
-atomically, so several engines share one state file.
+Each load takes ``--delay`` seconds (an unload ``--unload-delay``, default the same) before the
+memory changes, like a real engine. The engine's own process appears on GPU ``--gpu`` of the state
+file with the MiB it holds (its entry goes when it holds nothing). Writers take a lock file beside
+the state and replace it atomically, so several engines share one state file.
+
+Like a real GPU, a load that does not fit (every process on the GPU, plus its ``other_mib``, over
+its ``total``) fails: HTTP 500 "CUDA out of memory", and the GPU's ``ooms`` count in the state
+file goes up. ``--loaded`` starts with every model loaded; ``--residual MIB`` is what it keeps once
+unloaded (a CUDA context); ``--stubborn`` answers unloads but frees nothing. ``GET /stats`` says
+how many loads and unloads it did.
 """
 
 from __future__ import annotations
@@ -54,48 +60,86 @@ def _locked(state: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class OutOfMemory(Exception):
+    """The GPU has no room for what a load asks."""
+
+
 def set_usage(state: Path, gpu: int, pid: int, mib: int) -> None:
-    """Record that process ``pid`` holds ``mib`` on GPU ``gpu`` of the state file."""
+    """Record that process ``pid`` holds ``mib`` on GPU ``gpu`` of the state file; raises
+    :class:`OutOfMemory` (and counts an OOM in the file) if that would not fit on the GPU."""
     with _locked(state):
         doc = json.loads(state.read_text(encoding="utf-8"))
-        procs = [p for p in doc["gpus"][gpu].setdefault("processes", []) if p["pid"] != pid]
+        card = doc["gpus"][gpu]
+        procs = [p for p in card.setdefault("processes", []) if p["pid"] != pid]
+        mine = next((p["mib"] for p in card["processes"] if p["pid"] == pid), 0)
+        others = sum(p["mib"] for p in procs) + int(card.get("other_mib", 0))
+        if mib > mine and others + mib > parse_mib(card["total"]):
+            card["ooms"] = int(card.get("ooms", 0)) + 1
+            mib = mine  # nothing changes, but the OOM is on record
+            error: OutOfMemory | None = OutOfMemory(
+                f"CUDA out of memory: {others} MiB in use of {card['total']}"
+            )
+        else:
+            error = None
         if mib > 0:
             procs.append({"pid": pid, "mib": mib})
-        doc["gpus"][gpu]["processes"] = procs
+        card["processes"] = procs
         tmp = state.with_suffix(state.suffix + f".{pid}.tmp")
         tmp.write_text(json.dumps(doc), encoding="utf-8")
         os.replace(tmp, state)
+    if error is not None:
+        raise error
 
 
 class Engine:
     """The models an engine holds, and the memory they take on its GPU."""
 
-    def __init__(self, kind: str, state: Path, gpu: int, models: dict[str, int], delay: float) -> None:
+    def __init__(
+        self,
+        kind: str,
+        state: Path,
+        gpu: int,
+        models: dict[str, int],
+        delay: float,
+        *,
+        unload_delay: float | None = None,
+        loaded: bool = False,
+        residual: int = 0,
+        stubborn: bool = False,
+    ) -> None:
         self.kind, self.state, self.gpu, self.models, self.delay = kind, state, gpu, models, delay
+        self.unload_delay = delay if unload_delay is None else unload_delay
+        self.residual, self.stubborn = residual, stubborn
         self.loaded: dict[str, int] = {}
         self.sleeping = False
+        self.loads = self.unloads = 0
         self.lock = threading.Lock()
-        if kind == "vllm":  # a vLLM server holds its model from the start
+        if loaded or kind == "vllm":  # a vLLM server holds its model from the start
             self.loaded = dict(models)
-            self._write()
+        self._write()
 
-    def _write(self) -> None:
-        set_usage(self.state, self.gpu, os.getpid(), sum(self.loaded.values()))
+    def _write(self, loaded: dict[str, int] | None = None) -> None:
+        loaded = self.loaded if loaded is None else loaded
+        set_usage(self.state, self.gpu, os.getpid(), self.residual + sum(loaded.values()))
 
     def load(self, name: str) -> None:
         with self.lock:
             if name in self.loaded:
                 return
             time.sleep(self.delay)  # loading the weights
+            self._write(self.loaded | {name: self.models[name]})  # raises OutOfMemory
             self.loaded[name] = self.models[name]
-            self._write()
+            self.loads += 1
 
     def unload(self, name: str | None = None) -> None:
         with self.lock:
             names = [name] if name is not None else list(self.loaded)
             if not any(n in self.loaded for n in names):
                 return
-            time.sleep(self.delay)  # freeing the memory
+            time.sleep(self.unload_delay)  # freeing the memory
+            self.unloads += 1
+            if self.stubborn:
+                return
             for n in names:
                 self.loaded.pop(n, None)
             self._write()
@@ -136,9 +180,19 @@ def handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
                 return self._reply(200, {"system": {}, "devices": []})
             if path == "/health":
                 return self._reply(200, {"status": "ok"})
+            if path == "/stats":
+                return self._reply(
+                    200, {"loads": engine.loads, "unloads": engine.unloads, "loaded": engine.loaded}
+                )
             return self._reply(404, {"error": f"no {path}"})
 
         def do_POST(self) -> None:
+            try:
+                self._post()
+            except OutOfMemory as exc:
+                self._reply(500, {"error": str(exc)})
+
+        def _post(self) -> None:
             parts = urlsplit(self.path)
             path, query, body = parts.path, parse_qs(parts.query), self._body()
             if engine.kind == "ollama" and path == "/api/generate":
@@ -189,13 +243,20 @@ def main(argv: list[str]) -> None:
     p.add_argument("--gpu", type=int, default=0)
     p.add_argument("--model", action="append", default=[], metavar="NAME=SIZE")
     p.add_argument("--delay", type=float, default=0.2)
+    p.add_argument("--unload-delay", type=float, default=None)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--loaded", action="store_true", help="start with every model loaded")
+    p.add_argument("--residual", type=parse_mib, default=0, help="MiB kept while unloaded")
+    p.add_argument("--stubborn", action="store_true", help="answer unloads, free nothing")
     args = p.parse_args(argv)
     models = {}
     for spec in args.model or ["model=1GiB"]:
         name, _, size = spec.rpartition("=")
         models[name or "model"] = parse_mib(size)
-    engine = Engine(args.kind, args.state, args.gpu, models, args.delay)
+    engine = Engine(
+        args.kind, args.state, args.gpu, models, args.delay, unload_delay=args.unload_delay,
+        loaded=args.loaded, residual=args.residual, stubborn=args.stubborn,
+    )  # fmt: skip
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler(engine))
     print("LISTENING", server.server_address[1], flush=True)
     server.serve_forever()

@@ -29,6 +29,8 @@ _FLAGS = {
     "pool": "--pool",
     "state_dir": "--state-dir",
     "log_level": "--log-level",
+    "consumers": "--consumers",
+    "fake_nvml": "--fake-nvml",
 }
 
 
@@ -91,6 +93,24 @@ def serve(
     log_level: Annotated[
         str | None, typer.Option("--log-level", help="debug, info, warning or error (default: info).")
     ] = None,
+    consumers: Annotated[
+        Path | None,
+        typer.Option(
+            "--consumers",
+            metavar="FILE",
+            help="The registry (YAML) of GPU services the boss manages; SIGHUP or "
+            "`gpuboss consumers reload` reads it again.",
+        ),
+    ] = None,
+    fake_nvml: Annotated[
+        str | None,
+        typer.Option(
+            "--fake-nvml",
+            metavar="SPEC",
+            help="Demo: the agent reads fake GPUs instead of NVML ('24GiB', or '@state.json', "
+            "re-read every pass).",
+        ),
+    ] = None,
 ) -> None:
     """Run the boss service: HTTP API, dashboard, metrics and reaper.
 
@@ -108,6 +128,8 @@ def serve(
         "pool": pool,
         "state_dir": state_dir,
         "log_level": log_level.lower() if log_level is not None else None,
+        "consumers": consumers,
+        "fake_nvml": fake_nvml,
     }
     try:
         settings = _settings({k: v for k, v in flags.items() if v is not None})

@@ -132,7 +132,10 @@ class AcquireOptions(TypedDict, total=False):
     priority may evict it while active. ``grace``: seconds to give the memory back once asked.
     ``exclusive``: nobody else on the device. ``devices``: a gang of that many devices of one
     host. ``max_hold``: a hard cap in seconds that ends the lease even while it is renewed.
-    ``max_queue``: refuse to queue (``QueueFull``) while this many wait. ``on_evict``: called with
+    ``max_queue``: refuse to queue (``QueueFull``) while this many wait. ``take_over``: the holder's
+    own process already uses this memory on ``device`` (the agent counts it as unmanaged): the
+    grant moves it from unmanaged to the lease; tried once (``timeout=0``), and only while nobody
+    waits in the pool. ``on_evict``: called with
     the lease when gpuboss asks for its memory back; unload, return, and the client releases it.
     ``on_wait``: called with a :class:`WaitState` whenever a waiting request's state changes.
     ``keepalive``: renew the lease in the client's background worker until released (default);
@@ -153,6 +156,7 @@ class AcquireOptions(TypedDict, total=False):
     devices: int
     max_hold: float | None
     max_queue: int | None
+    take_over: bool
     on_evict: Callable[[Lease], object] | None
     on_wait: Callable[[WaitState], object] | None
     keepalive: bool
@@ -181,6 +185,7 @@ class AcquireRequest:
     gang: int
     max_hold_ms: int = 0
     max_queue: int = 0
+    take_over: bool = False
 
     @classmethod
     def build(
@@ -201,8 +206,11 @@ class AcquireRequest:
         devices: int = 1,
         max_hold: float | None = None,
         max_queue: int | None = None,
+        take_over: bool = False,
     ) -> AcquireRequest:
         """Check every option (see :class:`AcquireOptions`); raises :class:`BadRequest`."""
+        if take_over and (device is None or timeout != 0):
+            raise BadRequest("take_over needs a device and timeout=0: it takes over memory in use, once")
         if max_queue is not None and (
             isinstance(max_queue, bool) or not isinstance(max_queue, int) or not 1 <= max_queue <= 1_000_000
         ):
@@ -234,6 +242,7 @@ class AcquireRequest:
             gang=_check_gang(devices, device),
             max_hold_ms=0 if max_hold is None else parse_ttl_ms(max_hold, "max_hold"),
             max_queue=max_queue or 0,
+            take_over=bool(take_over),
         )
 
 
@@ -335,7 +344,7 @@ def acquire(
     args: list[str | int] = [req.id, holder.name, holder.host, holder.pid, req.mib, req.priority]
     args += [req.device, req.ttl_ms, req.labels, 0 if req.timeout == 0 else 1]
     args += [int(req.preemptible), req.grace_ms, holder.notify, int(req.exclusive), req.gang]
-    args += [req.max_hold_ms, req.max_queue]
+    args += [req.max_hold_ms, req.max_queue, int(req.take_over)]
     deadline = None if req.timeout is None else clock() + req.timeout
     poll = beat_interval(req.ttl_ms / 1000)
     if max_block is not None:

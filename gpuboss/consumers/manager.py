@@ -48,7 +48,7 @@ from gpuboss_client import (
 )
 
 from .actions import Actions
-from .pids import consumer_pids
+from .pids import consumer_pids, locatable
 from .registry import Consumer, Registry, load_registry
 
 __all__ = ["CONSUMER_TTL", "STATES", "ConsumerManager", "Timings", "Unit"]
@@ -284,15 +284,19 @@ class ConsumerManager:
                 resident = any(name in (unit.model, f"{unit.model}:latest") for name in loaded)
             elif measured is not None:
                 resident = measured > c.residual
+            elif locatable(c) and not rt.pids:  # it would be found on this host: it does not run
+                resident = False
             else:
                 resident = c.resident_at_start
             if resident:
                 await self._adopt_resident(unit)
 
     async def _adopt_resident(self, unit: Unit) -> None:
-        """Lease a consumer found resident at start, at once or not at all."""
+        """Lease a consumer found resident at start, at once or not at all. Where the agent
+        measured it, its memory moves from unmanaged to its lease (``take_over``)."""
+        where = self._last_pass.where.get(unit.consumer.name) if self._last_pass is not None else None
         try:
-            await self._acquire(unit, timeout=0)
+            await self._acquire(unit, timeout=0, take_over=where)
         except GpubossError as exc:
             unit.set_state(
                 "stuck",
@@ -301,6 +305,7 @@ class ConsumerManager:
             await self._note(unit, "consumer_stuck", why=unit.error or "")
             return
         await self._settle(unit)
+        await self._measure(unit.runtime)  # its memory moves from unmanaged to its lease at once
         await self._note(unit, "consumer_resident")
 
     # --- what callers do --------------------------------------------------------------------
@@ -333,11 +338,14 @@ class ConsumerManager:
         of one consumer share one load. Raises the acquire's errors (``AcquireTimeout``, ...) or
         :class:`BackendUnavailable` if it does not load or never turns healthy."""
         unit = self.unit(name, model)
-        while not self._usable(unit):
-            task = unit.loading
-            if task is None or task.done():
-                task = unit.loading = asyncio.create_task(self._load(unit, timeout), name=f"load-{unit.key}")
-            await asyncio.shield(task)
+        if self._usable(unit):
+            return unit
+        task = unit.loading
+        if task is None or task.done():
+            task = unit.loading = asyncio.create_task(self._load(unit, timeout), name=f"load-{unit.key}")
+        # Once loaded it is returned even if someone who needed the room asked for it back
+        # meanwhile: looping to load it again would have two ensures evict each other for ever.
+        await asyncio.shield(task)
         return unit
 
     @contextlib.asynccontextmanager
@@ -417,16 +425,19 @@ class ConsumerManager:
         lease = unit.lease
         return unit.state in ("ready", "idle") and lease is not None and not lease.lost and not lease.evicting
 
-    async def _acquire(self, unit: Unit, timeout: float | None) -> None:
+    async def _acquire(self, unit: Unit, timeout: float | None, take_over: str | None = None) -> None:
+        """Lease the unit's memory; ``take_over`` names the device where its processes already use
+        it (measured, counted as unmanaged)."""
         c = unit.consumer
 
         def waiting(state: WaitState) -> None:
             unit.wait = state
 
         unit.lease = await unit.runtime.boss.acquire(
-            unit.mib, device=c.device, pool=c.pool, priority=c.priority, preemptible=c.preemptible,
-            grace=c.grace, ttl=CONSUMER_TTL, timeout=timeout, on_evict=self._on_evict(unit),
-            on_wait=waiting, labels={"consumer": c.name, "model": unit.model},
+            unit.mib, device=take_over or c.device, pool=c.pool, priority=c.priority,
+            preemptible=c.preemptible, grace=c.grace, ttl=CONSUMER_TTL, timeout=timeout,
+            on_evict=self._on_evict(unit), on_wait=waiting, labels={"consumer": c.name, "model": unit.model},
+            take_over=take_over is not None,
         )  # fmt: skip
         unit.wait = None
         unit.detached = False
@@ -536,8 +547,10 @@ class ConsumerManager:
         except GpubossError as exc:
             failure = exc.message
         freed = await self._wait_free(unit, deadline)
-        if freed is None:  # not measured: the engine's word
-            freed = failure is None
+        if freed is None:
+            await self._find_pids(rt, force=True)
+            # Not measured: nothing runs where it would be found, or else the engine's word.
+            freed = (locatable(rt.consumer) and not rt.pids) or failure is None
         if rt.measured_mib is not None and (not freed or rt.measured_mib > 0):
             unit.detached = True  # what it still holds becomes unmanaged before the lease ends
             self._publish_owners()

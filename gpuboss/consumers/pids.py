@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from .registry import Consumer
 
-__all__ = ["consumer_pids", "is_local", "listener_pids"]
+__all__ = ["consumer_pids", "is_local", "listener_pids", "locatable"]
 
 _LISTEN = "0A"  # TCP state LISTEN in /proc/net/tcp
 #: seconds a docker or systemctl query may take
@@ -90,6 +90,14 @@ def _query(argv: list[str]) -> int | None:
         return None
     text = out.stdout.strip()
     return int(text) if out.returncode == 0 and text.isdigit() and int(text) > 0 else None
+
+
+def locatable(consumer: Consumer) -> bool:
+    """Whether :func:`consumer_pids` finds the consumer's processes when it runs: it is a process,
+    container or unit gpuboss manages, or it listens on this host."""
+    host = urlsplit(consumer.url).hostname
+    managed = consumer.command is not None or consumer.docker is not None or consumer.systemd is not None
+    return managed or (host is not None and is_local(host))
 
 
 def consumer_pids(consumer: Consumer, child: int | None = None) -> set[int]:

@@ -32,6 +32,8 @@ ENGINES = Path(__file__).with_name("engines.py")
 DEVICE = fake_uuid(0)
 #: seconds an ensure or a release may take in these tests (engines load in a fraction of that)
 CALL_S = 30.0
+#: a plain engine's load and unload actions, in YAML flow style
+ACTIONS = "load: {path: /load}, unload: {path: /unload}"
 
 pytestmark = pytest.mark.usefixtures("real_redis")
 
@@ -297,8 +299,8 @@ def test_an_unload_that_times_out_leaves_the_consumer_stuck_and_its_memory_unman
     other = rig.engine("plain", "n=10GiB")
     http = rig.start(f"""
         consumers:
-          - {{name: slow, url: "{slow}", vram: 10GiB, grace: 1, load: {{path: /load}}, unload: {{path: /unload}}}}
-          - {{name: other, url: "{other}", vram: 10GiB, load: {{path: /load}}, unload: {{path: /unload}}}}
+          - {{name: slow, url: "{slow}", vram: 10GiB, grace: 1, {ACTIONS}}}
+          - {{name: other, url: "{other}", vram: 10GiB, {ACTIONS}}}
     """)
     reply = http.post("/v1/consumers/slow/release", json={})
     assert reply.status_code == 200, reply.text
@@ -319,7 +321,7 @@ def test_a_consumer_that_never_frees_its_memory_is_stuck(rig: Rig) -> None:
     url = rig.engine("plain", "m=6GiB", loaded=True, stubborn=True)
     http = rig.start(f"""
         consumers:
-          - {{name: stubborn, url: "{url}", vram: 6GiB, grace: 1, load: {{path: /load}}, unload: {{path: /unload}}}}
+          - {{name: stubborn, url: "{url}", vram: 6GiB, grace: 1, {ACTIONS}}}
     """)
     doc = http.post("/v1/consumers/stubborn/release", json={}).json()[0]
     assert doc["state"] == "stuck"
@@ -473,8 +475,8 @@ def test_a_registry_with_errors_is_refused_on_reload_and_changes_nothing(rig: Ri
     assert consumers(http)["m"]["state"] == "idle"
     # A good file adds a consumer and keeps the loaded one loaded; SIGHUP reads it too.
     rig.registry.write_text(
-        f"consumers:\n  - {{name: m, url: '{url}', vram: 4GiB, load: {{path: /load}}, unload: {{path: /unload}}}}\n"
-        f"  - {{name: n, url: '{second}', vram: 1GiB, load: {{path: /load}}, unload: {{path: /unload}}}}\n",
+        f"consumers:\n  - {{name: m, url: '{url}', vram: 4GiB, {ACTIONS}}}\n"
+        f"  - {{name: n, url: '{second}', vram: 1GiB, {ACTIONS}}}\n",
         encoding="utf-8",
     )
     assert rig.boss is not None
@@ -484,3 +486,37 @@ def test_a_registry_with_errors_is_refused_on_reload_and_changes_nothing(rig: Ri
     assert now["m"]["state"] == "idle"
     assert now["n"]["state"] == "unloaded"  # measured: nothing of it resident
     assert ensured(http, "n")["state"] == "idle"
+
+
+def test_an_idle_consumer_unloads_by_itself_after_keep_warm(rig: Rig) -> None:
+    rig.gpu("16GiB")
+    url = rig.engine("plain", "m=4GiB")
+    http = rig.start(f"""
+        consumers:
+          - {{name: m, url: "{url}", vram: 4GiB, keep_warm: 0.5, {ACTIONS}}}
+    """)
+    loaded = ensured(http, "m")
+    assert loaded["state"] == "idle"
+    wait_for("keep_warm to unload it", lambda: consumers(http)["m"]["state"] == "unloaded")
+    assert stats(url)["unloads"] == 1
+    assert rig.used() == 0
+    names = [(n, f.get("why")) for n, f in events(http, "consumer_unloaded")]
+    assert names == [("consumer_unloaded", "keep_warm")]
+
+
+def test_vllm_sleeps_to_give_memory_back_and_wakes_on_ensure(rig: Rig, real_redis: redis.Redis) -> None:
+    rig.gpu("24GiB")
+    url = rig.engine("vllm", "llama=20GiB")
+    http = rig.start(f"""
+        consumers:
+          - {{name: vllm, preset: vllm, url: "{url}", vram: 20GiB}}
+    """)
+    assert consumers(http)["vllm"]["state"] == "idle"  # awake at start: measured resident
+    released = http.post("/v1/consumers/vllm/release", json={})
+    assert released.status_code == 200, released.text
+    assert released.json()[0]["state"] == "unloaded"
+    assert httpx.get(f"{url}/is_sleeping", timeout=5).json() == {"is_sleeping": True}
+    assert lease_mib(real_redis) == {}
+    assert ensured(http, "vllm")["state"] == "idle"
+    assert httpx.get(f"{url}/is_sleeping", timeout=5).json() == {"is_sleeping": False}
+    assert lease_mib(real_redis) == {"vllm": 20 * 1024}

@@ -1,9 +1,9 @@
 """The dashboard: ``GET /`` and its two static assets under ``/static/``.
 
 The page is plain HTML, CSS and JavaScript shipped inside the package (``gpuboss/static``, no
-build step, nothing from a CDN). Its script polls ``v1/status`` and ``v1/events`` every second with
-the token from ``#token=...`` in the address, if any, kept in the browser's local storage. The page
-itself needs no token: it holds no data until the script fetches it.
+build step, nothing from a CDN). Its script polls ``v1/status``, ``v1/events`` and ``v1/consumers``
+every second with the token from ``#token=...`` in the address, if any, kept in the browser's
+local storage. The page itself needs no token: it holds no data until the script fetches it.
 """
 
 from __future__ import annotations

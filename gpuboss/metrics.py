@@ -6,9 +6,15 @@ Every scrape reads the state fresh from Redis (the boss keeps no copy of it) thr
 metric carries a lease id or a holder, so the number of series grows with devices and pools (and
 the lease labels the agent keeps peaks of, which its script bounds) only.
 
+The managed consumers (``app.state.consumers``, a
+:class:`~gpuboss.consumers.manager.ConsumerManager`) are read from the boss's memory, not Redis:
+each consumer's state (every state reported, 1 for the current one), the memory the agent measures
+its processes use, its load, unload and eviction counters, and histograms of load and unload
+times. A service with no consumers (or no manager) reports none of them.
+
 When Redis cannot be read the route still answers 200, with ``gpuboss_redis_up 0``, the event
-counters and no device or pool gauges (rather than stale ones): a 503 would make Prometheus drop
-the whole scrape, counters included, and only say "down" without why.
+counters, the consumer metrics and no device or pool gauges (rather than stale ones): a 503 would
+make Prometheus drop the whole scrape, counters included, and only say "down" without why.
 
 The reading is async but a prometheus_client collector is not, so the route first takes a
 :class:`Snapshot` and then renders it through a collector over a registry of its own (never the
@@ -28,12 +34,30 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
+from gpuboss.consumers.manager import BUCKETS, STATES, ConsumerManager, Timings
 from gpuboss_client import AsyncBoss, GpubossError, LeaseInfo, PoolStatus, __version__
 from gpuboss_client.ops import Findings
 
-__all__ = ["CONTENT_TYPE", "COUNTERS", "Snapshot", "SnapshotCollector", "render", "router", "take_snapshot"]
+__all__ = [
+    "CONTENT_TYPE",
+    "COUNTERS",
+    "ConsumerSample",
+    "Consumers",
+    "Durations",
+    "Snapshot",
+    "SnapshotCollector",
+    "consumers_of",
+    "render",
+    "router",
+    "take_snapshot",
+]
 
 log = logging.getLogger("gpuboss.metrics")
 
@@ -60,9 +84,67 @@ LEASE_FINDINGS = ("over_use", "under_use")
 
 
 @dataclass(frozen=True, slots=True)
+class ConsumerSample:
+    """One consumer (for a multi-model consumer: one model of it) as a scrape found it."""
+
+    name: str
+    model: str  # "" for a consumer with a single lease
+    state: str
+    #: MiB the agent measures the consumer's processes use (all its models together); None: not measured
+    measured_mib: int | None
+    loads: int
+    unloads: int
+    evictions: int
+
+
+@dataclass(frozen=True, slots=True)
+class Durations:
+    """A histogram of durations in seconds: ``counts[i]`` observations took at most ``bounds[i]``
+    (cumulative, as Prometheus buckets them); ``n`` observations in all, summing to ``total``."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+    n: int
+
+    @classmethod
+    def of(cls, timings: Timings) -> Durations:
+        """A copy of the manager's :class:`~gpuboss.consumers.manager.Timings` (whose
+        ``observe`` counts an observation in every bucket it fits: cumulative already)."""
+        return cls(BUCKETS, tuple(timings.counts), timings.total, timings.n)
+
+
+@dataclass(frozen=True, slots=True)
+class Consumers:
+    """The managed consumers as a scrape found them."""
+
+    units: list[ConsumerSample]
+    load_seconds: Durations
+    unload_seconds: Durations
+
+
+def consumers_of(manager: ConsumerManager) -> Consumers:
+    """What ``/metrics`` reports of ``manager``'s consumers, now."""
+    units = [
+        ConsumerSample(
+            name=u.consumer.name,
+            model=u.model,
+            state=u.state,
+            measured_mib=u.runtime.measured_mib,
+            loads=u.loads,
+            unloads=u.unloads,
+            evictions=u.evictions,
+        )
+        for u in manager.units()
+    ]
+    return Consumers(units, Durations.of(manager.load_seconds), Durations.of(manager.unload_seconds))
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """What one scrape reports: the state read from Redis (``pools`` is None when it could not be
-    read, ``error`` says why) and the event counts since start."""
+    read, ``error`` says why), the event counts since start, and the managed consumers (None: no
+    consumer manager)."""
 
     pools: list[PoolStatus] | None
     leases: list[LeaseInfo]
@@ -71,10 +153,14 @@ class Snapshot:
     error: str | None = None
     version: str = field(default=__version__)
     findings: list[Findings] = field(default_factory=list)
+    consumers: Consumers | None = None
 
 
-async def take_snapshot(boss: AsyncBoss, counts: Mapping[tuple[str, str], int]) -> Snapshot:
-    """Read every pool's status and leases now; a Redis failure gives a snapshot with ``pools=None``."""
+async def take_snapshot(
+    boss: AsyncBoss, counts: Mapping[tuple[str, str], int], consumers: Consumers | None = None
+) -> Snapshot:
+    """Read every pool's status and leases now; a Redis failure gives a snapshot with ``pools=None``
+    (``consumers``, read from the boss's memory, is in it either way)."""
     started = time.perf_counter()
     counts = dict(counts)  # the hub keeps counting while this scrape renders
     try:
@@ -83,8 +169,12 @@ async def take_snapshot(boss: AsyncBoss, counts: Mapping[tuple[str, str], int]) 
         findings = await boss.findings(None)
     except GpubossError as exc:
         log.warning("metrics: cannot read the state from Redis: %s", exc)
-        return Snapshot(None, [], counts, time.perf_counter() - started, error=exc.message)
-    return Snapshot(pools, leases, counts, time.perf_counter() - started, findings=findings)
+        return Snapshot(
+            None, [], counts, time.perf_counter() - started, error=exc.message, consumers=consumers
+        )
+    return Snapshot(
+        pools, leases, counts, time.perf_counter() - started, findings=findings, consumers=consumers
+    )
 
 
 def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
@@ -121,6 +211,10 @@ class SnapshotCollector:
             yield from self._pools(snap.pools, snap.leases)
             yield from self._findings(snap.findings)
         yield from self._counters(snap)
+        if snap.consumers is not None and (
+            snap.consumers.units or snap.consumers.load_seconds.n or snap.consumers.unload_seconds.n
+        ):
+            yield from self._consumers(snap.consumers)
 
     def _devices(self, pools: list[PoolStatus], leases: list[LeaseInfo]) -> Iterator[Metric]:
         labels = ["pool", "device", "host"]
@@ -235,6 +329,68 @@ class SnapshotCollector:
             every.add_metric([pool, event], n)
         yield every
 
+    def _consumers(self, consumers: Consumers) -> Iterator[Metric]:
+        labels = ["consumer", "model"]
+        state = _gauge(
+            "gpuboss_consumer_state",
+            f"1 for the state the consumer is in, 0 for the others ({', '.join(STATES)}).",
+            [*labels, "state"],
+        )
+        measured = _gauge(
+            "gpuboss_consumer_measured_bytes",
+            "Memory the agent measures the consumer's processes use, all its models together "
+            '(model=""); absent when not measured.',
+            labels,
+        )
+        counters = {
+            "loads": CounterMetricFamily(
+                "gpuboss_consumer_loads", "Loads of the consumer that turned healthy.", labels=labels
+            ),
+            "unloads": CounterMetricFamily(
+                "gpuboss_consumer_unloads",
+                "Times the consumer gave its memory back (freed or stuck).",
+                labels=labels,
+            ),
+            "evictions": CounterMetricFamily(
+                "gpuboss_consumer_evictions",
+                "Times the consumer was asked to leave for another request.",
+                labels=labels,
+            ),
+        }
+        measured_of: dict[str, int] = {}
+        for u in consumers.units:
+            key = [u.name, u.model]
+            for name in STATES:
+                state.add_metric([*key, name], 1 if u.state == name else 0)
+            if u.measured_mib is not None:
+                measured_of[u.name] = u.measured_mib  # one figure per consumer, whatever its models
+            counters["loads"].add_metric(key, u.loads)
+            counters["unloads"].add_metric(key, u.unloads)
+            counters["evictions"].add_metric(key, u.evictions)
+        for name, mib in measured_of.items():
+            measured.add_metric([name, ""], mib * MIB)
+        yield state
+        yield measured
+        yield from counters.values()
+        yield _histogram(
+            "gpuboss_consumer_load_seconds",
+            "Seconds from a consumer's load action to its passing health check.",
+            consumers.load_seconds,
+        )
+        yield _histogram(
+            "gpuboss_consumer_unload_seconds",
+            "Seconds from a consumer's unload to its lease's end (measured free, or stuck).",
+            consumers.unload_seconds,
+        )
+
+
+def _histogram(name: str, doc: str, durations: Durations) -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = [
+        (str(float(bound)), count) for bound, count in zip(durations.bounds, durations.counts, strict=True)
+    ]
+    buckets.append(("+Inf", durations.n))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=durations.total)
+
 
 def render(snapshot: Snapshot) -> bytes:
     """The Prometheus text exposition of ``snapshot``."""
@@ -262,5 +418,7 @@ async def metrics(request: Request) -> Response:
     state: Any = request.app.state
     hub = getattr(state, "hub", None)
     counts: Mapping[tuple[str, str], int] = getattr(hub, "counts", {})
-    snapshot = await take_snapshot(state.boss, counts)
+    manager = getattr(state, "consumers", None)
+    consumers = consumers_of(manager) if isinstance(manager, ConsumerManager) else None
+    snapshot = await take_snapshot(state.boss, counts, consumers)
     return Response(render(snapshot), media_type=CONTENT_TYPE)

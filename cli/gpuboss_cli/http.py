@@ -7,6 +7,20 @@ become the same errors of the one tree (:func:`gpuboss_client.errors.error_for`)
 fails with the same code and exit code over either path. A :class:`BackendUnavailable` says which
 link is down: "cannot reach the boss at URL" (the service does not answer), or "the boss at URL
 cannot reach Redis" (it answered so).
+
+It also drives the boss's managed consumers (GPU services such as Ollama, vLLM or ComfyUI that the
+boss loads and unloads, ``gpuboss serve --consumers FILE``), which live only in the service, not in
+Redis. Python programs can use it for that too::
+
+    from gpuboss_cli.http import HttpBoss
+
+    with HttpBoss("http://127.0.0.1:8765", token=...) as boss:
+        doc = boss.ensure("ollama", model="llama3:8b", timeout=120)  # loaded and healthy
+        ...
+        boss.release_consumer("ollama", model="llama3:8b")
+
+The consumer methods return the service's documents as dicts (``name``, ``model``, ``state``,
+``device``, ``vram_mib``, ``measured_mib``, ``lease``, ``error``, ...).
 """
 
 from __future__ import annotations
@@ -40,6 +54,8 @@ from .settings import redact
 __all__ = ["HttpBoss", "is_http_url"]
 
 DEFAULT_POOL = "default"
+#: seconds an ensure's reply may take beyond its own wait for memory: the load and health check
+ENSURE_GRACE_S = 300.0
 
 
 def is_http_url(url: str) -> bool:
@@ -134,10 +150,15 @@ class HttpBoss:
         *,
         params: Mapping[str, str | int | None] | None = None,
         body: Mapping[str, Any] | None = None,
+        read_timeout: float | None = None,
     ) -> Any:
         query = {k: v for k, v in (params or {}).items() if v is not None}
+        # A call the boss answers only once it is done (an ensure) may read for longer.
+        timeout = httpx.Timeout(self._timeout, read=read_timeout) if read_timeout is not None else None
         try:
-            reply = self._http.request(method, path, params=query, json=body)
+            reply = self._http.request(
+                method, path, params=query, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT
+            )
         except httpx.UnsupportedProtocol as exc:
             raise BadRequest(f"bad boss URL {redact(self.url)}: {exc}") from exc
         except httpx.HTTPError as exc:
@@ -296,6 +317,59 @@ class HttpBoss:
         """Set ``pool``'s minimum residency and aging period (seconds; 0 turns either off)."""
         path = f"/v1/pools/{_segment('pool', pool, pool=True)}/config"
         self._request("PUT", path, body={"min_residency_s": min_residency, "aging_s": aging})
+
+    # --- managed consumers --------------------------------------------------------------------
+
+    def consumers(self) -> list[dict[str, Any]]:
+        """Every managed consumer's document (one per model, for a consumer with a lease per model):
+        name, model, state, device, vram_mib, measured_mib, priority, lease, error, ..."""
+        return _docs(_key(self._request("GET", "/v1/consumers"), "consumers", list))
+
+    def ensure(self, name: str, model: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+        """Load consumer ``name`` (``model`` of it) and wait until it is healthy; its document.
+
+        ``timeout`` is how long the boss waits for its memory (queued like any lease request); the
+        load and the health check come on top, so the reply is awaited ``timeout`` plus
+        :data:`ENSURE_GRACE_S` seconds. Raises :class:`ConsumerNotFound` for an unknown consumer,
+        :class:`AcquireTimeout` when its memory was not free in time.
+        """
+        path = f"/v1/consumers/{_segment('consumer name', name)}/ensure"
+        body = {"model": model, "timeout_s": timeout}
+        doc = self._request("POST", path, body=body, read_timeout=timeout + ENSURE_GRACE_S)
+        return _doc(doc)
+
+    def release_consumer(self, name: str, model: str | None = None) -> list[dict[str, Any]]:
+        """Give consumer ``name``'s memory back (only ``model``'s, if given); once the memory is
+        measured free (or it is stuck), the documents of what it released."""
+        path = f"/v1/consumers/{_segment('consumer name', name)}/release"
+        doc = self._request("POST", path, body={"model": model}, read_timeout=self._timeout + ENSURE_GRACE_S)
+        if not isinstance(doc, list):
+            raise ProtocolError(f"the boss answered a release with no list of consumers: {doc!r}")
+        return _docs(doc)
+
+    def release_all_consumers(self) -> list[dict[str, Any]]:
+        """Operator: unload every consumer that can be unloaded (self-managed ones cannot); the
+        documents of those it released, once their memory is measured free (or they are stuck)."""
+        doc = self._request("POST", "/v1/consumers/release-all", read_timeout=self._timeout + ENSURE_GRACE_S)
+        return _docs(_key(doc, "consumers", list))
+
+    def reload_consumers(self) -> list[str]:
+        """Operator: have the boss read its registry file again; what changed, one line each (a file
+        with errors is a :class:`BadRequest` naming the field, and changes nothing)."""
+        changes = _key(self._request("POST", "/v1/consumers/reload"), "changes", list)
+        return [str(c) for c in changes]
+
+
+def _doc(doc: Any) -> dict[str, Any]:
+    """A consumer document: an object with a name and a state, else ProtocolError."""
+    _key(doc, "name", str)
+    _key(doc, "state", str)
+    result: dict[str, Any] = doc
+    return result
+
+
+def _docs(docs: list[Any]) -> list[dict[str, Any]]:
+    return [_doc(doc) for doc in docs]
 
 
 def _sse(lines: Iterator[str]) -> Iterator[tuple[str | None, Any]]:

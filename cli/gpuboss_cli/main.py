@@ -7,6 +7,10 @@ the command through one helper, :func:`exit_with`: a red ``error[<code>]: <messa
 stderr, and the error's own exit code. Both helpers live in :mod:`gpuboss_cli.common`, shared with
 the commands that have modules of their own (``agent``, ``run``, ``serve``), which this module
 registers.
+
+``gpuboss consumers`` drives the boss's managed consumers (GPU services it loads and unloads, from
+``gpuboss serve --consumers FILE``). They live in the service, not in Redis, so these commands need
+its URL (``--boss-url`` or ``GPUBOSS_BOSS_URL``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from gpuboss_client import (
     BadRequest,
     Boss,
     Event,
+    GpubossError,
     LeaseInfo,
     LeaseNotHeld,
     PoolStatus,
@@ -46,6 +51,7 @@ from . import serve as serve_cmd
 from .common import Backend, Options, connect, exit_with, load_settings, target
 from .http import HttpBoss
 from .render import (
+    consumers_table,
     devices_table,
     event_line,
     findings_block,
@@ -75,6 +81,11 @@ devices_app = typer.Typer(help="Add, list and remove devices.", no_args_is_help=
 app.add_typer(devices_app, name="devices")
 pool_app = typer.Typer(help="Pool settings.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
+consumers_app = typer.Typer(
+    help="The boss's managed consumers (GPU services it loads and unloads): list, ensure, release, "
+    "reload. They live in the boss service: give --boss-url (or set GPUBOSS_BOSS_URL).",
+)
+app.add_typer(consumers_app, name="consumers")
 
 PoolOpt = Annotated[str | None, typer.Option("--pool", "-p", help="Only this pool (default: every pool).")]
 OnePoolOpt = Annotated[str, typer.Option("--pool", "-p", help="The device's pool.")]
@@ -150,16 +161,32 @@ def status(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = False) -
         pools = boss.status(pool)
         leases = boss.leases(pool)
         findings = {f.pool: f for f in boss.findings(pool) if _measured(f)}
+        # the managed consumers live in the boss service: only over HTTP
+        consumers = boss.consumers() if isinstance(boss, HttpBoss) else []
+    if pool is not None:
+        consumers = [c for c in consumers if c.get("pool") == pool]
     if as_json:
         doc = status_document(pools, leases)
         if findings:
             doc["findings"] = {name: f.to_dict() for name, f in findings.items()}
+        if consumers:
+            doc["consumers"] = consumers
         _print_json(doc)
         return
     console = _console()
     if not any(s.devices for s in pools) and not leases:
         _no_devices(console, pool)
-        return
+    else:
+        _pools(console, pools, leases, findings)
+    if consumers:
+        console.print()
+        console.print(consumers_table("consumers", consumers))
+
+
+def _pools(
+    console: Console, pools: list[PoolStatus], leases: list[LeaseInfo], findings: dict[str, Findings]
+) -> None:
+    """Per pool: its devices, leases, queue and findings, as ``gpuboss status`` shows them."""
     for i, s in enumerate(pools):
         if i:
             console.print()
@@ -368,6 +395,144 @@ def devices_remove(
     with connect(ctx) as boss:
         boss.remove_device(name, pool=pool, force=force)
     _say(_console(), f"removed device {name} from pool {pool}")
+
+
+# --- managed consumers ----------------------------------------------------------------------------
+
+NO_BOSS = (
+    "the managed consumers live in the boss service, not in Redis: give --boss-url URL "
+    "(or set GPUBOSS_BOSS_URL) of the gpuboss serve that manages them"
+)
+ConsumerArg = Annotated[str, typer.Argument(metavar="NAME", help="The consumer, as its registry names it.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="One model of a consumer with a lease per model (e.g. Ollama's)."),
+]
+
+
+@contextmanager
+def _service(ctx: typer.Context) -> Iterator[HttpBoss]:
+    """The boss service the command is pointed at (``--boss-url`` or ``GPUBOSS_BOSS_URL``); without
+    one the command ends with a :class:`BadRequest`: consumers are not in Redis."""
+    try:
+        _, over_http = target(ctx, load_settings())
+    except GpubossError as err:
+        exit_with(err)
+    if not over_http:
+        exit_with(BadRequest(NO_BOSS))
+    with connect(ctx) as boss:
+        if not isinstance(boss, HttpBoss):  # target() said HTTP, so connect() gave HttpBoss
+            raise TypeError(f"expected the boss service, not {boss!r}")
+        yield boss
+
+
+def _consumer_name(doc: dict[str, Any]) -> str:
+    return f"{doc['name']}/{doc['model']}" if doc.get("model") else str(doc["name"])
+
+
+def _consumer_line(doc: dict[str, Any]) -> str:
+    """``consumer NAME[/MODEL]: STATE[ on DEVICE, SIZE leased (lease ID)][: ERROR]``."""
+    line = f"consumer {_consumer_name(doc)}: {doc['state']}"
+    if doc.get("lease"):
+        line += f" on {doc.get('device') or '?'}, {human_mib(int(doc.get('vram_mib') or 0))} leased"
+        line += f" (lease {doc['lease']})"
+    if doc.get("error"):
+        line += f": {doc['error']}"
+    return line
+
+
+def _consumers_out(docs: list[dict[str, Any]], title: str, as_json: bool) -> None:
+    if as_json:
+        _print_json({"consumers": docs})
+        return
+    console = _console()
+    if not docs:
+        _say(console, "No managed consumers (start the boss with: gpuboss serve --consumers FILE).", "yellow")
+        return
+    console.print(consumers_table(title, docs))
+
+
+@consumers_app.callback(invoke_without_command=True)
+def consumers_main(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The boss's managed consumers; without a command, list them (as ``consumers list``)."""
+    if ctx.invoked_subcommand is None:
+        consumers_list(ctx, as_json)
+
+
+@consumers_app.command("list")
+def consumers_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Every managed consumer: state, device, memory leased and measured, priority, last error."""
+    with _service(ctx) as boss:
+        docs = boss.consumers()
+    _consumers_out(docs, _plural(len(docs), "consumer"), as_json)
+
+
+@consumers_app.command("ensure")
+def consumers_ensure(
+    ctx: typer.Context,
+    name: ConsumerArg,
+    model: ModelOpt = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", metavar="S", help="Seconds to wait for its memory (the load itself comes on top)."
+        ),
+    ] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a consumer and wait until it is healthy.
+
+    Its memory is leased like any request's: it may queue, or evict idle and preemptible holders.
+    """
+    if not timeout >= 0:
+        exit_with(BadRequest(f"--timeout must be 0 or more seconds, not {timeout:g}"))
+    with _service(ctx) as boss:
+        doc = boss.ensure(name, model, timeout)
+    if as_json:
+        _print_json(doc)
+    else:
+        _say(_console(), _consumer_line(doc))
+
+
+@consumers_app.command("release")
+def consumers_release(
+    ctx: typer.Context, name: ConsumerArg, model: ModelOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Give a consumer's memory back (unloading it the engine's way); ends once it is measured free."""
+    with _service(ctx) as boss:
+        docs = boss.release_consumer(name, model)
+    if as_json:
+        _print_json({"consumers": docs})
+        return
+    console = _console()
+    for doc in docs:
+        _say(console, _consumer_line(doc))
+
+
+@consumers_app.command("release-all")
+def consumers_release_all(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Operator: unload every consumer that holds memory and can be unloaded; list those released."""
+    with _service(ctx) as boss:
+        docs = boss.release_all_consumers()
+    if not docs and not as_json:
+        _say(_console(), "released no consumers: none held memory that could be given back")
+        return
+    _consumers_out(docs, f"released: {_plural(len(docs), 'consumer')}", as_json)
+
+
+@consumers_app.command("reload")
+def consumers_reload(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Operator: have the boss read its registry file again (a file with errors changes nothing)."""
+    with _service(ctx) as boss:
+        changes = boss.reload_consumers()
+    if as_json:
+        _print_json({"changes": changes})
+        return
+    console = _console()
+    if not changes:
+        _say(console, "reloaded the consumer registry: no changes")
+    for change in changes:
+        _say(console, f"reloaded: {change}")
 
 
 def _event_id(event_id: str) -> tuple[int, int]:

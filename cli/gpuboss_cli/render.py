@@ -7,8 +7,9 @@ check what a command shows without running it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -19,6 +20,7 @@ from gpuboss_client import PRIORITIES, DeviceInfo, Event, LeaseInfo, PoolStatus,
 from gpuboss_client.ops import Findings
 
 __all__ = [
+    "consumers_table",
     "devices_table",
     "event_line",
     "findings_block",
@@ -127,6 +129,50 @@ def queue_table(title: str, waiters: Sequence[LeaseInfo], now_ms: int) -> Table:
         for i, x in enumerate(waiters, 1)
     ]
     return _table(title, columns, rows, {"#", "vram", "priority", "waiting s", "expires in s"})
+
+
+#: how each consumer state shows: resident and healthy green, on the way yellow, in trouble red
+CONSUMER_STYLES = {
+    "ready": "green",
+    "idle": "green",
+    "loading": "yellow",
+    "unloading": "yellow",
+    "stuck": "red",
+    "unhealthy": "red",
+}
+
+
+def _opt_mib(value: Any) -> str:
+    return human_mib(value) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
+def consumers_table(title: str, consumers: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per managed consumer (per model, for a consumer with a lease per model), from the
+    boss's documents: name[/model], state, device, MiB leased (only while it holds its lease) and
+    measured, priority, and the last error."""
+    table = Table(title=Text(title), title_justify="left", title_style="bold", box=box.SIMPLE_HEAD)
+    for col in ("consumer", "state", "device", "leased", "measured", "priority", "error"):
+        table.add_column(
+            col,
+            justify="right" if col in ("leased", "measured", "priority") else "left",
+            no_wrap=col != "error",
+        )
+    for c in consumers:
+        name = str(c.get("name"))
+        if c.get("model"):
+            name += f"/{c['model']}"
+        state = str(c.get("state"))
+        priority = c.get("priority")
+        table.add_row(
+            Text(name),
+            Text(state, style=CONSUMER_STYLES.get(state, "")),
+            Text(str(c.get("device") or "-")),
+            _opt_mib(c.get("vram_mib")) if c.get("lease") else "-",
+            _opt_mib(c.get("measured_mib")),
+            _priority(priority) if isinstance(priority, int) else "-",
+            Text(str(c.get("error") or ""), style="red"),
+        )
+    return table
 
 
 def findings_block(findings: Findings) -> RenderableType:

@@ -463,7 +463,7 @@ class ConsumerManager:
                 await rt.actions.load(unit.model or None, env=unit.lease.env)
                 await self._until_healthy(unit)
             except GpubossError as exc:
-                state = "unhealthy" if isinstance(exc, _NeverHealthy) else "unloaded"
+                state = "unhealthy" if exc.details.get("unhealthy") else "unloaded"
                 await self._give_back(unit, time.monotonic() + c.grace, "load_failed", after=state)
                 unit.error = exc.message
                 await self._note(unit, "consumer_load_failed", why=exc.message)
@@ -483,7 +483,9 @@ class ConsumerManager:
         while not await unit.runtime.actions.healthy():
             if time.monotonic() + pause > give_up:
                 what = f"GET {unit.consumer.url}{health.path}"
-                raise _NeverHealthy(f"{what} did not answer {health.status} within {health.start:g} s")
+                raise BackendUnavailable(
+                    f"{what} did not answer {health.status} within {health.start:g} s", unhealthy=True
+                )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
         unit.health_at = time.monotonic()
@@ -718,7 +720,3 @@ class ConsumerManager:
             await unit.runtime.boss.run(ops.note(unit.consumer.pool, event, doc | fields))
         except GpubossError as exc:
             log.warning("consumer %s: cannot log %s: %s", unit.key, event, exc.message)
-
-
-class _NeverHealthy(BackendUnavailable):
-    """A consumer that loaded but did not pass its health check in time."""

@@ -1,5 +1,5 @@
-// gpuboss dashboard: polls v1/status and v1/events every second and draws them. No framework,
-// no build step. Everything from the service is put into the page as text (never as HTML):
+// gpuboss dashboard: polls v1/status, v1/events and v1/consumers every second and draws them.
+// No framework, no build step. Everything from the service is put into the page as text (never as HTML):
 // holder names and labels come from any client.
 "use strict";
 
@@ -11,6 +11,10 @@
   const PRIORITY_NAMES = { 10: "low", 50: "normal", 90: "high" };
   const GOOD_EVENTS = new Set(["granted", "released", "busy", "device_added", "device_updated"]);
   const BAD_EVENTS = new Set(["expired", "revoked", "force_released", "abandoned", "device_removed"]);
+  // The colour of a managed consumer's state: resident, moving, or in trouble (unloaded: plain).
+  const CONSUMER_STATES = {
+    ready: "ok", idle: "ok", loading: "busy", unloading: "busy", stuck: "bad", unhealthy: "bad",
+  };
 
   // A token in the address (#token=SECRET) is kept in this browser and taken out of the address
   // bar, so it is neither bookmarked nor shown; "#token=" alone forgets it.
@@ -94,6 +98,14 @@
   function badge(state) {
     const known = ["active", "idle", "evicting", "queued"];
     return el("span", { class: `badge badge-${known.includes(state) ? state : "other"}`, text: state });
+  }
+
+  function consumerBadge(state) {
+    return el("span", { class: `badge consumer-${CONSUMER_STATES[state] || "other"}`, text: state });
+  }
+
+  function consumerName(c) {
+    return c.model ? `${c.name}/${c.model}` : c.name;
   }
 
   // ---- fetching -------------------------------------------------------------------------------
@@ -190,7 +202,23 @@
     );
   }
 
-  function deviceView(device, leases) {
+  // The consumers holding a lease on ``device``: a chip each under its bar (name, state, size).
+  function deviceConsumers(device, consumers) {
+    const mine = consumers.filter((c) => c.lease && (c.device || "").split(",").includes(device.name));
+    if (!mine.length) return null;
+    const list = el("ul", { class: "device-consumers", "aria-label": `Consumers on ${device.name}` });
+    for (const c of mine) {
+      list.append(el(
+        "li",
+        { class: `consumer-chip consumer-${CONSUMER_STATES[c.state] || "other"}`, "data-consumer": consumerName(c) },
+        el("span", { class: "consumer-name", text: consumerName(c) }),
+        ` ${c.state} · ${size(c.vram_mib)}`
+      ));
+    }
+    return list;
+  }
+
+  function deviceView(device, leases, consumers) {
     const mine = leases.filter((x) => (x.devices || []).includes(device.name));
     const sum = (state) => mine.filter((x) => x.state === state).reduce((a, x) => a + x.mib, 0);
     const idle = sum("idle");
@@ -238,7 +266,8 @@
         el("span", { class: "device-meta", text: meta.filter(Boolean).join(" · ") }),
         nums),
       bar,
-      list
+      list,
+      deviceConsumers(device, consumers)
     );
   }
 
@@ -289,6 +318,23 @@
     return rows;
   }
 
+  function consumerRows(consumers, multiPool) {
+    return consumers.map((c) => {
+      const where = c.device ? (multiPool ? `${c.pool}/${c.device}` : c.device) : "";
+      const since = Number.isFinite(c.since_s) ? duration(c.since_s * 1000) : "";
+      return el(
+        "tr",
+        { "data-consumer": consumerName(c) },
+        el("td", { text: consumerName(c) }),
+        el("td", null, consumerBadge(c.state), since ? el("span", { class: "since", text: ` ${since}` }) : null),
+        el("td", { text: c.lease ? where : "" }),
+        el("td", { class: "num", text: c.lease ? mib(c.vram_mib) : "" }),
+        el("td", { class: "num", text: c.measured_mib === null || c.measured_mib === undefined ? "" : mib(c.measured_mib) }),
+        el("td", { class: "wrap error-text", text: c.error || "" })
+      );
+    });
+  }
+
   function eventRows(events, multiPool) {
     const shown = new Set(["lease", "holder", "device", "mib"]);
     return events.slice().reverse().map((e) => {
@@ -323,14 +369,18 @@
     table.tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(table, emptyText)]));
   }
 
-  function draw(status, events) {
+  // ``consumers`` is null when v1/consumers is not there (an older service) or failed: the
+  // section stays hidden, and everything else is drawn as usual.
+  function draw(status, events, consumers) {
     const pools = Object.values(status.pools || {}).sort((a, b) => a.pool.localeCompare(b.pool));
     const multiPool = pools.length > 1;
+    const managed = consumers || [];
     const devices = $("devices");
     const views = [];
     for (const p of pools) {
       if (multiPool) views.push(el("h3", { class: "pool-title", text: `pool ${p.pool}` }));
-      for (const d of p.devices) views.push(deviceView(d, p.leases));
+      const here = managed.filter((c) => c.pool === p.pool);
+      for (const d of p.devices) views.push(deviceView(d, p.leases, here));
     }
     const deviceCount = pools.reduce((a, p) => a + p.devices.length, 0);
     devices.replaceChildren(...(deviceCount ? views : [noDevices()]));
@@ -342,6 +392,9 @@
     fill("events", eventRows(events, multiPool), "No events yet.");
     $("leases-count").textContent = `(${leaseList.length})`;
     $("queue-count").textContent = `(${queueList.length})`;
+    $("consumers-section").hidden = managed.length === 0;
+    fill("consumers", consumerRows(managed, multiPool), "No consumers are managed.");
+    $("consumers-count").textContent = `(${managed.length})`;
 
     const leased = pools.reduce((a, p) => a + p.devices.reduce((b, d) => b + d.used_mib, 0), 0);
     const budget = pools.reduce((a, p) => a + p.devices.reduce((b, d) => b + d.budget_mib, 0), 0);
@@ -358,8 +411,12 @@
 
   async function refresh() {
     try {
-      const [status, events] = await Promise.all([getJson("v1/status"), getJson(`v1/events?count=${EVENTS}`)]);
-      draw(status, events.events || []);
+      const [status, events, consumers] = await Promise.all([
+        getJson("v1/status"),
+        getJson(`v1/events?count=${EVENTS}`),
+        getJson("v1/consumers").then((body) => body.consumers || [], () => null), // optional
+      ]);
+      draw(status, events.events || [], consumers);
       clearProblem();
     } catch (err) {
       showProblem(err);

@@ -19,7 +19,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
-from support import Child, Tier
+from support import Child, Served, Tier
 
 from gpuboss_client import Boss, aio, sync
 
@@ -131,3 +131,12 @@ def tier(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Tier]:
         t = Tier(sync, lambda: fakeredis.FakeAsyncRedis(server=server, decode_responses=True))
     yield t
     sync.close()
+
+
+@pytest.fixture
+def served() -> Iterator[list[Served]]:
+    """Servers a test starts; any left running are killed at the end."""
+    started: list[Served] = []
+    yield started
+    for s in started:
+        s.kill()

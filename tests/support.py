@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -296,3 +297,82 @@ class Stepper:
         assert self.step is None, f"{self.id} is still waiting"
         assert isinstance(self.value, Lease)
         return self.value
+
+
+#: a cold start of `gpuboss serve` on a loaded 2-CPU machine imports FastAPI and starts Redis
+SERVE_WAIT_S = 30.0
+
+#: a registry whose one consumer the boss starts as a child process (no engine to load or unload it)
+SLEEPER_REGISTRY = """
+consumers:
+  - name: sleeper
+    url: http://127.0.0.1:9
+    vram: 1GiB
+    command: {argv: [sleep, "600"], stop_timeout: 2}
+"""
+
+
+def gpuboss_command() -> list[str]:
+    script = Path(sys.executable).parent / "gpuboss"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from gpuboss_cli.main import main; main()"]
+
+
+class Served:
+    """A running ``gpuboss serve``; a thread collects its output (stdout and stderr together)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [*gpuboss_command(), "serve", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, env=env,
+        )  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, pattern: str, timeout: float = SERVE_WAIT_S) -> re.Match[str]:
+        """Block until a line matches ``pattern`` (``re.search``); return the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line like {pattern!r} within {timeout} s: {self.seen}") from None
+            if line is None:
+                raise AssertionError(f"exited {self.proc.wait()} before {pattern!r}: {self.seen}")
+            self.seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+
+    def started(self) -> tuple[str, str]:
+        """Wait for the startup lines; return (base URL, the Redis URL printed for clients)."""
+        base = self.expect(r"dashboard: (http://\S+)/$").group(1)
+        url = self.expect(r"GPUBOSS_REDIS_URL=(\S+)").group(1)
+        self.expect(r"^Stop with Ctrl-C")
+        return base, url
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send ``sig``, wait for the exit and all output; return the exit code."""
+        self.proc.send_signal(sig)
+        code = self.proc.wait(SERVE_WAIT_S)
+        self._reader.join(SERVE_WAIT_S)
+        while (line := self.lines.get_nowait()) is not None:
+            self.seen.append(line)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()

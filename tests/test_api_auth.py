@@ -16,7 +16,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 from starlette.routing import BaseRoute
-from support import POOL, snapshot, state
+from support import POOL, SLEEPER_REGISTRY, snapshot, state
 from test_api import Service, acquire, error, granted, make_settings, ref, serve
 
 from gpuboss.api import create_app
@@ -161,14 +161,7 @@ def expected(access: Access, who: Who) -> int | None:
     return None
 
 
-#: a consumer the boss starts as a child process (no engine needed to load or unload it)
-REGISTRY = """
-consumers:
-  - name: sleeper
-    url: http://127.0.0.1:9
-    vram: 1GiB
-    command: {argv: [sleep, "600"], stop_timeout: 2}
-"""
+REGISTRY = SLEEPER_REGISTRY
 
 
 @pytest.fixture(scope="module")

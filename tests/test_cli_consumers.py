@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from support import CLEAN_ENV
+from support import CLEAN_ENV, SLEEPER_REGISTRY
 from test_api import make_settings, serve
 from typer.testing import CliRunner, Result
 
@@ -27,13 +27,7 @@ from gpuboss_client import PRIORITIES, BadRequest, Boss, ConsumerNotFound
 
 runner = CliRunner()
 
-REGISTRY = """\
-consumers:
-  - name: sleeper
-    url: http://127.0.0.1:9
-    vram: 1GiB
-    command: {argv: [sleep, "600"], stop_timeout: 2}
-"""
+REGISTRY = SLEEPER_REGISTRY
 ANOTHER = """\
   - name: napper
     url: http://127.0.0.1:9

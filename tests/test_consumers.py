@@ -23,8 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from support import Child, wait_for
-from test_serve import Served
+from support import Child, Served, wait_for
 
 from gpuboss.fakenvml import fake_uuid
 
@@ -96,14 +95,6 @@ def rig(tmp_path: Path, redis_url: str, served: list[Served], children: list[Chi
     yield made
     for http in made.clients:
         http.close()
-
-
-@pytest.fixture
-def served() -> Iterator[list[Served]]:
-    started: list[Served] = []
-    yield started
-    for s in started:
-        s.kill()
 
 
 def consumers(http: httpx.Client) -> dict[str, dict[str, Any]]:

@@ -14,18 +14,11 @@ import pytest
 import redis
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
-from support import serve_app
+from support import SLEEPER_REGISTRY, serve_app
 from test_dashboard import LIVE, dom_until, needs_chromium
 from test_metrics import make_app
 
-#: a consumer the boss starts as a child process (no engine needed to load or unload it)
-REGISTRY = """
-consumers:
-  - name: sleeper
-    url: http://127.0.0.1:9
-    vram: 1GiB
-    command: {argv: [sleep, "600"], stop_timeout: 2}
-"""
+REGISTRY = SLEEPER_REGISTRY
 
 CONSUMER_ROW = re.compile(r'<tr data-consumer="sleeper">([\s\S]*?)</tr>')
 

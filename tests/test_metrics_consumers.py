@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from support import SLEEPER_REGISTRY
 from test_api import Service, make_settings, serve
 from test_metrics import MIB, Samples, parse, value
 
@@ -151,14 +152,7 @@ def test_consumer_metrics_need_no_redis_and_are_absent_without_consumers() -> No
         assert value(samples, "gpuboss_redis_up") == 1
 
 
-#: a consumer the boss starts as a child process (no engine needed to load or unload it)
-REGISTRY = """
-consumers:
-  - name: sleeper
-    url: http://127.0.0.1:9
-    vram: 1GiB
-    command: {argv: [sleep, "600"], stop_timeout: 2}
-"""
+REGISTRY = SLEEPER_REGISTRY
 
 
 @pytest.fixture

@@ -9,23 +9,19 @@ Redis's life cycle (lock per state dir, socket path, stop, parent death) is test
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from support import wait_for
+from support import Served, gpuboss_command, wait_for
 from typer.testing import CliRunner
 
 from gpuboss import embedded
@@ -48,13 +44,6 @@ OPEN_HOST_REFUSED = "refusing to listen on 0.0.0.0 without tokens"
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server")
 
 
-def _gpuboss() -> list[str]:
-    script = Path(sys.executable).parent / "gpuboss"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from gpuboss_cli.main import main; main()"]
-
-
 def _new_user_env(tmp_path: Path, path: list[str]) -> dict[str, str]:
     """The environment of a user who never configured gpuboss: fresh home and state dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBOSS_")}
@@ -62,74 +51,6 @@ def _new_user_env(tmp_path: Path, path: list[str]) -> dict[str, str]:
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     return env | {"HOME": str(home), "XDG_STATE_HOME": str(tmp_path / "state"), "PATH": os.pathsep.join(path)}
-
-
-class Served:
-    """A running ``gpuboss serve``; a thread collects its output (stdout and stderr together)."""
-
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [*_gpuboss(), "serve", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, env=env,
-        )  # fmt: skip
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def expect(self, pattern: str, timeout: float = LINE_WAIT_S) -> re.Match[str]:
-        """Block until a line matches ``pattern`` (``re.search``); return the match."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line like {pattern!r} within {timeout} s: {self.seen}") from None
-            if line is None:
-                raise AssertionError(f"exited {self.proc.wait()} before {pattern!r}: {self.seen}")
-            self.seen.append(line)
-            if m := re.search(pattern, line):
-                return m
-
-    def started(self) -> tuple[str, str]:
-        """Wait for the startup lines; return (base URL, the Redis URL printed for clients)."""
-        base = self.expect(r"dashboard: (http://\S+)/$").group(1)
-        url = self.expect(r"GPUBOSS_REDIS_URL=(\S+)").group(1)
-        self.expect(r"^Stop with Ctrl-C")
-        return base, url
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
-        """Send ``sig``, wait for the exit and all output; return the exit code."""
-        self.proc.send_signal(sig)
-        code = self.proc.wait(STOP_WAIT_S)
-        self._reader.join(STOP_WAIT_S)
-        while (line := self.lines.get_nowait()) is not None:
-            self.seen.append(line)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-
-
-@pytest.fixture
-def served() -> Iterator[list[Served]]:
-    """Servers a test starts; any left running are killed at the end."""
-    started: list[Served] = []
-    yield started
-    for s in started:
-        s.kill()
 
 
 def _ready(base: str, proc: subprocess.Popen[str]) -> httpx.Client:
@@ -270,7 +191,7 @@ def test_open_host_without_tokens_is_refused(tmp_path: Path) -> None:
     assert REDIS_SERVER is not None
     env = _new_user_env(tmp_path, [str(Path(REDIS_SERVER).parent)])
     proc = subprocess.run(
-        [*_gpuboss(), "serve", "--host", "0.0.0.0", "--port", "0"],
+        [*gpuboss_command(), "serve", "--host", "0.0.0.0", "--port", "0"],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 2, (proc.stdout, proc.stderr)

@@ -436,12 +436,16 @@ class ConsumerManager:
         unit.lease = await unit.runtime.boss.acquire(
             unit.mib, device=take_over or c.device, pool=c.pool, priority=c.priority,
             preemptible=c.preemptible, grace=c.grace, ttl=CONSUMER_TTL, timeout=timeout,
-            on_evict=self._on_evict(unit), on_wait=waiting, labels={"consumer": c.name, "model": unit.model},
+            on_evict=self._on_evict(unit), on_wait=waiting, labels=self._labels(unit),
             take_over=take_over is not None,
         )  # fmt: skip
         unit.wait = None
         unit.detached = False
         self._publish_owners()
+
+    @staticmethod
+    def _labels(unit: Unit) -> dict[str, str]:
+        return {"consumer": unit.consumer.name} | ({"model": unit.model} if unit.model else {})
 
     async def _load(self, unit: Unit, timeout: float | None) -> None:
         async with unit.lock:
@@ -715,7 +719,7 @@ class ConsumerManager:
 
     async def _note(self, unit: Unit, event: str, **fields: str) -> None:
         """Log ``event`` to the pool's event stream (best effort)."""
-        doc = {"consumer": unit.consumer.name, "model": unit.model, "mib": str(unit.mib), "state": unit.state}
+        doc = self._labels(unit) | {"mib": str(unit.mib), "state": unit.state}
         try:
             await unit.runtime.boss.run(ops.note(unit.consumer.pool, event, doc | fields))
         except GpubossError as exc:

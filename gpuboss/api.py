@@ -50,6 +50,7 @@ from .agent import Agent
 from .auth import HolderDep, OperatorDep, Principal, ReaderDep
 from .consumers import routes as consumer_routes
 from .consumers.service import managed_consumers
+from .disconnect import ClientGone, handle_gone, unless_gone
 from .docs import Doc, RequestDoc, errors_doc
 from .hub import EventHub, Subscription, event_key
 from .reaper import Reaper
@@ -644,7 +645,13 @@ async def acquire(
     # No pub/sub channel: an HTTP holder learns of eviction from its heartbeat replies. The queue
     # cap is checked inside the acquire script (a retry of a request that waits already passes).
     holder = ops.Holder(who.holder_for(body.holder), body.host or client_host, body.pid or 0, notify="")
-    lease = await boss.run(ops.acquire(req, holder, time.monotonic, max_block=boss.max_block))
+    try:
+        lease = await unless_gone(
+            request, boss.run(ops.acquire(req, holder, time.monotonic, max_block=boss.max_block))
+        )
+    except ClientGone:
+        await boss.run(ops.withdraw(req, holder))  # nobody is waiting for it any more
+        raise
     return lease.info.to_dict() | {"env": lease.env}
 
 
@@ -1028,6 +1035,7 @@ def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = 
     app.state.agent = agent
     for exc_type in (GpubossError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
+    app.add_exception_handler(ClientGone, handle_gone)
     app.add_middleware(BodyCap, limit=MAX_BODY_BYTES)
     app.include_router(router)
     app.include_router(consumer_routes.router)

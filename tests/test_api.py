@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -273,6 +275,22 @@ def test_acquire_timeout_is_503_with_retry_after_and_the_waiter_leaves(
     error(once, 503, "acquire_timeout")
     assert state(real_redis, "once") is None
     assert real_redis.zcard(POOL.queue) == 0
+
+
+def test_a_waiter_whose_client_disconnects_leaves_the_queue_at_once(
+    api: Service, real_redis: redis.Redis
+) -> None:
+    granted(acquire(api.client, "20GiB", ttl_s=60))
+    body = json.dumps({"vram": "10GiB", "request_id": "gone", "timeout_s": 15}).encode()
+    host, port = api.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = "POST /v1/leases HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_for("the request to queue", lambda: state(real_redis, "gone") == "queued")
+    closed = time.monotonic()
+    wait_for("the waiter to leave", lambda: real_redis.zcard(POOL.queue) == 0, timeout=5)
+    assert time.monotonic() - closed < 0.1
+    assert state(real_redis, "gone") == "cancelled"
 
 
 def test_acquire_with_the_same_request_id_never_grants_twice(api: Service, real_redis: redis.Redis) -> None:

@@ -10,6 +10,7 @@ with BackendUnavailable; (the stale hold-back in the queue walk is in ``test_evi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -465,3 +466,24 @@ def test_a_short_lease_wakes_the_worker_that_sleeps_for_a_long_one(boss: Boss) -
     assert not short.lost
     boss.release_all()
     assert long.lost  # released
+
+
+def test_a_cancelled_wait_leaves_the_queue_at_once(real_redis: redis.Redis, redis_url: str) -> None:
+    """An ``AsyncBoss.acquire`` task cancelled while it waits withdraws its request (a waiter that
+    nobody waits for would hold back those behind it until its TTL)."""
+
+    async def main() -> None:
+        boss = AsyncBoss.from_url(redis_url, holder="a")
+        await boss.add_device("gpu0", "8GiB")
+        await boss.acquire("8GiB", ttl=60)
+        waiting = asyncio.create_task(boss.acquire("4GiB", request_id="w", ttl=60, timeout=30))
+        while real_redis.zcard(POOL.queue) == 0:
+            await asyncio.sleep(0.005)  # the task runs meanwhile: it queues
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        assert real_redis.zcard(POOL.queue) == 0
+        assert state(real_redis, "w") == "cancelled"
+        await boss.aclose()
+
+    asyncio.run(main())

@@ -74,6 +74,7 @@ from ._ops import (
     _ref as _ref,
     _wake_grant as _wake_grant,
     acquire as acquire,
+    withdraw as withdraw,
     add_device as add_device,
     close as close,
     configure_pool as configure_pool,

@@ -15,6 +15,7 @@ pools, and the reading and following of events. The agent's measurements are in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -387,6 +388,22 @@ def acquire(
             # The release that granted it sent the grant along: no further round trip. The grant
             # happened after `sent`, so the local deadline stays on the safe side.
             return _granted(req, holder, granted, sent, clock)
+
+
+def withdraw(req: AcquireRequest, holder: Holder) -> Op[None]:
+    """Take a request that its caller gave up on (cancelled, interrupted, disconnected) out of the
+    queue; if it was granted meanwhile, release the grant. Idempotent: a request that is not
+    waiting any more, or never queued, is left as it is."""
+    keys = req.keys.script_keys()
+    try:
+        code, f = parse_reply((yield Call("cancel", keys, [req.id, holder.name])), _CANCEL)
+    except (LeaseNotFound, LeaseNotHeld):
+        return  # never queued (refused, or granted and released), or not ours
+    if code == "granted":
+        token = _opt_int(f.get("token"))
+        if token is not None:
+            with contextlib.suppress(LeaseLost):  # it ended by itself meanwhile
+                yield from release_ref(LeaseRef(req.keys.pool, req.id, token))
 
 
 def _ref(ref: LeaseRef) -> PoolKeys:

@@ -393,6 +393,12 @@ class AsyncBoss:
         self._held.acquiring(+1)
         try:
             lease = self._held.add(await self.run(op))
+        except GpubossError:
+            raise
+        except BaseException:  # cancelled or interrupted while waiting: leave the queue
+            with contextlib.suppress(Exception):
+                await self.run(core.withdraw(ask.request, self.holder))
+            raise
         finally:
             self._held.acquiring(-1)
         lease._boss = self

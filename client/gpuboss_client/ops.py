@@ -31,6 +31,7 @@ from ._core import (
     read_events,
     recent_events,
     release_ref,
+    withdraw,
 )
 
 __all__ = [
@@ -59,4 +60,5 @@ __all__ = [
     "read_events",
     "recent_events",
     "release_ref",
+    "withdraw",
 ]

@@ -390,6 +390,12 @@ class Boss:
         self._held.acquiring(+1)
         try:
             lease = self._held.add(self.run(op))
+        except GpubossError:
+            raise
+        except BaseException:  # cancelled or interrupted while waiting: leave the queue
+            with contextlib.suppress(Exception):
+                self.run(core.withdraw(ask.request, self.holder))
+            raise
         finally:
             self._held.acquiring(-1)
         lease._boss = self

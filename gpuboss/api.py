@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpuboss_client import (
@@ -53,6 +54,8 @@ from .consumers.service import managed_consumers
 from .disconnect import ClientGone, handle_gone, unless_gone
 from .docs import Doc, RequestDoc, errors_doc
 from .hub import EventHub, Subscription, event_key
+from .proxy import routes as proxy_routes
+from .proxy.forward import Upstreams
 from .reaper import Reaper
 from .settings import ServiceSettings
 
@@ -963,20 +966,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await reaper.stop()
         await hub.stop()
+        await app.state.upstreams.aclose()
         await boss.aclose()
 
 
 class BodyCap:
-    """Refuse a request whose ``Content-Length`` is over ``limit`` bytes: 413 ``bad_request``."""
+    """Refuse a request whose ``Content-Length`` is over ``limit`` bytes: 413 ``bad_request``,
+    unless ``exempt(scope)`` (the gated proxy's routes, which carry engines' bodies)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, exempt: Callable[[Scope], bool] = lambda scope: False
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
+            if length.isdigit() and int(length) > self.limit and not self.exempt(scope):
                 err = BadRequest(f"the request body is over {self.limit} bytes")
                 await JSONResponse(err.to_dict(), status_code=413)(scope, receive, send)
                 return
@@ -1007,6 +1015,14 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
+def _proxied(app: FastAPI, scope: Scope) -> bool:
+    """Whether the request goes to the gated proxy (looked up only for a body over the cap)."""
+    for route in app.router.routes:
+        if route.matches(scope)[0] == Match.FULL:
+            return "proxy" in (getattr(route, "tags", None) or ())
+    return False
+
+
 def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = None) -> FastAPI:
     """The boss service for ``settings``, on the Redis at ``redis_url``; ``agent`` is the agent
     running beside it, whose measurements the managed consumers wait for."""
@@ -1027,18 +1043,21 @@ def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = 
             {"name": "events", "description": "The event log of every lease transition; any token"},
             {"name": "admin", "description": "Devices, pools, force-release, reap; operator tokens"},
             {"name": "consumers", "description": "Managed GPU services: list, ensure, release, reload"},
+            {"name": "proxy", "description": "Requests forwarded to the consumers, which are loaded first"},
             {"name": "health", "description": "Liveness and readiness; no token"},
         ],
     )
     app.state.settings = settings
     app.state.redis_url = redis_url
     app.state.agent = agent
+    app.state.upstreams = Upstreams()
     for exc_type in (GpubossError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_exception_handler(ClientGone, handle_gone)
-    app.add_middleware(BodyCap, limit=MAX_BODY_BYTES)
+    app.add_middleware(BodyCap, limit=MAX_BODY_BYTES, exempt=lambda scope: _proxied(app, scope))
     app.include_router(router)
     app.include_router(consumer_routes.router)
+    app.include_router(proxy_routes.router)  # last: its catch-alls take only what nothing else does
     app.include_router(dashboard.router)
     app.include_router(metrics.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]

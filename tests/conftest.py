@@ -19,7 +19,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
-from support import Child, Served, Tier
+from support import Child, Rig, Served, Tier
 
 from gpuboss_client import Boss, aio, sync
 
@@ -140,3 +140,11 @@ def served() -> Iterator[list[Served]]:
     yield started
     for s in started:
         s.kill()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, redis_url: str, served: list[Served], children: list[Child]) -> Iterator[Rig]:
+    made = Rig(tmp_path, redis_url, served, children)
+    yield made
+    for http in made.clients:
+        http.close()

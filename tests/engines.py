@@ -18,6 +18,11 @@ Kinds:
 ``comfyui``  lazy: ``POST /prompt`` loads the model on the first prompt; ``POST /free
              {"unload_models", "free_memory"}`` frees it; ``GET /system_stats``.
 ``plain``    ``POST /load``, ``POST /unload``, ``GET /health``.
+``openai``   a plain engine that also speaks the OpenAI API for its model (once loaded, else 503):
+             ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events, a chunk
+             every ``--token-delay`` seconds), ``/v1/embeddings``, ``/v1/audio/transcriptions``
+             (multipart), ``GET /v1/models``. A client that goes away mid-stream is counted
+             (``cancelled`` in ``/stats``).
 
 Each load takes ``--delay`` seconds (an unload ``--unload-delay``, default the same) before the
 memory changes, like a real engine. The engine's own process appears on GPU ``--gpu`` of the state
@@ -113,6 +118,8 @@ class Engine:
         self.loaded: dict[str, int] = {}
         self.sleeping = False
         self.loads = self.unloads = 0
+        self.cancelled = self.served = 0
+        self.token_delay = 0.05
         self.lock = threading.Lock()
         if loaded or kind == "vllm":  # a vLLM server holds its model from the start
             self.loaded = dict(models)
@@ -160,10 +167,14 @@ def handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def _body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
-            doc = json.loads(self.rfile.read(length) or b"{}") if length else {}
-            return doc if isinstance(doc, dict) else {}
+        def _body(self) -> tuple[bytes, dict[str, Any]]:
+            """The raw body, and its JSON object ({} if it is none)."""
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                doc = json.loads(raw or b"{}")
+            except ValueError:
+                doc = {}
+            return raw, doc if isinstance(doc, dict) else {}
 
         def do_GET(self) -> None:
             path = urlsplit(self.path).path
@@ -181,9 +192,13 @@ def handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
             if path == "/health":
                 return self._reply(200, {"status": "ok"})
             if path == "/stats":
-                return self._reply(
-                    200, {"loads": engine.loads, "unloads": engine.unloads, "loaded": engine.loaded}
-                )
+                doc = {"loads": engine.loads, "unloads": engine.unloads, "loaded": engine.loaded}
+                if engine.kind == "openai":
+                    doc |= {"served": engine.served, "cancelled": engine.cancelled}
+                return self._reply(200, doc)
+            if engine.kind == "openai" and path == "/v1/models":
+                models = [{"id": n, "object": "model", "owned_by": "fake"} for n in engine.loaded]
+                return self._reply(200, {"object": "list", "data": models})
             return self._reply(404, {"error": f"no {path}"})
 
         def do_POST(self) -> None:
@@ -194,7 +209,8 @@ def handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
 
         def _post(self) -> None:
             parts = urlsplit(self.path)
-            path, query, body = parts.path, parse_qs(parts.query), self._body()
+            path, query = parts.path, parse_qs(parts.query)
+            raw, body = self._body()
             if engine.kind == "ollama" and path == "/api/generate":
                 model = str(body.get("model", ""))
                 if model not in engine.models:
@@ -225,20 +241,74 @@ def handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
                 if body.get("unload_models") or body.get("free_memory"):
                     engine.unload()
                 return self._reply(200, {})
-            if engine.kind == "plain" and path == "/load":
+            if engine.kind == "openai" and path.startswith("/v1/"):
+                return self._openai(path, raw, body)
+            if engine.kind in ("plain", "openai") and path == "/load":
                 engine.load(only)
                 return self._reply(200, {"loaded": True})
-            if engine.kind == "plain" and path == "/unload":
+            if engine.kind in ("plain", "openai") and path == "/unload":
                 engine.unload()
                 return self._reply(200, {"loaded": False})
             return self._reply(404, {"error": f"no {path}"})
+
+        def _openai(self, path: str, raw: bytes, body: dict[str, Any]) -> None:
+            if only not in engine.loaded:
+                return self._reply(503, {"error": {"message": f"model {only} is not loaded"}})
+            engine.served += 1
+            if path == "/v1/audio/transcriptions":
+                return self._reply(200, {"text": f"{len(raw)} bytes heard"})
+            if path == "/v1/embeddings":
+                data = [{"object": "embedding", "index": 0, "embedding": [0.25, 0.5, 0.75]}]
+                usage = {"prompt_tokens": 1, "total_tokens": 1}
+                return self._reply(200, {"object": "list", "data": data, "model": only, "usage": usage})
+            if path != "/v1/chat/completions":
+                return self._reply(404, {"error": {"message": f"no {path}"}})
+            said = str(body.get("messages", [{}])[-1].get("content", ""))
+            words = f"you said: {said}".split()
+            if not body.get("stream"):
+                message = {"role": "assistant", "content": " ".join(words)}
+                return self._reply(
+                    200,
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": only,
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                        "usage": {
+                            "prompt_tokens": 1,
+                            "completion_tokens": len(words),
+                            "total_tokens": 1 + len(words),
+                        },
+                    },
+                )
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            try:
+                for i, word in enumerate(words):
+                    delta = {"role": "assistant", "content": word} if i == 0 else {"content": " " + word}
+                    chunk = {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion.chunk",
+                        "created": 0,
+                        "model": only,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                    }
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(engine.token_delay)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                engine.cancelled += 1
 
     return Handler
 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("kind", choices=("ollama", "vllm", "comfyui", "plain"))
+    p.add_argument("kind", choices=("ollama", "vllm", "comfyui", "plain", "openai"))
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--gpu", type=int, default=0)
     p.add_argument("--model", action="append", default=[], metavar="NAME=SIZE")
@@ -248,6 +318,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--loaded", action="store_true", help="start with every model loaded")
     p.add_argument("--residual", type=parse_mib, default=0, help="MiB kept while unloaded")
     p.add_argument("--stubborn", action="store_true", help="answer unloads, free nothing")
+    p.add_argument("--token-delay", type=float, default=0.05, help="seconds between streamed chunks")
     args = p.parse_args(argv)
     models = {}
     for spec in args.model or ["model=1GiB"]:
@@ -257,6 +328,7 @@ def main(argv: list[str]) -> None:
         args.kind, args.state, args.gpu, models, args.delay, unload_delay=args.unload_delay,
         loaded=args.loaded, residual=args.residual, stubborn=args.stubborn,
     )  # fmt: skip
+    engine.token_delay = args.token_delay
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler(engine))
     print("LISTENING", server.server_address[1], flush=True)
     server.serve_forever()

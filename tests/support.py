@@ -9,6 +9,7 @@ thread and take snapshots of the whole database;
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -376,3 +379,61 @@ class Served:
         self._reader.join()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
+
+
+#: the stand-in engines (see tests/engines.py)
+ENGINES = Path(__file__).with_name("engines.py")
+#: seconds an ensure, a release or a proxied request may take in tests (engines load in a fraction)
+CALL_S = 30.0
+
+
+class Rig:
+    """A fake GPU (the state file), stand-in engines, and the boss that manages them."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, served: list[Served], children: list[Child]) -> None:
+        self.tmp, self.redis_url, self.served, self.children = tmp_path, redis_url, served, children
+        self.state = tmp_path / "gpu.json"
+        self.registry = tmp_path / "consumers.yaml"
+        self.boss: Served | None = None
+        self.clients: list[httpx.Client] = []
+
+    def gpu(self, total: str, other_mib: int = 0) -> None:
+        self.state.write_text(
+            json.dumps({"gpus": [{"name": "NVIDIA Fake", "total": total, "other_mib": other_mib}]}),
+            encoding="utf-8",
+        )
+
+    def engine(self, kind: str, *models: str, **flags: Any) -> str:
+        """Start a stand-in engine; its base URL."""
+        args = [kind, "--state", str(self.state), "--delay", str(flags.pop("delay", 0.2))]
+        for model in models:
+            args += ["--model", model]
+        for flag, value in flags.items():
+            name = "--" + flag.replace("_", "-")
+            args += [name] if value is True else [name, str(value)]
+        child = Child(ENGINES, self.redis_url, *args)
+        self.children.append(child)
+        port = child.expect("LISTENING")[1]
+        return f"http://127.0.0.1:{port}"
+
+    def start(self, registry: str | None = None) -> httpx.Client:
+        """Write the registry (if given) and start ``gpuboss serve``; a client for it."""
+        if registry is not None:
+            self.registry.write_text(textwrap.dedent(registry), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBOSS_")}
+        env |= {"GPUBOSS_AGENT": "on", "GPUBOSS_AGENT_INTERVAL_S": "0.5", "GPUBOSS_REAP_INTERVAL_S": "0.2"}
+        args = ["--port", "0", "--redis-url", self.redis_url, "--consumers", str(self.registry)]
+        self.boss = Served([*args, "--fake-nvml", f"@{self.state}"], env)
+        self.served.append(self.boss)
+        base, _ = self.boss.started()
+        http = httpx.Client(base_url=base, timeout=CALL_S + 10)
+        self.clients.append(http)
+        return http
+
+    def used(self) -> int:
+        """MiB in use on the GPU now: every process and the rest."""
+        card = json.loads(self.state.read_text(encoding="utf-8"))["gpus"][0]
+        return int(card.get("other_mib", 0)) + sum(p["mib"] for p in card.get("processes", []))
+
+    def ooms(self) -> int:
+        return int(json.loads(self.state.read_text(encoding="utf-8"))["gpus"][0].get("ooms", 0))

@@ -9,92 +9,25 @@ the engines themselves: a test that would overcommit the GPU sees an OOM.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from support import Child, Served, wait_for
+from support import CALL_S, Rig, wait_for
 
 from gpuboss.fakenvml import fake_uuid
 
-ENGINES = Path(__file__).with_name("engines.py")
 DEVICE = fake_uuid(0)
-#: seconds an ensure or a release may take in these tests (engines load in a fraction of that)
-CALL_S = 30.0
 #: a plain engine's load and unload actions, in YAML flow style
 ACTIONS = "load: {path: /load}, unload: {path: /unload}"
 
 pytestmark = pytest.mark.usefixtures("real_redis")
-
-
-class Rig:
-    """A fake GPU (the state file), stand-in engines, and the boss that manages them."""
-
-    def __init__(self, tmp_path: Path, redis_url: str, served: list[Served], children: list[Child]) -> None:
-        self.tmp, self.redis_url, self.served, self.children = tmp_path, redis_url, served, children
-        self.state = tmp_path / "gpu.json"
-        self.registry = tmp_path / "consumers.yaml"
-        self.boss: Served | None = None
-        self.clients: list[httpx.Client] = []
-
-    def gpu(self, total: str, other_mib: int = 0) -> None:
-        self.state.write_text(
-            json.dumps({"gpus": [{"name": "NVIDIA Fake", "total": total, "other_mib": other_mib}]}),
-            encoding="utf-8",
-        )
-
-    def engine(self, kind: str, *models: str, **flags: Any) -> str:
-        """Start a stand-in engine; its base URL."""
-        args = [kind, "--state", str(self.state), "--delay", str(flags.pop("delay", 0.2))]
-        for model in models:
-            args += ["--model", model]
-        for flag, value in flags.items():
-            name = "--" + flag.replace("_", "-")
-            args += [name] if value is True else [name, str(value)]
-        child = Child(ENGINES, self.redis_url, *args)
-        self.children.append(child)
-        port = child.expect("LISTENING")[1]
-        return f"http://127.0.0.1:{port}"
-
-    def start(self, registry: str | None = None) -> httpx.Client:
-        """Write the registry (if given) and start ``gpuboss serve``; a client for it."""
-        if registry is not None:
-            self.registry.write_text(textwrap.dedent(registry), encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBOSS_")}
-        env |= {"GPUBOSS_AGENT": "on", "GPUBOSS_AGENT_INTERVAL_S": "0.5", "GPUBOSS_REAP_INTERVAL_S": "0.2"}
-        args = ["--port", "0", "--redis-url", self.redis_url, "--consumers", str(self.registry)]
-        self.boss = Served([*args, "--fake-nvml", f"@{self.state}"], env)
-        self.served.append(self.boss)
-        base, _ = self.boss.started()
-        http = httpx.Client(base_url=base, timeout=CALL_S + 10)
-        self.clients.append(http)
-        return http
-
-    def used(self) -> int:
-        """MiB in use on the GPU now: every process and the rest."""
-        card = json.loads(self.state.read_text(encoding="utf-8"))["gpus"][0]
-        return int(card.get("other_mib", 0)) + sum(p["mib"] for p in card.get("processes", []))
-
-    def ooms(self) -> int:
-        return int(json.loads(self.state.read_text(encoding="utf-8"))["gpus"][0].get("ooms", 0))
-
-
-@pytest.fixture
-def rig(tmp_path: Path, redis_url: str, served: list[Served], children: list[Child]) -> Iterator[Rig]:
-    made = Rig(tmp_path, redis_url, served, children)
-    yield made
-    for http in made.clients:
-        http.close()
 
 
 def consumers(http: httpx.Client) -> dict[str, dict[str, Any]]:
@@ -333,8 +266,9 @@ def test_an_unreachable_consumer_fails_its_ensure_and_gives_the_lease_back(
           - {name: gone, url: "http://127.0.0.1:9", vram: 4GiB, load: {path: /load}, unload: {path: /unload}}
     """)
     reply = ensure(http, "gone")
-    assert reply.status_code == 503
-    assert reply.json()["error"] == "backend_unavailable"
+    assert reply.status_code == 502
+    assert reply.json()["error"] == "consumer_unreachable"
+    assert reply.json()["consumer"] == "gone"
     assert "127.0.0.1:9" in reply.json()["message"]
     assert consumers(http)["gone"]["state"] == "unloaded"
     assert lease_mib(real_redis) == {}
@@ -354,6 +288,7 @@ def test_a_health_check_that_never_passes_gives_the_memory_back(rig: Rig, real_r
     """)
     reply = ensure(http, "sick")
     assert reply.status_code == 503
+    assert reply.json()["error"] == "consumer_unhealthy"
     assert "/never" in reply.json()["message"]
     doc = consumers(http)["sick"]
     assert doc["state"] == "unhealthy"

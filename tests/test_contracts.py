@@ -376,6 +376,7 @@ def test_error_table() -> None:
     assert {cls.code for cls in ERRORS.values() if cls.retryable} == {
         "acquire_timeout",
         "backend_unavailable",
+        "consumer_unhealthy",
         "queue_full",
     }
 

@@ -14,6 +14,8 @@ __all__ = [
     "BackendUnavailable",
     "BadRequest",
     "ConsumerNotFound",
+    "ConsumerUnhealthy",
+    "ConsumerUnreachable",
     "DeviceBusy",
     "DeviceNotFound",
     "Forbidden",
@@ -23,6 +25,7 @@ __all__ = [
     "LeaseLost",
     "LeaseNotFound",
     "LeaseNotHeld",
+    "NoConsumer",
     "NotFound",
     "PoolNotFound",
     "ProtocolError",
@@ -95,6 +98,30 @@ class ConsumerNotFound(NotFound):
 
     code = "consumer_not_found"
     exit_code = 18
+
+
+class NoConsumer(NotFound):
+    """No managed consumer serves what the request asks for (a model, a kind)."""
+
+    code = "no_consumer"
+    exit_code = 19
+
+
+class ConsumerUnreachable(GpubossError):
+    """A managed consumer could not be loaded or reached: it did not answer, or refused."""
+
+    code = "consumer_unreachable"
+    http_status = 502
+    exit_code = 20
+
+
+class ConsumerUnhealthy(GpubossError):
+    """A managed consumer loaded but did not pass its health check."""
+
+    code = "consumer_unhealthy"
+    retryable = True
+    http_status = 503
+    exit_code = 21
 
 
 class LeaseNotHeld(GpubossError):
@@ -204,6 +231,9 @@ ERRORS: dict[str, type[GpubossError]] = {
         DeviceNotFound,
         PoolNotFound,
         ConsumerNotFound,
+        NoConsumer,
+        ConsumerUnreachable,
+        ConsumerUnhealthy,
         LeaseNotHeld,
         LeaseLost,
         LeaseEvicted,

@@ -41,6 +41,8 @@ from gpuboss_client import (
     BackendUnavailable,
     BadRequest,
     ConsumerNotFound,
+    ConsumerUnhealthy,
+    ConsumerUnreachable,
     GpubossError,
     Lease,
     WaitState,
@@ -100,7 +102,11 @@ class Unit:
         self.idle_since = time.monotonic()
         self.detached = False  # its memory is handed to the agent as unmanaged, ahead of the release
         self.lock = asyncio.Lock()
+        limit = runtime.consumer.max_concurrent
+        #: the proxy's concurrent requests to it (None: no limit)
+        self.slots = asyncio.Semaphore(limit) if limit is not None else None
         self.loading: asyncio.Task[None] | None = None
+        self.waiting = 0  # ensures waiting for that load
         self.health_at = 0.0
         self.loads = self.unloads = self.evictions = 0
 
@@ -345,7 +351,15 @@ class ConsumerManager:
             task = unit.loading = asyncio.create_task(self._load(unit, timeout), name=f"load-{unit.key}")
         # Once loaded it is returned even if someone who needed the room asked for it back
         # meanwhile: looping to load it again would have two ensures evict each other for ever.
-        await asyncio.shield(task)
+        unit.waiting += 1
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if unit.waiting == 1 and not task.done() and unit.state == "loading" and unit.lease is None:
+                task.cancel()  # nobody waits for it any more: its lease request leaves the queue
+            raise
+        finally:
+            unit.waiting -= 1
         return unit
 
     @contextlib.asynccontextmanager
@@ -354,16 +368,38 @@ class ConsumerManager:
     ) -> AsyncIterator[Unit]:
         """Ensure the consumer and keep it ``ready`` (in use: never evicted unless preemptible) until
         the block ends; then it is ``idle`` again once its last user is done."""
-        unit = await self.ensure(name, model, timeout)
-        unit.users += 1
+        unit = await self.begin_use(name, model, timeout)
         try:
-            await self._settle(unit)
             yield unit
         finally:
-            unit.users -= 1
-            unit.idle_since = time.monotonic()
-            if unit.lease is not None and unit.users == 0:
-                await self._settle(unit)
+            await self.end_use(unit)
+
+    async def begin_use(self, name: str, model: str | None = None, timeout: float | None = 60.0) -> Unit:
+        """Ensure the consumer, wait for a free slot (``max_concurrent``) and mark it in use
+        (``ready``); pair with :meth:`end_use`. A user that comes while it is resident takes no
+        lease round trip but the ``busy`` mark of the first user."""
+        unit = self.unit(name, model)
+        if unit.slots is not None:
+            await unit.slots.acquire()
+        try:
+            await self.ensure(name, model, timeout)
+            unit.users += 1
+        except BaseException:
+            if unit.slots is not None:
+                unit.slots.release()
+            raise
+        if unit.users == 1:
+            await self._settle(unit)
+        return unit
+
+    async def end_use(self, unit: Unit) -> None:
+        """One user of ``unit`` is done; the last one leaves it ``idle`` (its keep-warm time starts)."""
+        unit.users -= 1
+        if unit.slots is not None:
+            unit.slots.release()
+        unit.idle_since = time.monotonic()
+        if unit.lease is not None and unit.users == 0:
+            await self._settle(unit)
 
     async def release(self, name: str, model: str | None = None) -> list[Unit]:
         """Give the consumer's memory back (every model of it, or ``model``'s): unload it the
@@ -467,11 +503,14 @@ class ConsumerManager:
                 await rt.actions.load(unit.model or None, env=unit.lease.env)
                 await self._until_healthy(unit)
             except GpubossError as exc:
-                state = "unhealthy" if exc.details.get("unhealthy") else "unloaded"
-                await self._give_back(unit, time.monotonic() + c.grace, "load_failed", after=state)
+                sick = bool(exc.details.get("unhealthy"))
+                await self._give_back(
+                    unit, time.monotonic() + c.grace, "load_failed", after="unhealthy" if sick else "unloaded"
+                )
                 unit.error = exc.message
                 await self._note(unit, "consumer_load_failed", why=exc.message)
-                raise BackendUnavailable(f"consumer {unit.key} did not load: {exc.message}") from None
+                error = ConsumerUnhealthy if sick else ConsumerUnreachable
+                raise error(f"consumer {unit.key} did not load: {exc.message}", consumer=c.name) from None
             unit.loads += 1
             self.load_seconds.observe(time.monotonic() - started)
             await self._find_pids(rt, force=True)

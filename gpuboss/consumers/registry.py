@@ -175,6 +175,10 @@ class Consumer(_Spec):
     vram: Mib | None = None
     #: per model, for multi-model engines (Ollama: a lease per loaded model)
     models: dict[str, Mib] = Field(default_factory=dict)
+    #: the OpenAI model ids a single-model consumer answers to (the gated proxy routes by them)
+    serves: list[str] = Field(default_factory=list)
+    #: requests the gated proxy lets through to it at once (None: no limit)
+    max_concurrent: int | None = Field(default=None, ge=1, le=100_000)
     priority: Priority = 50
     device: Name | None = None
     pool: str = "default"
@@ -237,6 +241,8 @@ class Consumer(_Spec):
             raise ValueError("give vram or models, not both")
         if self.preset == "llamacpp" and self.command is None:
             raise ValueError("the llamacpp preset runs llama-server: give its command")
+        if self.serves and self.models:
+            raise ValueError("a consumer with models is routed by them: give serves or models, not both")
         if self.self_managed and self.preemptible:
             raise ValueError("a self-managed consumer is never evicted: it cannot be preemptible")
         return self
@@ -285,6 +291,17 @@ class Registry(BaseModel):
     def serving(self, kind: str) -> list[Consumer]:
         """The consumers that serve ``kind`` (e.g. ``tts``), in file order."""
         return [c for c in self.consumers if kind in c.kinds]
+
+    def model_ids(self) -> dict[str, tuple[Consumer, str]]:
+        """Every OpenAI model id the consumers answer to: the consumer, and the model of it to
+        load (``""`` for a single-model consumer). The first consumer in the file wins a tie."""
+        out: dict[str, tuple[Consumer, str]] = {}
+        for c in self.consumers:
+            for model in c.models:
+                out.setdefault(model, (c, model))
+            for model in c.serves:
+                out.setdefault(model, (c, ""))
+        return out
 
 
 def load_registry(path: str | Path) -> Registry:

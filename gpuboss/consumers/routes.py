@@ -101,7 +101,8 @@ router = APIRouter(prefix="/v1/consumers", tags=["consumers"])
 
 _READ = errors_doc("bad_request", "unauthorized", "consumer_not_found")
 _ACT = errors_doc(
-    "bad_request", "unauthorized", "forbidden", "consumer_not_found", "backend_unavailable",
+    "bad_request", "unauthorized", "forbidden", "consumer_not_found", "consumer_unreachable",
+    "consumer_unhealthy", "backend_unavailable",
     "acquire_timeout", "queue_full", "pool_not_found", "device_not_found", "insufficient_vram",
     "protocol_error",
 )  # fmt: skip

@@ -580,21 +580,25 @@ from gpuboss.api import create_app
 from gpuboss.settings import ServiceSettings
 
 url, port = sys.argv[1], int(sys.argv[2])
-settings = ServiceSettings(redis_url=url, host="127.0.0.1", port=port, log_level="warning")
+consumers = sys.argv[3] if len(sys.argv) > 3 else None
+settings = ServiceSettings(
+    redis_url=url, host="127.0.0.1", port=port, log_level="warning", consumers=consumers
+)
 uvicorn.run(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 """
 
 
 @contextlib.contextmanager
-def http_service(url: str, cpu: int | None) -> Iterator[tuple[str, int]]:
-    """The HTTP service in its own process on a free loopback port: its base URL and pid, once ready."""
+def http_service(url: str, cpu: int | None, consumers: Path | None = None) -> Iterator[tuple[str, int]]:
+    """The HTTP service in its own process on a free loopback port: its base URL and pid, once ready
+    (managing the consumers of the registry file ``consumers``, if given)."""
     port = free_port()
     # No tokens and no other settings from this shell: loopback without tokens, every caller an
     # operator that names its holder in the body.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBOSS_")}
     with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, url, str(port)],
+            [sys.executable, "-c", SERVE, url, str(port), *([str(consumers)] if consumers else [])],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
@@ -910,6 +914,87 @@ def section_http(
     return {"pairs": summary, "ratio_http_vs_direct": ratio, "server": server}
 
 
+@contextlib.contextmanager
+def openai_engine(folder: Path) -> Iterator[str]:
+    """A stand-in OpenAI-compatible engine (tests/engines.py) with its model loaded: its base URL."""
+    state = folder / "gpu.json"
+    state.write_text(json.dumps({"gpus": [{"name": "bench", "total": "24GiB"}]}), encoding="utf-8")
+    engines = Path(__file__).with_name("engines.py")
+    args = ["openai", "--state", str(state), "--model", "m=1GiB", "--loaded", "--token-delay", "0"]
+    proc = subprocess.Popen([sys.executable, str(engines), *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield f"http://127.0.0.1:{proc.stdout.readline().split()[1]}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def time_requests(http: httpx.Client, path: str, body: dict[str, Any], n: int) -> list[int]:
+    """Latency of ``n`` requests, each read to its end, ns."""
+    out = []
+    for _ in range(n):
+        t = mono_ns()
+        with http.stream("POST", path, json=body) as reply:
+            for _chunk in reply.iter_raw():
+                pass
+            if reply.status_code != 200:
+                raise RuntimeError(f"{path}: {reply.status_code}")
+        out.append(mono_ns() - t)
+    return out
+
+
+def section_proxy(args: argparse.Namespace, url: str, boss: Boss, cpu: int | None) -> dict[str, Any]:
+    boss.add_device("gpu0", "24GiB")
+    short = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    streamed = short | {"stream": True, "messages": [{"role": "user", "content": "one two three four"}]}
+    n = args.proxy_requests
+    with tempfile.TemporaryDirectory() as tmp, openai_engine(Path(tmp)) as upstream:
+        registry = Path(tmp) / "consumers.yaml"
+        registry.write_text(
+            f"consumers:\n  - {{name: m, url: '{upstream}', vram: 1GiB, serves: [m], self_managed: true}}\n",
+            encoding="utf-8",
+        )
+        with (
+            http_service(url, cpu, registry) as (base, _pid),
+            httpx.Client(base_url=upstream, timeout=10) as direct,
+            httpx.Client(base_url=base, timeout=10) as proxied,
+        ):
+            samples: dict[str, list[int]] = {}
+            for _ in range(args.rounds):  # interleaved, so drift hits every row alike
+                for label, http, body in (
+                    ("direct, short JSON", direct, short),
+                    ("through the boss, short JSON", proxied, short),
+                    ("direct, streamed (6 chunks)", direct, streamed),
+                    ("through the boss, streamed (6 chunks)", proxied, streamed),
+                ):
+                    samples.setdefault(label, []).extend(time_requests(http, "/v1/chat/completions", body, n))
+    summary = {}
+    for label, values in samples.items():
+        values.sort()
+        summary[label] = {
+            "p50_us": pct(values, 0.5) / 1000,
+            "p99_us": pct(values, 0.99) / 1000,
+            "n": len(values),
+        }
+    each = f"{n * args.rounds:,} each"
+    print(f"\n## 7. The gated proxy: an OpenAI chat request direct and through the boss, {each}")
+    table(
+        "latency of one request, read to its end",
+        ["path", "p50 µs", "p99 µs"],
+        [[label, fmt(s["p50_us"]), fmt(s["p99_us"])] for label, s in summary.items()],
+    )
+    for kind in ("short JSON", "streamed (6 chunks)"):
+        d, p = summary[f"direct, {kind}"], summary[f"through the boss, {kind}"]
+        extra = {q: fmt(p[f"{q}_us"] - d[f"{q}_us"]) for q in ("p50", "p99")}
+        print(f"proxy overhead, {kind}: p50 +{extra['p50']} µs, p99 +{extra['p99']} µs")
+    print("upstream: tests/engines.py openai (a Python http.server, one connection per request); the "
+          "consumer is self-managed (resident, no lease round trip per request)")  # fmt: skip
+    return summary
+
+
 def section_heartbeats(args: argparse.Namespace, url: str, client: redis.Redis) -> dict[str, Any]:
     n, window = args.heartbeat_leases, args.heartbeat_window
     stats = run_heartbeats(url, client, n, window)
@@ -950,7 +1035,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--heartbeat-window", type=float, default=5.0, help="seconds the heartbeat worker is measured"
     )
-    ap.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (default: all)")
+    ap.add_argument(
+        "--proxy-requests", type=int, default=500, help="requests per path and round through the proxy"
+    )
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     ap.add_argument("--no-pin", action="store_true", help="do not pin redis-server and clients to CPUs")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
@@ -960,10 +1048,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration, args.rounds, args.evict_rounds = 0.4, 2, 30
         args.http_pairs = 200
         args.heartbeat_leases, args.heartbeat_window = 50, 1.0
+        args.proxy_requests = 20
     args.levels = [int(x) for x in args.levels.split(",")]
     args.sections = {int(x) for x in args.sections.split(",")}
-    if not args.sections <= {1, 2, 3, 4, 5, 6}:
-        ap.error("--sections takes numbers from 1 to 6")
+    if not args.sections <= {1, 2, 3, 4, 5, 6, 7}:
+        ap.error("--sections takes numbers from 1 to 7")
     args.warmup = min(500, max(20, args.pairs // 20))
     args.evict_warmup = min(20, max(5, args.evict_rounds // 10))
     return args
@@ -1012,6 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
         if 6 in args.sections:
             client.flushall()  # the worker's leases alone in the database, whatever ran before
             results["heartbeats"] = section_heartbeats(args, url, client)
+        if 7 in args.sections:
+            client.flushall()
+            results["proxy"] = section_proxy(args, url, boss, server_cpu)
         client.close()
     load = round(os.getloadavg()[0], 2)
     results["meta"]["load_average_1m_at_end"] = load

@@ -107,6 +107,7 @@ class Unit:
         self.slots = asyncio.Semaphore(limit) if limit is not None else None
         self.loading: asyncio.Task[None] | None = None
         self.waiting = 0  # ensures waiting for that load
+        self.marked: tuple[str, bool] | None = None  # (lease id, in use) as last marked in Redis
         self.health_at = 0.0
         self.loads = self.unloads = self.evictions = 0
 
@@ -277,6 +278,7 @@ class ConsumerManager:
             except GpubossError as exc:
                 log.warning("consumer %s: cannot take over lease %s: %s", unit.key, info.id, exc.message)
                 continue
+            unit.marked = (info.id, info.state == "active")
             log.info("consumer %s: took over its lease %s (no reload)", unit.key, info.id)
             await self._settle(unit)
         await self._find_pids(rt)
@@ -477,6 +479,7 @@ class ConsumerManager:
         )  # fmt: skip
         unit.wait = None
         unit.detached = False
+        unit.marked = (unit.lease.id, True)  # granted active
         self._publish_owners()
 
     @staticmethod
@@ -540,11 +543,12 @@ class ConsumerManager:
         if lease is None:
             return
         in_use = unit.users > 0 or not unit.runtime.can_unload
+        mark = (lease.id, in_use)
         try:
-            if in_use:
-                await lease.busy()
-            else:
-                await lease.idle()
+            if unit.marked != mark:  # a lease already marked so costs no round trip
+                await (lease.busy() if in_use else lease.idle())
+                unit.marked = mark
+            if not in_use:
                 unit.idle_since = time.monotonic()
         except GpubossError as exc:  # being evicted, or lost: the eviction or the watcher takes over
             log.info(

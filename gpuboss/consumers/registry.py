@@ -27,6 +27,7 @@ with errors changes nothing: :func:`load_registry` either returns the whole new 
 
 from __future__ import annotations
 
+import functools
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -292,6 +293,7 @@ class Registry(BaseModel):
         """The consumers that serve ``kind`` (e.g. ``tts``), in file order."""
         return [c for c in self.consumers if kind in c.kinds]
 
+    @functools.cached_property
     def model_ids(self) -> dict[str, tuple[Consumer, str]]:
         """Every OpenAI model id the consumers answer to: the consumer, and the model of it to
         load (``""`` for a single-model consumer). The first consumer in the file wins a tie."""

@@ -27,6 +27,7 @@ from gpuboss.auth import HolderDep, ReaderDep
 from gpuboss.consumers.manager import ConsumerManager
 from gpuboss.consumers.routes import ManagerDep
 from gpuboss.disconnect import Body
+from gpuboss.docs import errors_doc
 from gpuboss.settings import ServiceSettings
 from gpuboss_client import BadRequest, NoConsumer
 
@@ -67,13 +68,20 @@ def _settings(request: Request) -> ServiceSettings:
 #: the proxy takes bodies of any size it streams; the OpenAI routes read theirs (MAX_MODEL_BODY)
 router = APIRouter(tags=["proxy"], max_body_size=MAX_STREAMED_BODY)
 
+#: what a forwarded request may answer: gpuboss's own errors, or the consumer's answer as it is
+FORWARDED = errors_doc(
+    "bad_request", "unauthorized", "forbidden", "no_consumer", "consumer_not_found", "consumer_unreachable",
+    "consumer_unhealthy", "acquire_timeout", "queue_full", "backend_unavailable", "insufficient_vram",
+)  # fmt: skip
+FORWARDED["default"] = {"description": "the consumer's own answer: status, headers and body as it sent them"}
+
 
 @router.get("/v1/models", summary="The models the consumers serve (OpenAI's list)")
 async def list_models(manager: ManagerDep, _: ReaderDep) -> dict[str, Any]:
     """Every model id a consumer answers to, as OpenAI's ``GET /v1/models`` lists models."""
     data = [
         {"id": model, "object": "model", "owned_by": consumer.name}
-        for model, (consumer, _unit) in manager.registry.model_ids().items()
+        for model, (consumer, _unit) in manager.registry.model_ids.items()
     ]
     return {"object": "list", "data": data}
 
@@ -85,7 +93,7 @@ async def _openai(
     if len(raw) > MAX_MODEL_BODY:
         raise BadRequest(f"the request body is over {MAX_MODEL_BODY} bytes")
     model = _model_of(request.headers.get("content-type", ""), raw)
-    found = manager.registry.model_ids().get(model)
+    found = manager.registry.model_ids.get(model)
     if found is None:
         raise NoConsumer(f"no consumer serves model {model!r}", model=model)
     consumer, unit = found
@@ -95,7 +103,7 @@ async def _openai(
 for _path in OPENAI_ROUTES:
     router.add_api_route(
         _path, _openai, methods=["POST"], summary=f"OpenAI {_path.removeprefix('/v1/')}, by model",
-        operation_id="openai_" + _path.removeprefix("/v1/").replace("/", "_"),
+        operation_id="openai_" + _path.removeprefix("/v1/").replace("/", "_"), responses=FORWARDED,
     )  # fmt: skip
 
 
@@ -148,10 +156,11 @@ for _method in METHODS:  # one route per method: each its own OpenAPI operation
     router.add_api_route(
         "/v1/consumers/{name}/{path:path}", by_name, methods=[_method],
         summary="Forward to a consumer by name", operation_id=f"forward_by_name_{_method.lower()}",
+        responses=FORWARDED,
     )  # fmt: skip
     router.add_api_route(
         "/v1/{kind}/{path:path}", by_kind, methods=[_method], summary="Forward to a consumer of a kind",
-        operation_id=f"forward_by_kind_{_method.lower()}",
+        operation_id=f"forward_by_kind_{_method.lower()}", responses=FORWARDED,
     )  # fmt: skip
 
 

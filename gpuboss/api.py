@@ -34,7 +34,9 @@ from gpuboss_client import (
     Forbidden,
     GpubossError,
     LeaseEvicted,
+    MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
     PoolNotFound,
     QueueFull,
     Unauthorized,
@@ -52,7 +54,7 @@ from .auth import HolderDep, OperatorDep, Principal, ReaderDep
 from .consumers import routes as consumer_routes
 from .consumers.service import managed_consumers
 from .disconnect import ClientGone, handle_gone, unless_gone
-from .docs import Doc, RequestDoc, errors_doc
+from .docs import Doc, RequestDoc, allowed_methods, errors_doc
 from .hub import EventHub, Subscription, event_key
 from .proxy import routes as proxy_routes
 from .proxy.forward import Upstreams
@@ -367,6 +369,8 @@ _BY_STATUS: dict[int, type[GpubossError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
     429: QueueFull,
     503: BackendUnavailable,
 }
@@ -388,6 +392,10 @@ def _error_of(request: Request, exc: Exception) -> tuple[GpubossError, int, dict
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
+            allowed = allowed_methods(
+                request, skip=lambda route: "proxy" in (getattr(route, "tags", None) or ())
+            )
+            return MethodNotAllowed(message), 405, {"Allow": ", ".join(allowed)}
         else:
             message = str(exc.detail)
         return cls(message), exc.status_code, dict(exc.headers or {})
@@ -548,8 +556,18 @@ async def health(boss: BossDep, settings: SettingsDep, pool: PoolQuery = None) -
     responses=errors_doc(*_READ, "pool_not_found"),
 )
 async def get_status(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
-    """Per pool: counts, Redis time, devices with budgets, granted leases and the queue in order."""
-    return status_document(await boss.status(pool), await boss.leases(pool))
+    """Per pool: counts, Redis time, devices with budgets, granted leases and the queue in order.
+    A ``pool`` with no devices is 404 ``pool_not_found``, on this route and the others here."""
+    pools = await boss.status(pool)
+    if pool is not None and not any(p.devices for p in pools):
+        raise PoolNotFound(f"pool {pool!r} has no devices", pool=pool)
+    return status_document(pools, await boss.leases(pool))
+
+
+async def _pool_exists(boss: AsyncBoss, pool: str | None) -> None:
+    """404 ``pool_not_found`` for a ``pool`` with no devices, as acquiring in it answers."""
+    if pool is not None and not await boss.devices(pool):
+        raise PoolNotFound(f"pool {pool!r} has no devices", pool=pool)
 
 
 @router.get(
@@ -561,7 +579,10 @@ async def get_status(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dic
 )
 async def get_devices(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """Every device of ``pool`` (or of every pool), sizes in MiB."""
-    return {"devices": [d.to_dict() for d in await boss.devices(pool)]}
+    devices = await boss.devices(pool)
+    if pool is not None and not devices:
+        raise PoolNotFound(f"pool {pool!r} has no devices", pool=pool)
+    return {"devices": [d.to_dict() for d in devices]}
 
 
 @router.get(
@@ -573,6 +594,7 @@ async def get_devices(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> di
 )
 async def get_leases(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """Every live lease and waiting request, soonest expiry first per pool."""
+    await _pool_exists(boss, pool)
     return {"leases": [x.to_dict() for x in await boss.leases(pool)]}
 
 
@@ -585,6 +607,7 @@ async def get_leases(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dic
 )
 async def get_queue(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """The waiting requests, by priority and then arrival."""
+    await _pool_exists(boss, pool)
     return {"queue": [x.to_dict() for x in split_queue(await boss.leases(pool))[1]]}
 
 
@@ -598,6 +621,7 @@ async def get_queue(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict
 async def get_findings(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
     """Per pool: device health (ok, lost, unmeasured; leaks), the measured leases with their
     findings (over_use, under_use), and the peak measured use per lease label."""
+    await _pool_exists(boss, pool)
     return {"findings": [f.to_dict() for f in await boss.findings(pool)]}
 
 
@@ -985,14 +1009,14 @@ class BodyCap:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length", b"")
             if length.isdigit() and int(length) > self.limit and not self.exempt(scope):
-                err = BadRequest(f"the request body is over {self.limit} bytes")
+                err = PayloadTooLarge(f"the request body is over {self.limit} bytes")
                 await JSONResponse(err.to_dict(), status_code=413)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
 _TOO_LARGE = {
-    "description": f"error: bad_request (a body over {MAX_BODY_BYTES} bytes)",
+    "description": f"error: payload_too_large (a body over {MAX_BODY_BYTES} bytes)",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDoc"}}},
 }
 
@@ -1000,15 +1024,23 @@ _TOO_LARGE = {
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     def build() -> dict[str, Any]:
         # Validation problems are answered with 400 bad_request, never 422: drop FastAPI's 422 docs.
+        # Without tokens nobody authenticates: the document says so rather than asking for one.
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
+            auth = app.state.settings.auth
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
                     if "requestBody" in operation:
                         operation["responses"]["413"] = _TOO_LARGE
+                    if not auth:
+                        operation.pop("security", None)
+                        operation.get("responses", {}).pop("401", None)
+                        operation.get("responses", {}).pop("403", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+            if not auth:
+                schema.get("components", {}).pop("securitySchemes", None)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -3,13 +3,16 @@ are the client's ``to_dict``, errors are ``{"error", "message", "retryable", ...
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.requests import Request
+from starlette.routing import Match
 
 from gpuboss_client import ERRORS
 
-__all__ = ["Doc", "ErrorDoc", "RequestDoc", "errors_doc"]
+__all__ = ["Doc", "ErrorDoc", "RequestDoc", "allowed_methods", "errors_doc"]
 
 
 def _check_text(value: Any) -> None:
@@ -70,3 +73,20 @@ def errors_doc(*codes: str) -> dict[int | str, dict[str, Any]]:
             }
         out[status] = doc
     return out
+
+
+def allowed_methods(request: Request, skip: Callable[[Any], bool] = lambda route: False) -> list[str]:
+    """The methods the app's routes take ``request``'s path with (a 405's ``Allow``), leaving out
+    the routes ``skip`` names (a catch-all)."""
+    allowed: set[str] = set()
+    for route in _flat(request.app.router.routes):
+        if not skip(route) and route.matches(request.scope)[0] != Match.NONE:
+            allowed |= set(getattr(route, "methods", None) or ())
+    return sorted(allowed)
+
+
+def _flat(routes: list[Any]) -> Iterator[Any]:
+    # FastAPI keeps an included router whole, as a route holding it: look inside.
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from (_flat(inner.routes) if inner is not None else (route,))

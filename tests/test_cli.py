@@ -155,7 +155,7 @@ def test_status_without_devices_says_how_to_add_one(admin: Boss, redis_url: str)
     out = ok(gb(redis_url, "status"))
     assert "No devices" in out
     assert "gpuboss devices add NAME --vram 24GiB" in out
-    assert "--pool gpus" in ok(gb(redis_url, "status", "--pool", "gpus"))
+    assert "--pool gpus" in failed(gb(redis_url, "status", "--pool", "gpus"), 5, "pool_not_found")
     assert json.loads(ok(gb(redis_url, "status", "--json"))) == {"pools": {}}
 
 
@@ -339,7 +339,9 @@ def test_leases_table_and_json(admin: Boss, redis_url: str, real_redis: redis.Re
             )  # fmt: skip
         only_big = json.loads(ok(gb(redis_url, "leases", "--pool", "big", "--json")))
         assert ids(only_big["leases"]) == [b.id]
-    assert "No leases in pool nowhere." in ok(gb(redis_url, "leases", "--pool", "nowhere"))
+    nowhere = gb(redis_url, "leases", "--pool", "nowhere")
+    assert nowhere.exit_code == 5
+    assert "pool 'nowhere' has no devices" in nowhere.stderr
 
 
 def test_release_without_force_is_refused(admin: Boss, redis_url: str) -> None:

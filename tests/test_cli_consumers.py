@@ -220,6 +220,8 @@ def test_status_shows_the_consumers_over_http(rig: Rig, redis_url: str) -> None:
     [consumer] = doc["consumers"]
     assert (consumer["name"], consumer["state"]) == ("sleeper", "idle")
     assert [x["id"] for x in doc["pools"]["default"]["leases"]] == [consumer["lease"]]
+    with Boss.from_url(redis_url, holder="setup") as setup:
+        setup.add_device("other", "8GiB", pool="elsewhere")
     assert json.loads(rig.ok("status", "--json", "--pool", "elsewhere")).get("consumers") is None
 
     # over Redis there are no consumers to show

@@ -39,6 +39,7 @@ from gpuboss_client import (
     GpubossError,
     LeaseInfo,
     LeaseNotHeld,
+    PoolNotFound,
     PoolStatus,
     split_queue,
     status_document,
@@ -154,10 +155,18 @@ def _global(
     ctx.obj = Options(redis_url, boss_url, token)
 
 
+def _known_pool(boss: Backend, pool: str | None) -> None:
+    """A ``--pool`` with no devices is ``pool_not_found`` (exit 5), as the service answers 404."""
+    if pool is not None and not boss.devices(pool):
+        hint = f"add one with `gpuboss devices add NAME --vram 24GiB --pool {pool}`"
+        raise PoolNotFound(f"pool {pool!r} has no devices: {hint}", pool=pool)
+
+
 @app.command()
 def status(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = False) -> None:
     """Devices with their budgets and usage, the leases, and the queue, per pool."""
     with connect(ctx) as boss:
+        _known_pool(boss, pool)
         pools = boss.status(pool)
         leases = boss.leases(pool)
         findings = {f.pool: f for f in boss.findings(pool) if _measured(f)}
@@ -218,6 +227,7 @@ def _measured(f: Findings) -> bool:
 def leases_cmd(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = False) -> None:
     """Live leases and waiting requests, soonest expiry first."""
     with connect(ctx) as boss:
+        _known_pool(boss, pool)
         leases = boss.leases(pool)
         now_ms = {s.pool: s.now_ms for s in boss.status(pool)} if leases and not as_json else {}
     if as_json:
@@ -371,6 +381,7 @@ def devices_add(
 def devices_list(ctx: typer.Context, pool: PoolOpt = None, as_json: JsonOpt = False) -> None:
     """Devices with their budgets and usage."""
     with connect(ctx) as boss:
+        _known_pool(boss, pool)
         devices = boss.devices(pool)
     if as_json:
         _print_json({"devices": [d.to_dict() for d in devices]})

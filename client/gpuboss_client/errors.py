@@ -25,8 +25,10 @@ __all__ = [
     "LeaseLost",
     "LeaseNotFound",
     "LeaseNotHeld",
+    "MethodNotAllowed",
     "NoConsumer",
     "NotFound",
+    "PayloadTooLarge",
     "PoolNotFound",
     "ProtocolError",
     "QueueFull",
@@ -62,6 +64,22 @@ class BadRequest(GpubossError):
     code = "bad_request"
     http_status = 400
     exit_code = 2
+
+
+class MethodNotAllowed(BadRequest):
+    """The route exists, but not with this HTTP method (its ``Allow`` header says which)."""
+
+    code = "method_not_allowed"
+    http_status = 405
+    exit_code = 22
+
+
+class PayloadTooLarge(BadRequest):
+    """The request's body is over the service's limit."""
+
+    code = "payload_too_large"
+    http_status = 413
+    exit_code = 23
 
 
 class NotFound(GpubossError):
@@ -227,6 +245,8 @@ ERRORS: dict[str, type[GpubossError]] = {
     cls.code: cls
     for cls in (
         BadRequest,
+        MethodNotAllowed,
+        PayloadTooLarge,
         LeaseNotFound,
         DeviceNotFound,
         PoolNotFound,

@@ -21,13 +21,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
-from starlette.routing import Match
 
 from gpuboss.auth import HolderDep, ReaderDep
 from gpuboss.consumers.manager import ConsumerManager
 from gpuboss.consumers.routes import ManagerDep
 from gpuboss.disconnect import Body
-from gpuboss.docs import errors_doc
+from gpuboss.docs import allowed_methods, errors_doc
 from gpuboss.settings import ServiceSettings
 from gpuboss_client import BadRequest, NoConsumer
 
@@ -167,15 +166,8 @@ for _method in METHODS:  # one route per method: each its own OpenAPI operation
 def _not_routed(request: Request) -> None:
     """Answer a path of the API itself as if this catch-all were not there: 405 with ``Allow``
     where another route takes the path with other methods."""
-    allowed: set[str] = set()
-    for route in request.app.router.routes:
-        if getattr(route, "endpoint", None) is by_kind:
-            continue
-        match, _ = route.matches(request.scope)
-        if match == Match.PARTIAL:
-            allowed |= set(getattr(route, "methods", None) or ())
-    if allowed:
-        raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
+    if allowed_methods(request, skip=lambda route: getattr(route, "endpoint", None) is by_kind):
+        raise StarletteHTTPException(405)
 
 
 async def _forward(

@@ -679,7 +679,11 @@ async def acquire(
     except ClientGone:
         await boss.run(ops.withdraw(req, holder))  # nobody is waiting for it any more
         raise
-    return lease.info.to_dict() | {"env": lease.env}
+    info = lease.info
+    if info.requested_at_ms is None or info.granted_at_ms is None:
+        # Granted after waiting: the wake-up carries no times; the lease's record has them.
+        info = await boss.run(ops.lease_info(info.pool, info.id))
+    return info.to_dict() | {"env": lease.env}
 
 
 @router.post(

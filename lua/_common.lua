@@ -156,7 +156,8 @@ end
 local function grant_reply(code, l, now)
   return {code, 'now', now, 'state', l.state, 'device', l.device, 'token', l.token,
           'expires_at', l.expires_at, 'cuda_index', l.cuda_index, 'device_host', l.device_host,
-          'evict_deadline', l.evict_deadline or ''}
+          'evict_deadline', l.evict_deadline or '', 'granted_at', l.granted_at or '',
+          'requested_at', l.requested_at or ''}
 end
 
 local function ended_reply(l, now)

@@ -31,7 +31,8 @@
 -- victims that makes it fit on one device (see plan_eviction), and waits for their memory.
 -- Replies: {"granted", "now", now, "state", s, "device", d, "token", t, "expires_at", ms,
 --           "cuda_index", i, "device_host", h}
---           "evict_deadline", ms or ""
+--           "evict_deadline", ms or "", "granted_at", ms or "", "requested_at", ms or "" (known
+--           when granted at once)
 --        | {"queued", "now", now, "position", rank, "next_expiry", ms or "", "evicting", n,
 --           "reason", r, "until", ms or ""}:
 --          next_expiry is the soonest expiry (or eviction deadline) in the pool, when the head of
@@ -180,6 +181,7 @@ end
 local blocked, partial = settle(now, devs, '(' .. int((101 - priority) * PRIO_SPAN))
 local dev = nil
 l = {id = id, holder = holder, mib = mib, priority = priority, ttl_ms = ttl_ms, state = 'new',
+     requested_at = int(now),
      preemptible = preemptible, exclusive = exclusive, gang = gang, claim_mib = 0, max_hold_ms = max_hold_ms}
 if not partial then dev = best_fit(cands, blocked, l) end
 

@@ -257,6 +257,13 @@ def test_acquire_waits_and_is_granted_by_a_release_from_another_client(
     assert not t.is_alive()
     second = granted(out["value"])
     assert second["id"] == "waiter"
+    # The 201 reply is the whole lease, as GET shows it (times included), at once or after a wait.
+    assert second["requested_at_ms"] < second["granted_at_ms"]
+    assert first["requested_at_ms"] == first["granted_at_ms"]
+    shown = api.client.get(f"/v1/leases/{first['id']}", params={"pool": "default"}).json()
+    assert {k: first[k] for k in ("requested_at_ms", "granted_at_ms")} == {
+        k: shown[k] for k in ("requested_at_ms", "granted_at_ms")
+    }
     assert second["token"] > first["token"]
     assert state(real_redis, "waiter") == "active"
 

@@ -9,6 +9,7 @@ the engines themselves: a test that would overcommit the GPU sees an OOM.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -446,3 +447,30 @@ def test_vllm_sleeps_to_give_memory_back_and_wakes_on_ensure(rig: Rig, real_redi
     assert ensured(http, "vllm")["state"] == "idle"
     assert httpx.get(f"{url}/is_sleeping", timeout=5).json() == {"is_sleeping": False}
     assert lease_mib(real_redis) == {"vllm": 20 * 1024}
+
+
+def test_ensure_streams_its_progress_as_server_sent_events(rig: Rig) -> None:
+    rig.gpu("16GiB")
+    a, b = rig.engine("plain", "a=10GiB"), rig.engine("plain", "b=10GiB", delay=0.5)
+    http = rig.start(TWO_BIG.format(a=a, b=b))
+    ensured(http, "a")
+    events: list[tuple[str, dict[str, Any]]] = []
+    headers = {"Accept": "text/event-stream"}
+    with http.stream("POST", "/v1/consumers/b/ensure", json={"timeout_s": CALL_S}, headers=headers) as reply:
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        name = ""
+        for line in reply.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    names = [n for n, _ in events]
+    assert names[-1] == "ready"
+    assert events[-1][1]["state"] == "idle"
+    progress = [doc for n, doc in events if n == "progress"]
+    assert "loading" in [doc["state"] for doc in progress]
+    # It waited while a unloaded for it, and said so, then it was idle.
+    assert any(doc["waiting"] and doc["waiting"]["reason"] == "evicting" for doc in progress)
+    assert progress[-1]["state"] == "idle"
+    # An unknown consumer is a plain 404, not a stream.
+    assert http.post("/v1/consumers/nosuch/ensure", json={}, headers=headers).status_code == 404

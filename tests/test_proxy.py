@@ -150,3 +150,30 @@ def test_two_models_that_cannot_coexist_serve_many_clients_one_after_the_other(r
     assert rig.ooms() == 0  # never both loaded
     served = [httpx.get(f"{u}/stats").json()["served"] for u in (a, b)]
     assert served == [6, 6]
+
+
+def test_max_concurrent_lets_one_request_through_at_a_time(rig: Rig) -> None:
+    rig.gpu("16GiB")
+    url = rig.engine("openai", "m1=6GiB", token_delay=0.2)
+    http = rig.start(f"""
+        consumers:
+          - {{name: chat, url: "{url}", vram: 6GiB, serves: [m1], max_concurrent: 1, {ACTIONS}}}
+    """)
+    http.post("/v1/consumers/chat/ensure", json={}).raise_for_status()
+    body = {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "a b c"}]}
+    with (
+        httpx.Client(base_url=base(http), timeout=30) as one,
+        httpx.Client(base_url=base(http), timeout=30) as two,
+        one.stream("POST", "/v1/chat/completions", json=body) as first,
+    ):
+        chunks = first.iter_raw()
+        next(chunks)  # the first holds the one slot while it streams
+        started = time.monotonic()
+        second = two.post("/v1/chat/completions", json=body)
+        waited = int(second.headers["x-gpuboss-wait-ms"])
+        assert second.status_code == 200
+        b"".join(chunks)
+    # The second waited for the first to finish (5 chunks 0.2 s apart), not for a load.
+    assert waited >= 500
+    assert time.monotonic() - started >= waited / 1000
+    assert first.headers["x-gpuboss-wait-ms"] != ""

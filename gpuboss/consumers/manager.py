@@ -102,6 +102,7 @@ class Unit:
         self.idle_since = time.monotonic()
         self.detached = False  # its memory is handed to the agent as unmanaged, ahead of the release
         self.lock = asyncio.Lock()
+        self._changed = asyncio.Event()
         limit = runtime.consumer.max_concurrent
         #: the proxy's concurrent requests to it (None: no limit)
         self.slots = asyncio.Semaphore(limit) if limit is not None else None
@@ -132,6 +133,16 @@ class Unit:
             log.info("consumer %s: %s -> %s%s", self.key, self.state, state, f" ({error})" if error else "")
             self.state, self.since = state, time.monotonic()
         self.error = error
+        self.touched()
+
+    def touched(self) -> None:
+        """Wake whoever follows the unit's progress (:meth:`changed`)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Return at the unit's next change of state or of its wait."""
+        await self._changed.wait()
 
     def _waiting(self) -> dict[str, Any] | None:
         w = self.wait
@@ -470,6 +481,7 @@ class ConsumerManager:
 
         def waiting(state: WaitState) -> None:
             unit.wait = state
+            unit.touched()
 
         unit.lease = await unit.runtime.boss.acquire(
             unit.mib, device=take_over or c.device, pool=c.pool, priority=c.priority,

@@ -6,13 +6,19 @@ like a lease); ``release-all`` and ``reload`` an operator's.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from gpuboss.auth import HolderDep, OperatorDep, ReaderDep
+from gpuboss.disconnect import unless_gone
 from gpuboss.docs import Doc, RequestDoc, errors_doc
+from gpuboss_client import GpubossError
 
 from .manager import STATES, ConsumerManager, Unit
 
@@ -137,13 +143,54 @@ async def get_consumer(name: str, manager: ManagerDep, _: ReaderDep) -> list[dic
     "/{name}/ensure",
     summary="Load a consumer and wait until it is healthy",
     response_model=ConsumerDoc,
-    responses=_ACT,
+    responses=_ACT | {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
 )
-async def ensure(name: str, body: EnsureBody, manager: ManagerDep, _: HolderDep) -> dict[str, Any]:
+async def ensure(name: str, body: EnsureBody, request: Request, manager: ManagerDep, _: HolderDep) -> Any:
     """Leases its memory (queueing, or evicting idle and preemptible holders, as any request), runs
-    its load action and waits for its health check. Concurrent ensures share one load."""
-    unit = await manager.ensure(name, body.model, body.timeout_s)
-    return unit.to_dict()
+    its load action and waits for its health check. Concurrent ensures share one load. A client
+    that leaves while it waits withdraws (the lease request leaves the queue if nobody else waits).
+
+    With ``Accept: text/event-stream`` the answer streams the progress instead: a ``progress``
+    event at every change (state ``loading`` with where its lease request waits: ``position``,
+    ``reason`` ``behind``/``no_room``/``evicting``, ``eta_s``; then ``idle`` or ``ready``), and
+    last a ``ready`` event with the consumer, or an ``error`` event with the error."""
+    unit = manager.unit(name, body.model)  # an unknown consumer is a 404, before any stream
+    work = manager.ensure(name, body.model, body.timeout_s)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(_progress(unit, work), media_type="text/event-stream", headers=headers)
+    return (await unless_gone(request, work)).to_dict()
+
+
+def _sse(event: str, doc: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(doc)}\n\n"
+
+
+async def _progress(unit: Unit, work: Awaitable[Unit]) -> AsyncIterator[str]:
+    """The ensure's progress as server-sent events (see :func:`ensure`); a client that leaves
+    cancels it, as it does a plain ensure."""
+    task = asyncio.ensure_future(work)
+    try:
+        seen: tuple[str, Any] | None = None
+        while True:
+            now = (unit.state, unit.to_dict()["waiting"])
+            if now != seen:
+                seen = now
+                yield _sse("progress", {"state": now[0], "waiting": now[1]})
+            if task.done():
+                break
+            changed = asyncio.ensure_future(unit.changed())
+            await asyncio.wait({task, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+        error = task.exception()
+        if error is None:
+            yield _sse("ready", unit.to_dict())
+        elif isinstance(error, GpubossError):
+            yield _sse("error", error.to_dict())
+        else:
+            raise error
+    finally:
+        task.cancel()
 
 
 @router.post(

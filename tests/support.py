@@ -165,14 +165,14 @@ def join_evict_thread(lease: Lease) -> None:
             assert not t.is_alive()
 
 
-class Child:
-    """A holder script run in its own process; a thread reads its lines, waited for with a bound."""
+class Lines:
+    """A process whose output (stdout and stderr together) a thread reads line by line; a test
+    waits for a line with a bound."""
 
-    def __init__(self, script: Path, redis_url: str, *args: str) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, env={**os.environ, "GPUBOSS_REDIS_URL": redis_url},
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, env=env,
         )  # fmt: skip
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
@@ -185,21 +185,39 @@ class Child:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
-    def expect(self, prefix: str, timeout: float = LINE_WAIT_S) -> list[str]:
-        """Block until the child prints a line starting with ``prefix``; return its words."""
+    def line(self, matches: Callable[[str], bool], what: str, timeout: float) -> str:
+        """Block until a line ``matches``; return it (fails after ``timeout`` or at the exit)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no {prefix!r} line within {timeout} s; output: {self.seen}") from None
+                raise AssertionError(f"no {what} within {timeout} s; output: {self.seen}") from None
             if line is None:
-                raise AssertionError(
-                    f"child exited {self.proc.wait()} before {prefix!r}; output: {self.seen}"
-                )
+                raise AssertionError(f"exited {self.proc.wait()} before {what}; output: {self.seen}")
             self.seen.append(line)
-            if line.startswith(prefix):
-                return line.split()
+            if matches(line):
+                return line
+
+    def kill(self) -> None:
+        """Kill the process if it still runs, wait for it and close its output."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+class Child(Lines):
+    """A holder script run in its own process (its lines waited for with a bound)."""
+
+    def __init__(self, script: Path, redis_url: str, *args: str) -> None:
+        super().__init__([sys.executable, str(script), *args], {**os.environ, "GPUBOSS_REDIS_URL": redis_url})
+
+    def expect(self, prefix: str, timeout: float = LINE_WAIT_S) -> list[str]:
+        """Block until the child prints a line starting with ``prefix``; return its words."""
+        return self.line(lambda line: line.startswith(prefix), f"{prefix!r} line", timeout).split()
 
     def finish(self, timeout: float = LINE_WAIT_S) -> list[str]:
         """Wait for the child to exit 0; return every line it printed."""
@@ -215,12 +233,7 @@ class Child:
 
     def stop(self) -> None:
         """Kill the child if it still runs, wait for it and close its output."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        self.kill()
 
 
 @dataclass
@@ -322,39 +335,18 @@ def gpuboss_command() -> list[str]:
     return [sys.executable, "-c", "from gpuboss_cli.main import main; main()"]
 
 
-class Served:
-    """A running ``gpuboss serve``; a thread collects its output (stdout and stderr together)."""
+class Served(Lines):
+    """A running ``gpuboss serve`` (its output read line by line)."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [*gpuboss_command(), "serve", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, env=env,
-        )  # fmt: skip
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
+        super().__init__([*gpuboss_command(), "serve", *args], env)
 
     def expect(self, pattern: str, timeout: float = SERVE_WAIT_S) -> re.Match[str]:
         """Block until a line matches ``pattern`` (``re.search``); return the match."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line like {pattern!r} within {timeout} s: {self.seen}") from None
-            if line is None:
-                raise AssertionError(f"exited {self.proc.wait()} before {pattern!r}: {self.seen}")
-            self.seen.append(line)
-            if m := re.search(pattern, line):
-                return m
+        line = self.line(lambda line: re.search(pattern, line) is not None, f"line like {pattern!r}", timeout)
+        found = re.search(pattern, line)
+        assert found is not None
+        return found
 
     def started(self) -> tuple[str, str]:
         """Wait for the startup lines; return (base URL, the Redis URL printed for clients)."""
@@ -371,14 +363,6 @@ class Served:
         while (line := self.lines.get_nowait()) is not None:
             self.seen.append(line)
         return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._reader.join()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 #: the stand-in engines (see tests/engines.py)

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -52,6 +53,7 @@ from . import dashboard, metrics
 from .agent import Agent
 from .auth import HolderDep, OperatorDep, Principal, ReaderDep
 from .consumers import routes as consumer_routes
+from .consumers.routes import ManagerDep
 from .consumers.service import managed_consumers
 from .disconnect import ClientGone, handle_gone, unless_gone
 from .docs import Doc, RequestDoc, allowed_methods, errors_doc
@@ -245,8 +247,19 @@ class LeasesDoc(Doc):
     leases: list[LeaseDoc]
 
 
+class WaiterDoc(LeaseDoc):
+    position: int = Field(description="how many wait ahead of it in its pool")
+    consumer: str | None = Field(
+        default=None, description="the managed consumer this lease request is for (the gated proxy, ensure)"
+    )
+    wait_reason: str | None = Field(
+        default=None, description="a consumer's request: why it waits (behind, no_room, evicting)"
+    )
+    eta_s: float | None = Field(default=None, description="a consumer's request: estimated seconds left")
+
+
 class QueueDoc(Doc):
-    queue: list[LeaseDoc]
+    queue: list[WaiterDoc]
 
 
 class EventDoc(Doc):
@@ -605,10 +618,23 @@ async def get_leases(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dic
     response_model=QueueDoc,
     responses=errors_doc(*_READ, "pool_not_found"),
 )
-async def get_queue(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> dict[str, Any]:
-    """The waiting requests, by priority and then arrival."""
+async def get_queue(
+    boss: BossDep, manager: ManagerDep, _: ReaderDep, pool: PoolQuery = None
+) -> dict[str, Any]:
+    """The waiting requests, by priority and then arrival, each with its ``position`` in its pool.
+    A managed consumer's lease request (for the gated proxy or an ensure) also says which
+    ``consumer``, why it waits (``wait_reason``) and the estimate (``eta_s``) when there is one."""
     await _pool_exists(boss, pool)
-    return {"queue": [x.to_dict() for x in split_queue(await boss.leases(pool))[1]]}
+    waiting = {u.wait.request_id: u for u in manager.units() if u.wait is not None and u.state == "loading"}
+    out, ahead = [], Counter[str]()
+    for x in split_queue(await boss.leases(pool))[1]:
+        doc = x.to_dict() | {"position": ahead[x.pool]}
+        ahead[x.pool] += 1
+        unit = waiting.get(x.id)
+        if unit is not None and (wait := unit.to_dict()["waiting"]) is not None:
+            doc |= {"consumer": unit.consumer.name, "wait_reason": wait["reason"], "eta_s": wait["eta_s"]}
+        out.append(doc)
+    return {"queue": out}
 
 
 @router.get(

@@ -116,6 +116,8 @@ def test_a_waiting_request_whose_client_leaves_leaves_the_queue(rig: Rig, redis_
             head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
             wait_for("the request to queue", lambda: http.get("/v1/queue").json()["queue"] != [])
+            [waiter] = http.get("/v1/queue").json()["queue"]
+            assert (waiter["consumer"], waiter["position"], waiter["wait_reason"]) == ("chat", 0, "no_room")
         closed = time.monotonic()
         wait_for("it to leave the queue", lambda: http.get("/v1/queue").json()["queue"] == [])
         assert time.monotonic() - closed < 0.5

@@ -56,7 +56,7 @@ from .consumers import routes as consumer_routes
 from .consumers.routes import ManagerDep
 from .consumers.service import managed_consumers
 from .disconnect import ClientGone, handle_gone, unless_gone
-from .docs import Doc, RequestDoc, allowed_methods, errors_doc
+from .docs import NAME_PATTERN, POOL_PATTERN, Doc, NamePath, PoolPath, RequestDoc, allowed_methods, errors_doc
 from .hub import EventHub, Subscription, event_key
 from .proxy import routes as proxy_routes
 from .proxy.forward import Upstreams
@@ -88,7 +88,10 @@ MAX_BODY_BYTES = 64 * 1024
 Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 Size = Annotated[int | str, Field(description='MiB as an int, or a size like "8GiB", "512MiB", "1.5G"')]
 Priority = Annotated[int | str, Field(description='"low" (10), "normal" (50), "high" (90), or 0-100')]
-PoolName = Annotated[str, Field(description="1-64 of [A-Za-z0-9_.-]", max_length=64)]
+PoolName = Annotated[
+    str,
+    Field(description="1-64 of [A-Za-z0-9_.-]", max_length=64, json_schema_extra={"pattern": POOL_PATTERN}),
+]
 
 
 class AcquireBody(RequestDoc):
@@ -98,7 +101,12 @@ class AcquireBody(RequestDoc):
     vram_gb: float | None = Field(default=None, gt=0, description="GiB; give exactly one of vram and vram_gb")
     priority: Priority = "normal"
     pool: PoolName = DEFAULT_POOL
-    device: str | None = Field(default=None, max_length=64, description="a device name; null: best fit")
+    device: str | None = Field(
+        default=None,
+        max_length=64,
+        description="a device name; null: best fit",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
     devices: int = Field(default=1, ge=1, le=16, description="a gang: the same amount on N devices of a host")
     ttl_s: Seconds = Field(
         default=ops.DEFAULT_TTL, description="the lease expires this long after the last heartbeat"
@@ -480,8 +488,17 @@ async def get_hub(request: Request) -> EventHub:
 BossDep = Annotated[AsyncBoss, Depends(get_boss)]
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 HubDep = Annotated[EventHub, Depends(get_hub)]
-PoolQuery = Annotated[str | None, Query(description="only this pool (default: every pool)", max_length=64)]
-OnePoolQuery = Annotated[str, Query(description="the lease's pool", max_length=64)]
+PoolQuery = Annotated[
+    str | None,
+    Query(
+        description="only this pool (default: every pool)",
+        max_length=64,
+        json_schema_extra={"pattern": POOL_PATTERN},
+    ),
+]
+OnePoolQuery = Annotated[
+    str, Query(description="the lease's pool", max_length=64, json_schema_extra={"pattern": POOL_PATTERN})
+]
 
 
 async def _held(boss: AsyncBoss, who: Principal, pool: str, lease_id: str) -> None:
@@ -659,7 +676,7 @@ async def get_findings(boss: BossDep, _: ReaderDep, pool: PoolQuery = None) -> d
     responses=errors_doc(*_READ, "lease_not_found"),
 )
 async def get_lease(
-    id: str, boss: BossDep, _: ReaderDep, pool: OnePoolQuery = DEFAULT_POOL
+    id: NamePath, boss: BossDep, _: ReaderDep, pool: OnePoolQuery = DEFAULT_POOL
 ) -> dict[str, Any]:
     """A lease as Redis holds it; an ended one stays readable for two minutes."""
     return (await boss.run(ops.lease_info(pool, id))).to_dict()
@@ -719,7 +736,7 @@ async def acquire(
     response_model=BeatDoc,
     responses=errors_doc(*_LEASE),
 )
-async def heartbeat(id: str, body: HeartbeatBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+async def heartbeat(id: NamePath, body: HeartbeatBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """Pushes the expiry ``ttl_s`` (default: the lease's own TTL) into the future. ``state``
     ``evicting`` means gpuboss wants the memory back: release before ``evict_deadline_ms``.
     409 ``lease_lost`` (or ``lease_evicted``) when the lease has ended."""
@@ -741,7 +758,7 @@ async def heartbeat(id: str, body: HeartbeatBody, boss: BossDep, who: HolderDep)
     response_model=ReleasedDoc,
     responses=errors_doc(*_LEASE),
 )
-async def release(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+async def release(id: NamePath, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """Frees the memory and, in the same step, grants the waiters that now fit. 409 ``lease_lost``
     when it had already ended otherwise (expired, revoked, force-released)."""
     await _held(boss, who, body.pool, id)
@@ -756,7 +773,7 @@ async def release(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> di
     response_model=BeatDoc,
     responses=errors_doc(*_LEASE),
 )
-async def idle(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+async def idle(id: NamePath, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """The model stays resident, but anyone who needs the room may evict it, least recently used
     first. Keep heartbeating."""
     await _held(boss, who, body.pool, id)
@@ -770,7 +787,7 @@ async def idle(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[
     response_model=BeatDoc,
     responses=errors_doc(*_LEASE),
 )
-async def busy(id: str, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
+async def busy(id: NamePath, body: TokenBody, boss: BossDep, who: HolderDep) -> dict[str, Any]:
     """409 ``lease_evicted`` when the lease is being evicted: release it and acquire again."""
     await _held(boss, who, body.pool, id)
     beat = await boss.run(ops.mark_ref(ops.LeaseRef(body.pool, id, body.token), "busy"))
@@ -830,7 +847,13 @@ async def stream_events(
     _: ReaderDep,
     pool: PoolQuery = None,
     last: Annotated[int, Query(ge=0, le=ops.MAX_EVENTS, description="replay this many past events")] = 0,
-    last_event_id: Annotated[str | None, Header(description="resume after this event id")] = None,
+    last_event_id: Annotated[
+        str,
+        Header(
+            description="resume after this event id (<pool>/<entry id>)",
+            json_schema_extra={"pattern": r"^[A-Za-z0-9_.-]{1,64}/[0-9]{1,20}-[0-9]{1,20}$"},
+        ),
+    ] = "",
 ) -> StreamingResponse:
     """The last ``last`` events, then live ones as they happen. A reconnecting client (browsers'
     ``EventSource`` do it by themselves) sends ``Last-Event-ID`` and gets what it missed. A comment
@@ -904,7 +927,7 @@ async def _sse(sub: Subscription, backlog: list[Event]) -> AsyncIterator[str]:
     response_model=DevicePutDoc,
     responses=errors_doc(*_HOLD, "device_not_found"),
 )
-async def put_device(name: str, body: DeviceBody, boss: BossDep, _: OperatorDep) -> dict[str, Any]:
+async def put_device(name: NamePath, body: DeviceBody, boss: BossDep, _: OperatorDep) -> dict[str, Any]:
     """Adds a device of ``vram`` (``reserved`` of it never leased) to ``pool``, or updates it."""
     created = await boss.add_device(
         name, body.vram, reserved=body.reserved, pool=body.pool, host=body.host, cuda_index=body.cuda_index
@@ -923,10 +946,10 @@ async def put_device(name: str, body: DeviceBody, boss: BossDep, _: OperatorDep)
     responses=errors_doc(*_HOLD, "device_not_found", "pool_not_found", "device_busy"),
 )
 async def delete_device(
-    name: str,
+    name: NamePath,
     boss: BossDep,
     _: OperatorDep,
-    pool: Annotated[str, Query(max_length=64)] = DEFAULT_POOL,
+    pool: OnePoolQuery = DEFAULT_POOL,
     force: bool = False,
 ) -> dict[str, Any]:
     """Refused with 409 ``device_busy`` while it has leases, unless ``force`` (which force-releases
@@ -943,7 +966,7 @@ async def delete_device(
     responses=errors_doc(*_HOLD, "lease_not_found", "pool_not_found", "lease_lost"),
 )
 async def force_release(
-    id: str, boss: BossDep, _: OperatorDep, body: Annotated[PoolBody | None, Body()] = None
+    id: NamePath, boss: BossDep, _: OperatorDep, body: Annotated[PoolBody | None, Body()] = None
 ) -> dict[str, Any]:
     """Frees a stale lease (or drops a waiter) in ``pool``, or in whichever pool has it. Returns
     the ended lease."""
@@ -972,7 +995,9 @@ async def reap(
     response_model=PoolConfigDoc,
     responses=errors_doc(*_HOLD, "pool_not_found"),
 )
-async def configure_pool(pool: str, body: PoolConfigBody, boss: BossDep, _: OperatorDep) -> dict[str, Any]:
+async def configure_pool(
+    pool: PoolPath, body: PoolConfigBody, boss: BossDep, _: OperatorDep
+) -> dict[str, Any]:
     """``min_residency_s``: a lease younger than this is evicted only when nothing else makes
     room. ``aging_s``: a waiter rises one priority level (10) per this many seconds waited."""
     await boss.configure_pool(pool, min_residency=body.min_residency_s, aging=body.aging_s)

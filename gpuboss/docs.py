@@ -4,15 +4,30 @@ are the client's ``to_dict``, errors are ``{"error", "message", "retryable", ...
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.routing import Match
 
 from gpuboss_client import ERRORS
 
-__all__ = ["Doc", "ErrorDoc", "RequestDoc", "allowed_methods", "errors_doc"]
+__all__ = [
+    "NAME_PATTERN", "POOL_PATTERN", "Doc", "ErrorDoc", "NamePath", "PoolPath", "RequestDoc",
+    "allowed_methods", "errors_doc",
+]  # fmt: skip
+
+#: what the client accepts as a device, lease or consumer name, and as a pool, for the OpenAPI
+#: document (the server checks them with its own messages, so the schema only states them)
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+POOL_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+NamePath = Annotated[
+    str, Path(description="1-64 of [A-Za-z0-9_.:-]", json_schema_extra={"pattern": NAME_PATTERN})
+]
+PoolPath = Annotated[
+    str, Path(description="1-64 of [A-Za-z0-9_.-]", json_schema_extra={"pattern": POOL_PATTERN})
+]
 
 
 def _check_text(value: Any) -> None:

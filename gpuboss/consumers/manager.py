@@ -45,6 +45,7 @@ from gpuboss_client import (
     ConsumerUnreachable,
     GpubossError,
     Lease,
+    NotFound,
     WaitState,
     ops,
 )
@@ -435,7 +436,7 @@ class ConsumerManager:
         with errors raises :class:`BadRequest` and changes nothing. Returns what changed."""
         path = path or self.path
         if path is None:
-            raise BadRequest("this boss was started without a consumer registry (--consumers FILE)")
+            raise NotFound("this boss was started without a consumer registry (--consumers FILE)")
         registry = load_registry(path)
         async with self._reload_lock:
             changes: list[str] = []

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from gpuboss.auth import HolderDep, OperatorDep, ReaderDep
 from gpuboss.disconnect import unless_gone
-from gpuboss.docs import Doc, RequestDoc, errors_doc
+from gpuboss.docs import Doc, NamePath, RequestDoc, errors_doc
 from gpuboss_client import GpubossError
 
 from .manager import STATES, ConsumerManager, Unit
@@ -134,7 +134,7 @@ async def reload(manager: ManagerDep, _: OperatorDep) -> dict[str, Any]:
 
 
 @router.get("/{name}", summary="One consumer", response_model=list[ConsumerDoc], responses=_READ)
-async def get_consumer(name: str, manager: ManagerDep, _: ReaderDep) -> list[dict[str, Any]]:
+async def get_consumer(name: NamePath, manager: ManagerDep, _: ReaderDep) -> list[dict[str, Any]]:
     """The consumer's entry (one per model, for a consumer with a lease per model)."""
     return _docs(manager.units_of(name))
 
@@ -145,7 +145,9 @@ async def get_consumer(name: str, manager: ManagerDep, _: ReaderDep) -> list[dic
     response_model=ConsumerDoc,
     responses=_ACT | {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
 )
-async def ensure(name: str, body: EnsureBody, request: Request, manager: ManagerDep, _: HolderDep) -> Any:
+async def ensure(
+    name: NamePath, body: EnsureBody, request: Request, manager: ManagerDep, _: HolderDep
+) -> Any:
     """Leases its memory (queueing, or evicting idle and preemptible holders, as any request), runs
     its load action and waits for its health check. Concurrent ensures share one load. A client
     that leaves while it waits withdraws (the lease request leaves the queue if nobody else waits).
@@ -199,6 +201,8 @@ async def _progress(unit: Unit, work: Awaitable[Unit]) -> AsyncIterator[str]:
     response_model=list[ConsumerDoc],
     responses=_ACT,
 )
-async def release(name: str, body: ReleaseBody, manager: ManagerDep, _: HolderDep) -> list[dict[str, Any]]:
+async def release(
+    name: NamePath, body: ReleaseBody, manager: ManagerDep, _: HolderDep
+) -> list[dict[str, Any]]:
     """Unloads it the engine's way; answers once the memory is measured free (or it is stuck)."""
     return _docs(await manager.release(name, body.model))

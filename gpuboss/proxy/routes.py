@@ -26,7 +26,7 @@ from gpuboss.auth import HolderDep, ReaderDep
 from gpuboss.consumers.manager import ConsumerManager
 from gpuboss.consumers.routes import ManagerDep
 from gpuboss.disconnect import Body
-from gpuboss.docs import allowed_methods, errors_doc
+from gpuboss.docs import NamePath, allowed_methods, errors_doc
 from gpuboss.settings import ServiceSettings
 from gpuboss_client import BadRequest, NoConsumer
 
@@ -99,10 +99,23 @@ async def _openai(
     return await _forward(request, manager, upstreams, consumer.name, unit or None, request.url.path, raw)
 
 
+def _model_body(media: str) -> dict[str, Any]:
+    """The OpenAPI request body of an OpenAI route: an object with a ``model`` (the rest is the
+    engine's business)."""
+    schema = {
+        "type": "object",
+        "required": ["model"],
+        "properties": {"model": {"type": "string", "minLength": 1}},
+    }
+    return {"requestBody": {"required": True, "content": {media: {"schema": schema}}}}
+
+
 for _path in OPENAI_ROUTES:
+    _media = "multipart/form-data" if _path == "/v1/audio/transcriptions" else "application/json"
     router.add_api_route(
         _path, _openai, methods=["POST"], summary=f"OpenAI {_path.removeprefix('/v1/')}, by model",
         operation_id="openai_" + _path.removeprefix("/v1/").replace("/", "_"), responses=FORWARDED,
+        openapi_extra=_model_body(_media),
     )  # fmt: skip
 
 
@@ -128,7 +141,7 @@ def _model_of(content_type: str, raw: bytes) -> str:
 
 
 async def by_name(
-    name: str, path: str, request: Request, manager: ManagerDep, upstreams: UpstreamsDep, _: HolderDep
+    name: NamePath, path: str, request: Request, manager: ManagerDep, upstreams: UpstreamsDep, _: HolderDep
 ) -> StreamingResponse:
     """Ensures the consumer, keeps it in use while the request runs, and streams the answer."""
     manager.units_of(name)  # ConsumerNotFound before anything waits
@@ -137,7 +150,7 @@ async def by_name(
 
 
 async def by_kind(
-    kind: str, path: str, request: Request, manager: ManagerDep, upstreams: UpstreamsDep, _: HolderDep
+    kind: NamePath, path: str, request: Request, manager: ManagerDep, upstreams: UpstreamsDep, _: HolderDep
 ) -> StreamingResponse:
     """A consumer serving ``kind`` (e.g. ``tts``): a resident one if any is, else the first."""
     serving = manager.registry.serving(kind)

@@ -400,12 +400,14 @@ class Rig:
         port = child.expect("LISTENING")[1]
         return f"http://127.0.0.1:{port}"
 
-    def start(self, registry: str | None = None) -> httpx.Client:
-        """Write the registry (if given) and start ``gpuboss serve``; a client for it."""
+    def start(self, registry: str | None = None, **settings: str) -> httpx.Client:
+        """Write the registry (if given) and start ``gpuboss serve`` (with ``settings`` as its
+        ``GPUBOSS_*`` variables); a client for it."""
         if registry is not None:
             self.registry.write_text(textwrap.dedent(registry), encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBOSS_")}
         env |= {"GPUBOSS_AGENT": "on", "GPUBOSS_AGENT_INTERVAL_S": "0.5", "GPUBOSS_REAP_INTERVAL_S": "0.2"}
+        env |= {f"GPUBOSS_{k.upper()}": v for k, v in settings.items()}
         args = ["--port", "0", "--redis-url", self.redis_url, "--consumers", str(self.registry)]
         self.boss = Served([*args, "--fake-nvml", f"@{self.state}"], env)
         self.served.append(self.boss)

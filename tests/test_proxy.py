@@ -179,3 +179,26 @@ def test_max_concurrent_lets_one_request_through_at_a_time(rig: Rig) -> None:
     assert waited >= 500
     assert time.monotonic() - started >= waited / 1000
     assert first.headers["x-gpuboss-wait-ms"] != ""
+
+
+def test_a_request_that_waits_too_long_gets_acquire_timeout_naming_its_consumer(
+    rig: Rig, redis_url: str
+) -> None:
+    rig.gpu("16GiB")
+    url = rig.engine("openai", "m1=6GiB")
+    http = rig.start(
+        f"""
+        consumers:
+          - {{name: chat, url: "{url}", vram: 6GiB, serves: [m1], {ACTIONS}}}
+        """,
+        max_wait_s="0.3",
+    )
+    device = http.get("/v1/devices").json()["devices"][0]["name"]
+    with Boss.from_url(redis_url, holder="hog") as boss:
+        boss.acquire("12GiB", device=device, timeout=0)
+        reply = http.post("/v1/chat/completions", json={"model": "m1", "messages": []})
+    assert reply.status_code == 503
+    doc = reply.json()
+    assert (doc["error"], doc["retryable"], doc["consumer"]) == ("acquire_timeout", True, "chat")
+    assert reply.headers["Retry-After"] == "1"
+    assert httpx.get(f"{url}/stats").json()["served"] == 0

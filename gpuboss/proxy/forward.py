@@ -19,7 +19,7 @@ from starlette.responses import StreamingResponse
 
 from gpuboss.consumers.manager import ConsumerManager, Unit
 from gpuboss.disconnect import Body, unless_gone
-from gpuboss_client import ConsumerUnreachable
+from gpuboss_client import ConsumerUnreachable, GpubossError
 
 __all__ = ["HOP_BY_HOP", "Upstreams", "forward"]
 
@@ -71,7 +71,11 @@ async def forward(
     and :class:`~gpuboss.disconnect.ClientGone` when the client leaves while it waits.
     """
     started = time.monotonic()
-    unit = await unless_gone(request, manager.begin_use(name, model, timeout), body)
+    try:
+        unit = await unless_gone(request, manager.begin_use(name, model, timeout), body)
+    except GpubossError as exc:  # acquire_timeout, queue_full, ...: say for which consumer
+        exc.details.setdefault("consumer", name)
+        raise
     waited_ms = round((time.monotonic() - started) * 1000)
     query = request.url.query
     url = f"{unit.consumer.url}/{path.lstrip('/')}" + (f"?{query}" if query else "")

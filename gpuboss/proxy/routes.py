@@ -28,7 +28,7 @@ from gpuboss.consumers.routes import ManagerDep
 from gpuboss.disconnect import Body
 from gpuboss.docs import NamePath, allowed_methods, errors_doc
 from gpuboss.settings import ServiceSettings
-from gpuboss_client import BadRequest, NoConsumer
+from gpuboss_client import BadRequest, NoConsumer, PayloadTooLarge
 
 from .forward import Upstreams, forward
 
@@ -89,8 +89,8 @@ async def _openai(
     request: Request, manager: ManagerDep, upstreams: UpstreamsDep, _: HolderDep
 ) -> StreamingResponse:
     raw = await request.body()
-    if len(raw) > MAX_MODEL_BODY:
-        raise BadRequest(f"the request body is over {MAX_MODEL_BODY} bytes")
+    if len(raw) > MAX_MODEL_BODY:  # (the route's max_body_size stops it while it is read)
+        raise PayloadTooLarge(f"the request body is over {MAX_MODEL_BODY} bytes")
     model = _model_of(request.headers.get("content-type", ""), raw)
     found = manager.registry.model_ids.get(model)
     if found is None:
@@ -115,7 +115,7 @@ for _path in OPENAI_ROUTES:
     router.add_api_route(
         _path, _openai, methods=["POST"], summary=f"OpenAI {_path.removeprefix('/v1/')}, by model",
         operation_id="openai_" + _path.removeprefix("/v1/").replace("/", "_"), responses=FORWARDED,
-        openapi_extra=_model_body(_media),
+        openapi_extra=_model_body(_media), max_body_size=MAX_MODEL_BODY,
     )  # fmt: skip
 
 

@@ -56,7 +56,17 @@ from .consumers import routes as consumer_routes
 from .consumers.routes import ManagerDep
 from .consumers.service import managed_consumers
 from .disconnect import ClientGone, handle_gone, unless_gone
-from .docs import NAME_PATTERN, POOL_PATTERN, Doc, NamePath, PoolPath, RequestDoc, allowed_methods, errors_doc
+from .docs import (
+    NAME_PATTERN,
+    POOL_PATTERN,
+    Doc,
+    NamePath,
+    PoolPath,
+    RequestDoc,
+    allowed_methods,
+    errors_doc,
+    flat_routes,
+)
 from .hub import EventHub, Subscription, event_key
 from .proxy import routes as proxy_routes
 from .proxy.forward import Upstreams
@@ -80,6 +90,8 @@ REPLAY_MAX = 10_000
 MAX_SECONDS = MAX_TTL_MS / 1000
 #: the largest request body taken (a lease request with 4 KiB of labels is far smaller)
 MAX_BODY_BYTES = 64 * 1024
+#: the most read of a body sent without a length before it is refused (in plain text)
+API_BODY_BACKSTOP = 16 * MAX_BODY_BYTES
 
 
 # --- request and response documents ---------------------------------------------------------------
@@ -1050,21 +1062,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 class BodyCap:
-    """Refuse a request whose ``Content-Length`` is over ``limit`` bytes: 413 ``bad_request``,
-    unless ``exempt(scope)`` (the gated proxy's routes, which carry engines' bodies)."""
+    """Refuse a request whose ``Content-Length`` is over its route's cap: 413 ``payload_too_large``
+    in JSON, before any of it is read. ``limit`` is the API's own; ``limit_of(scope)``, asked only
+    beyond it, is the route's (the gated proxy's routes carry engines' bodies)."""
 
-    def __init__(
-        self, app: ASGIApp, limit: int, exempt: Callable[[Scope], bool] = lambda scope: False
-    ) -> None:
+    def __init__(self, app: ASGIApp, limit: int, limit_of: Callable[[Scope], int] | None = None) -> None:
         self.app = app
         self.limit = limit
-        self.exempt = exempt
+        self.limit_of = limit_of or (lambda scope: limit)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit and not self.exempt(scope):
-                err = PayloadTooLarge(f"the request body is over {self.limit} bytes")
+            if length.isdigit() and int(length) > self.limit and int(length) > (cap := self.limit_of(scope)):
+                err = PayloadTooLarge(f"the request body is over {cap} bytes")
                 await JSONResponse(err.to_dict(), status_code=413)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -1102,12 +1113,14 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-def _proxied(app: FastAPI, scope: Scope) -> bool:
-    """Whether the request goes to the gated proxy (looked up only for a body over the cap)."""
-    for route in app.router.routes:
+def _body_cap(app: FastAPI, scope: Scope) -> int:
+    """The body cap of the route a request goes to: a gated proxy route's own, else the API's."""
+    for route in flat_routes(app.router.routes):
         if route.matches(scope)[0] == Match.FULL:
-            return "proxy" in (getattr(route, "tags", None) or ())
-    return False
+            if "proxy" in (getattr(route, "tags", None) or ()):
+                return proxy_routes.body_cap(route.path)
+            break
+    return MAX_BODY_BYTES
 
 
 def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = None) -> FastAPI:
@@ -1121,9 +1134,10 @@ def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = 
         "pools. Errors are JSON `{error, message, retryable, ...}` with a stable `error` code. "
         "With tokens configured, send `Authorization: Bearer <secret>`.",
         lifespan=lifespan,
-        # The backstop for bodies sent without a length (answered in plain text); BodyCap answers
-        # the usual case, a declared length over MAX_BODY_BYTES, in JSON.
-        max_body_size=16 * MAX_BODY_BYTES,
+        # The backstop for bodies sent without a length (answered in plain text), per router:
+        # the API's own routes take little, the proxy's engines' bodies. BodyCap answers the usual
+        # case, a declared length over the cap, in JSON, before anything is read.
+        max_body_size=proxy_routes.MAX_STREAMED_BODY,
         openapi_tags=[
             {"name": "leases", "description": "Acquire, heartbeat, release; a holder token acts on its own"},
             {"name": "status", "description": "Devices, leases, queue, dry runs; any token"},
@@ -1141,11 +1155,11 @@ def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = 
     for exc_type in (GpubossError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_exception_handler(ClientGone, handle_gone)
-    app.add_middleware(BodyCap, limit=MAX_BODY_BYTES, exempt=lambda scope: _proxied(app, scope))
-    app.include_router(router)
-    app.include_router(consumer_routes.router)
+    app.add_middleware(BodyCap, limit=MAX_BODY_BYTES, limit_of=lambda scope: _body_cap(app, scope))
+    app.include_router(router, max_body_size=API_BODY_BACKSTOP)
+    app.include_router(consumer_routes.router, max_body_size=API_BODY_BACKSTOP)
     app.include_router(proxy_routes.router)  # last: its catch-alls take only what nothing else does
-    app.include_router(dashboard.router)
-    app.include_router(metrics.router)
+    app.include_router(dashboard.router, max_body_size=API_BODY_BACKSTOP)
+    app.include_router(metrics.router, max_body_size=API_BODY_BACKSTOP)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

@@ -15,7 +15,7 @@ from gpuboss_client import ERRORS
 
 __all__ = [
     "NAME_PATTERN", "POOL_PATTERN", "Doc", "ErrorDoc", "NamePath", "PoolPath", "RequestDoc",
-    "allowed_methods", "errors_doc",
+    "allowed_methods", "errors_doc", "flat_routes",
 ]  # fmt: skip
 
 #: what the client accepts as a device, lease or consumer name, and as a pool, for the OpenAPI
@@ -94,14 +94,15 @@ def allowed_methods(request: Request, skip: Callable[[Any], bool] = lambda route
     """The methods the app's routes take ``request``'s path with (a 405's ``Allow``), leaving out
     the routes ``skip`` names (a catch-all)."""
     allowed: set[str] = set()
-    for route in _flat(request.app.router.routes):
+    for route in flat_routes(request.app.router.routes):
         if not skip(route) and route.matches(request.scope)[0] != Match.NONE:
             allowed |= set(getattr(route, "methods", None) or ())
     return sorted(allowed)
 
 
-def _flat(routes: list[Any]) -> Iterator[Any]:
-    # FastAPI keeps an included router whole, as a route holding it: look inside.
+def flat_routes(routes: list[Any]) -> Iterator[Any]:
+    """Every route, those of included routers too (FastAPI keeps an included router whole, as a
+    route holding it)."""
     for route in routes:
         inner = getattr(route, "original_router", None)
-        yield from (_flat(inner.routes) if inner is not None else (route,))
+        yield from (flat_routes(inner.routes) if inner is not None else (route,))

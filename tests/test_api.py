@@ -642,3 +642,10 @@ def test_the_openapi_document_asks_for_a_token_only_when_there_are_tokens(redis_
     secured = document(tokens="root:operator:root-secret-0123456789")
     assert "bearer" in secured["components"]["securitySchemes"]
     assert secured["paths"]["/v1/status"]["get"]["security"] == [{"bearer": []}]
+
+
+def test_the_proxy_reads_at_most_64_mib_of_an_openai_body(api: Service) -> None:
+    big = b'{"model": "m", "x": "' + b"a" * (64 * 1024 * 1024) + b'"}'
+    error(api.client.post("/v1/chat/completions", content=big), 413, "payload_too_large")
+    # Under the cap it is read, and routed by its model (here to no consumer).
+    error(api.client.post("/v1/chat/completions", json={"model": "m"}), 404, "no_consumer")

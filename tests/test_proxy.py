@@ -202,3 +202,12 @@ def test_a_request_that_waits_too_long_gets_acquire_timeout_naming_its_consumer(
     assert (doc["error"], doc["retryable"], doc["consumer"]) == ("acquire_timeout", True, "chat")
     assert reply.headers["Retry-After"] == "1"
     assert httpx.get(f"{url}/stats").json()["served"] == 0
+
+
+def test_a_streamed_body_larger_than_the_api_cap_passes_through(rig: Rig) -> None:
+    _url, http = chat_rig(rig)
+    audio = b"RIFF" + bytes(3 * 1024 * 1024)  # far over the API's own 64 KiB cap
+    files = {"file": ("a.wav", audio), "model": (None, "m1")}
+    reply = http.post("/v1/audio/transcriptions", files=files)
+    assert reply.status_code == 200, reply.text
+    assert int(reply.json()["text"].split()[0]) > len(audio)

@@ -32,7 +32,7 @@ from gpuboss_client import BadRequest, NoConsumer, PayloadTooLarge
 
 from .forward import Upstreams, forward
 
-__all__ = ["OPENAI_ROUTES", "router"]
+__all__ = ["OPENAI_ROUTES", "body_cap", "router"]
 
 #: the OpenAI-compatible routes forwarded by the request's ``model``
 OPENAI_ROUTES = (
@@ -89,7 +89,7 @@ async def _openai(
     request: Request, manager: ManagerDep, upstreams: UpstreamsDep, _: HolderDep
 ) -> StreamingResponse:
     raw = await request.body()
-    if len(raw) > MAX_MODEL_BODY:  # (the route's max_body_size stops it while it is read)
+    if len(raw) > MAX_MODEL_BODY:  # a body sent without a length (with one: stopped before it is read)
         raise PayloadTooLarge(f"the request body is over {MAX_MODEL_BODY} bytes")
     model = _model_of(request.headers.get("content-type", ""), raw)
     found = manager.registry.model_ids.get(model)
@@ -115,8 +115,13 @@ for _path in OPENAI_ROUTES:
     router.add_api_route(
         _path, _openai, methods=["POST"], summary=f"OpenAI {_path.removeprefix('/v1/')}, by model",
         operation_id="openai_" + _path.removeprefix("/v1/").replace("/", "_"), responses=FORWARDED,
-        openapi_extra=_model_body(_media), max_body_size=MAX_MODEL_BODY,
+        openapi_extra=_model_body(_media),
     )  # fmt: skip
+
+
+def body_cap(path: str) -> int:
+    """The largest body a proxy route takes: an OpenAI route reads its body for the model."""
+    return MAX_MODEL_BODY if path in OPENAI_ROUTES else MAX_STREAMED_BODY
 
 
 def _model_of(content_type: str, raw: bytes) -> str:

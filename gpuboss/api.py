@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -47,7 +47,7 @@ from gpuboss_client import (
     status_document,
 )
 from gpuboss_client.keys import valid_pool
-from gpuboss_client.units import MAX_TTL_MS, parse_ttl_ms
+from gpuboss_client.units import MAX_MIB, MAX_TTL_MS, parse_ttl_ms
 
 from . import dashboard, metrics
 from .agent import Agent
@@ -57,9 +57,11 @@ from .consumers.routes import ManagerDep
 from .consumers.service import managed_consumers
 from .disconnect import ClientGone, handle_gone, unless_gone
 from .docs import (
+    INTEGRAL,
     NAME_PATTERN,
     POOL_PATTERN,
     Doc,
+    JsonInt,
     NamePath,
     PoolPath,
     RequestDoc,
@@ -97,9 +99,53 @@ API_BODY_BACKSTOP = 16 * MAX_BODY_BYTES
 # --- request and response documents ---------------------------------------------------------------
 
 
-Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
-Size = Annotated[int | str, Field(description='MiB as an int, or a size like "8GiB", "512MiB", "1.5G"')]
-Priority = Annotated[int | str, Field(description='"low" (10), "normal" (50), "high" (90), or 0-100')]
+def _from_a_millisecond(schema: dict[str, Any]) -> None:
+    # Durations are whole milliseconds, rounded up from what is given: state "at least 1 ms".
+    schema.pop("exclusiveMinimum", None)
+    schema["minimum"] = 0.001
+
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, json_schema_extra=_from_a_millisecond)]
+#: sizes the schema states (the server reads more: "16TiB", " 8 gb ", ...), none out of range
+SIZE_PATTERN = r"^([1-9][0-9]{0,6} ?(M|MB|MiB)?|[1-9][0-9]{0,3}(\.[0-9]{1,3})? ?(G|GB|GiB))$"
+Size = Annotated[
+    JsonInt | str,
+    Field(
+        description='MiB as an int, or a size like "8GiB", "512MiB", "1.5G"',
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": MAX_MIB},
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ]
+        },
+    ),
+]
+Priority = Annotated[
+    JsonInt | str,
+    Field(
+        description='"low" (10), "normal" (50), "high" (90), or 0-100',
+        json_schema_extra={
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": 100},
+                {"type": "string", "pattern": "^(low|normal|high)$"},
+            ]
+        },
+    ),
+]
+#: text Redis stores: no lone surrogates (JSON can carry them, UTF-8 cannot)
+TEXT_PATTERN = r"^[^\ud800-\udfff]*$"
+#: exactly one of vram and vram_gb, given and not null
+ONE_SIZE: dict[str, Any] = {
+    "oneOf": [
+        {"required": ["vram"], "properties": {"vram": {"not": {"type": "null"}}}},
+        {"required": ["vram_gb"], "properties": {"vram_gb": {"not": {"type": "null"}}}},
+    ]
+}
+#: a gang of devices cannot name one device
+GANG_NAMES_NO_DEVICE: dict[str, Any] = {
+    "if": {"required": ["devices"], "properties": {"devices": {"minimum": 2}}},
+    "then": {"properties": {"device": {"type": "null"}}},
+}
 PoolName = Annotated[
     str,
     Field(description="1-64 of [A-Za-z0-9_.-]", max_length=64, json_schema_extra={"pattern": POOL_PATTERN}),
@@ -109,8 +155,16 @@ PoolName = Annotated[
 class AcquireBody(RequestDoc):
     """Lease ``vram`` (or ``vram_gb``) on ``device`` or the best fit in ``pool``."""
 
+    model_config = ConfigDict(json_schema_extra=ONE_SIZE | GANG_NAMES_NO_DEVICE)
+
     vram: Size | None = None
-    vram_gb: float | None = Field(default=None, gt=0, description="GiB; give exactly one of vram and vram_gb")
+    vram_gb: float | None = Field(
+        default=None,
+        gt=0,
+        le=16384,
+        description="GiB; give exactly one of vram and vram_gb",
+        json_schema_extra={"minimum": 0.001},
+    )
     priority: Priority = "normal"
     pool: PoolName = DEFAULT_POOL
     device: str | None = Field(
@@ -119,7 +173,9 @@ class AcquireBody(RequestDoc):
         description="a device name; null: best fit",
         json_schema_extra={"pattern": NAME_PATTERN},
     )
-    devices: int = Field(default=1, ge=1, le=16, description="a gang: the same amount on N devices of a host")
+    devices: JsonInt = Field(
+        default=1, ge=1, le=16, description="a gang: the same amount on N devices of a host"
+    )
     ttl_s: Seconds = Field(
         default=ops.DEFAULT_TTL, description="the lease expires this long after the last heartbeat"
     )
@@ -131,27 +187,46 @@ class AcquireBody(RequestDoc):
         ge=0,
         description="seconds to wait in the queue (0: try once); at most the service's max_wait_s",
     )
-    labels: dict[str, str] = Field(default_factory=dict, description="e.g. the model name; 4 KiB at most")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="e.g. the model name; 4 KiB at most",
+        json_schema_extra={
+            "maxProperties": 16,
+            "propertyNames": {"maxLength": 64, "pattern": TEXT_PATTERN},
+            "additionalProperties": {"type": "string", "maxLength": 64, "pattern": TEXT_PATTERN},
+        },
+    )
     request_id: str | None = Field(
-        default=None, max_length=64, description="the lease id; retrying the same one never grants twice"
+        default=None,
+        max_length=64,
+        description="the lease id; retrying the same one never grants twice",
+        json_schema_extra={"pattern": NAME_PATTERN},
     )
     preemptible: bool = Field(default=False, description="a request of higher priority may evict it")
-    grace_s: float = Field(
-        default=ops.DEFAULT_GRACE, ge=0, le=MAX_SECONDS, description="time to give memory back"
-    )
+    grace_s: Seconds = Field(default=ops.DEFAULT_GRACE, description="time to give memory back")
     exclusive: bool = Field(default=False, description="nothing else may share the device")
     holder: str | None = Field(
-        default=None, max_length=128, description='who holds it: default the token\'s name, or "http"'
+        default=None,
+        max_length=128,
+        description='who holds it (1-128 bytes): default the token\'s name, or "http"',
+        json_schema_extra={"minLength": 1, "maxLength": 32, "pattern": TEXT_PATTERN},
     )
-    host: str | None = Field(default=None, max_length=255, description="default: the caller's address")
-    pid: int | None = Field(default=None, ge=0, le=2**32 - 1, description="default: 0")
+    host: str | None = Field(
+        default=None,
+        max_length=255,
+        description="default: the caller's address",
+        json_schema_extra={"maxLength": 63, "pattern": TEXT_PATTERN},
+    )
+    pid: Annotated[int, Field(ge=0, le=2**32 - 1), INTEGRAL] | None = Field(
+        default=None, description="default: 0"
+    )
 
 
 class TokenBody(RequestDoc):
     """A held lease's pool and fencing token."""
 
     pool: PoolName = DEFAULT_POOL
-    token: int = Field(ge=0, description="the lease's fencing token, from the acquire")
+    token: JsonInt = Field(ge=0, le=2**53 - 1, description="the lease's fencing token, from the acquire")
 
 
 class HeartbeatBody(TokenBody):
@@ -163,13 +238,15 @@ class HeartbeatBody(TokenBody):
 class PlanBody(RequestDoc):
     """A request to judge, without acting on it."""
 
+    model_config = ConfigDict(json_schema_extra=ONE_SIZE | GANG_NAMES_NO_DEVICE)
+
     vram: Size | None = None
-    vram_gb: float | None = Field(default=None, gt=0)
+    vram_gb: float | None = Field(default=None, gt=0, le=16384, json_schema_extra={"minimum": 0.001})
     priority: Priority = "normal"
     pool: PoolName = DEFAULT_POOL
-    device: str | None = Field(default=None, max_length=64)
+    device: str | None = Field(default=None, max_length=64, json_schema_extra={"pattern": NAME_PATTERN})
     exclusive: bool = False
-    devices: int = Field(default=1, ge=1, le=16)
+    devices: JsonInt = Field(default=1, ge=1, le=16)
 
 
 class DeviceBody(RequestDoc):
@@ -179,7 +256,7 @@ class DeviceBody(RequestDoc):
     reserved: Size = Field(default=0, description="headroom never leased")
     pool: PoolName = DEFAULT_POOL
     host: str | None = Field(default=None, max_length=255, description="default: the boss's host name")
-    cuda_index: int | None = Field(default=None, ge=0, le=1023)
+    cuda_index: Annotated[int, Field(ge=0, le=1023), INTEGRAL] | None = None
 
 
 class PoolBody(RequestDoc):
@@ -863,7 +940,7 @@ async def stream_events(
         str,
         Header(
             description="resume after this event id (<pool>/<entry id>)",
-            json_schema_extra={"pattern": r"^[A-Za-z0-9_.-]{1,64}/[0-9]{1,20}-[0-9]{1,20}$"},
+            json_schema_extra={"pattern": r"^[A-Za-z0-9_.-]{1,64}/[0-9]{1,19}-[0-9]{1,19}$"},
         ),
     ] = "",
 ) -> StreamingResponse:
@@ -1107,6 +1184,9 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
             if not auth:
                 schema.get("components", {}).pop("securitySchemes", None)
+            # The longest wait is the service's setting, not a constant of the document.
+            wait = schema["components"]["schemas"]["AcquireBody"]["properties"]["timeout_s"]
+            wait["maximum"] = app.state.settings.max_wait_s
             app.openapi_schema = schema
         return app.openapi_schema
 

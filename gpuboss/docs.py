@@ -7,21 +7,32 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.routing import Match
 
 from gpuboss_client import ERRORS
 
 __all__ = [
-    "NAME_PATTERN", "POOL_PATTERN", "Doc", "ErrorDoc", "NamePath", "PoolPath", "RequestDoc",
-    "allowed_methods", "errors_doc", "flat_routes",
+    "INTEGRAL", "NAME_PATTERN", "POOL_PATTERN", "Doc", "ErrorDoc", "JsonInt", "NamePath", "PoolPath",
+    "RequestDoc", "allowed_methods", "errors_doc", "flat_routes",
 ]  # fmt: skip
 
 #: what the client accepts as a device, lease or consumer name, and as a pool, for the OpenAPI
 #: document (the server checks them with its own messages, so the schema only states them)
 NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 POOL_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 412.0 is the integer 412 (JSON Schema says so too); 412.5 is not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: reads an integer as JSON writes it (412 or 412.0), and nothing else: no strings, no fractions
+INTEGRAL = BeforeValidator(_integral)
+#: such an integer (bounds go before INTEGRAL, in the same Annotated, to reach the schema)
+JsonInt = Annotated[int, INTEGRAL]
 NamePath = Annotated[
     str, Path(description="1-64 of [A-Za-z0-9_.:-]", json_schema_extra={"pattern": NAME_PATTERN})
 ]

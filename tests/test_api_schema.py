@@ -7,6 +7,7 @@ must match the documented status codes, content types and schemas.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -29,20 +30,25 @@ from gpuboss.settings import Token
 
 SECRET = "schema-operator-0123456789"
 EXAMPLES = 50
-CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
+
+
+@schemathesis.check
+def no_server_error(ctx: Any, response: Any, case: schemathesis.Case) -> bool | None:
+    """No 5xx, except the one a valid acquire may get by design: 503 ``acquire_timeout`` (the
+    service waits at most ``max_wait_s``, 0.1 s here, and the leases it grants stay)."""
+    if response.status_code == 503 and response.json().get("error") == "acquire_timeout":
+        return None
+    return not_a_server_error(ctx, response, case)
+
+
+CHECKS = [no_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 #: Operations whose schema-valid input the server may still refuse (400), and why; every other
 #: operation must take what its schema allows (schemathesis ST202: constraints the server
 #: enforces are stated in the OpenAPI document).
 REFUSES_SOME_VALID_INPUT = {
-    ("POST", "/v1/leases"): "exactly one of vram and vram_gb, sizes like 8GiB: checked, not stated",
-    ("POST", "/v1/plan"): "exactly one of vram and vram_gb, sizes like 8GiB: checked, not stated",
     ("PUT", "/v1/devices/{name}"): "sizes like 8GiB: checked, not stated",
     ("PUT", "/v1/pools/{pool}/config"): "durations under a millisecond",
     ("GET", "/v1/events/stream"): "the stream never ends: each reply is cut at the read timeout",
-    **{
-        ("POST", f"/v1/leases/{{id}}/{verb}"): "the token is a JSON integer: 1.0 is refused, not coerced"
-        for verb in ("heartbeat", "release", "idle", "busy")
-    },
 }
 
 pytestmark = pytest.mark.slow

@@ -106,6 +106,17 @@ def _from_a_millisecond(schema: dict[str, Any]) -> None:
 
 
 Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, json_schema_extra=_from_a_millisecond)]
+#: 0 (off), or seconds from a millisecond (they count in whole milliseconds)
+OffOrSeconds = Annotated[
+    float,
+    Field(
+        ge=0,
+        le=MAX_SECONDS,
+        json_schema_extra={
+            "anyOf": [{"enum": [0]}, {"minimum": 0.001, "maximum": MAX_SECONDS}],
+        },
+    ),
+]
 #: sizes the schema states (the server reads more: "16TiB", " 8 gb ", ...), none out of range
 SIZE_PATTERN = r"^([1-9][0-9]{0,6} ?(M|MB|MiB)?|[1-9][0-9]{0,3}(\.[0-9]{1,3})? ?(G|GB|GiB))$"
 Size = Annotated[
@@ -268,8 +279,8 @@ class PoolBody(RequestDoc):
 class PoolConfigBody(RequestDoc):
     """A pool's eviction and starvation guards, seconds (0 turns either off)."""
 
-    min_residency_s: float = Field(default=0, ge=0, le=MAX_SECONDS)
-    aging_s: float = Field(default=0, ge=0, le=MAX_SECONDS)
+    min_residency_s: OffOrSeconds = 0
+    aging_s: OffOrSeconds = 0
 
 
 class DeviceDoc(Doc):

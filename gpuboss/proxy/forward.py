@@ -19,6 +19,7 @@ from starlette.responses import StreamingResponse
 
 from gpuboss.consumers.manager import ConsumerManager, Unit
 from gpuboss.disconnect import Body, unless_gone
+from gpuboss.settings import ServiceSettings
 from gpuboss_client import ConsumerUnreachable, GpubossError
 
 __all__ = ["HOP_BY_HOP", "Upstreams", "forward"]
@@ -59,17 +60,19 @@ async def forward(
     name: str,
     model: str | None,
     path: str,
-    timeout: float,
-    body: Body,
-    keep_auth: bool,
+    raw: bytes | None,
 ) -> StreamingResponse:
-    """Send ``request`` to ``path`` of consumer ``name`` (its ``model``) once it is ready.
+    """Send ``request`` to ``path`` of consumer ``name`` (its ``model``) once it is ready, waiting
+    at most the service's ``max_wait_s`` for it.
 
-    ``body`` is the request's body (read already, or to stream); ``keep_auth``: pass the client's
-    ``Authorization`` on (only when the boss itself takes no tokens, so its own never leak).
+    ``raw`` is the body if the route read it already (else it streams through). The client's
+    ``Authorization`` passes on only when the boss itself takes no tokens, so its own never leak.
     Raises the ensure's errors, :class:`ConsumerUnreachable` when the upstream does not answer,
     and :class:`~gpuboss.disconnect.ClientGone` when the client leaves while it waits.
     """
+    settings: ServiceSettings = request.app.state.settings
+    timeout, keep_auth = settings.max_wait_s, not settings.auth
+    body = Body(request) if raw is None else Body(request, content=raw)
     started = time.monotonic()
     try:
         unit = await unless_gone(request, manager.begin_use(name, model, timeout), body)

@@ -23,11 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
 from gpuboss.auth import HolderDep, ReaderDep
-from gpuboss.consumers.manager import ConsumerManager
 from gpuboss.consumers.routes import ManagerDep
-from gpuboss.disconnect import Body
 from gpuboss.docs import NamePath, allowed_methods, errors_doc
-from gpuboss.settings import ServiceSettings
 from gpuboss_client import BadRequest, NoConsumer, PayloadTooLarge
 
 from .forward import Upstreams, forward
@@ -57,11 +54,6 @@ async def get_upstreams(request: Request) -> Upstreams:
 
 
 UpstreamsDep = Annotated[Upstreams, Depends(get_upstreams)]
-
-
-def _settings(request: Request) -> ServiceSettings:
-    settings: ServiceSettings = request.app.state.settings
-    return settings
 
 
 #: the proxy takes bodies of any size it streams; the OpenAI routes read theirs (MAX_MODEL_BODY)
@@ -96,7 +88,9 @@ async def _openai(
     if found is None:
         raise NoConsumer(f"no consumer serves model {model!r}", model=model)
     consumer, unit = found
-    return await _forward(request, manager, upstreams, consumer.name, unit or None, request.url.path, raw)
+    return await forward(
+        request, manager, upstreams, name=consumer.name, model=unit or None, path=request.url.path, raw=raw
+    )
 
 
 def _model_body(media: str) -> dict[str, Any]:
@@ -151,7 +145,7 @@ async def by_name(
     """Ensures the consumer, keeps it in use while the request runs, and streams the answer."""
     manager.units_of(name)  # ConsumerNotFound before anything waits
     model = request.headers.get("x-gpuboss-model")
-    return await _forward(request, manager, upstreams, name, model, path, None)
+    return await forward(request, manager, upstreams, name=name, model=model, path=path, raw=None)
 
 
 async def by_kind(
@@ -164,9 +158,8 @@ async def by_kind(
         raise NoConsumer(f"no consumer serves kind {kind!r}", kind=kind)
     resident = [c for c in serving if any(u.resident for u in manager.units_of(c.name))]
     name = (resident or serving)[0].name
-    return await _forward(
-        request, manager, upstreams, name, request.headers.get("x-gpuboss-model"), path, None
-    )
+    model = request.headers.get("x-gpuboss-model")
+    return await forward(request, manager, upstreams, name=name, model=model, path=path, raw=None)
 
 
 for _method in METHODS:  # one route per method: each its own OpenAPI operation
@@ -186,20 +179,3 @@ def _not_routed(request: Request) -> None:
     where another route takes the path with other methods."""
     if allowed_methods(request, skip=lambda route: getattr(route, "endpoint", None) is by_kind):
         raise StarletteHTTPException(405)
-
-
-async def _forward(
-    request: Request,
-    manager: ConsumerManager,
-    upstreams: Upstreams,
-    name: str,
-    model: str | None,
-    path: str,
-    raw: bytes | None,
-) -> StreamingResponse:
-    settings = _settings(request)
-    body = Body(request) if raw is None else Body(request, content=raw)
-    return await forward(
-        request, manager, upstreams, name=name, model=model, path=path, timeout=settings.max_wait_s,
-        body=body, keep_auth=not settings.auth,
-    )  # fmt: skip

@@ -21,8 +21,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ConfigDict, Field
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ConfigDict, Field, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -51,7 +51,7 @@ from gpuboss_client.units import MAX_MIB, MAX_TTL_MS, parse_ttl_ms
 
 from . import dashboard, metrics
 from .agent import Agent
-from .auth import HolderDep, OperatorDep, Principal, ReaderDep
+from .auth import HolderDep, OperatorDep, Principal, ReaderDep, authenticate, bearer
 from .consumers import routes as consumer_routes
 from .consumers.routes import ManagerDep
 from .consumers.service import managed_consumers
@@ -69,6 +69,7 @@ from .docs import (
     errors_doc,
     flat_routes,
 )
+from .hotpath import HotPath, HotRoute
 from .hub import EventHub, Subscription, event_key
 from .proxy import routes as proxy_routes
 from .proxy.forward import Upstreams
@@ -815,10 +816,10 @@ async def acquire(
     # No pub/sub channel: an HTTP holder learns of eviction from its heartbeat replies. The queue
     # cap is checked inside the acquire script (a retry of a request that waits already passes).
     holder = ops.Holder(who.holder_for(body.holder), body.host or client_host, body.pid or 0, notify="")
+    acquiring = boss.run(ops.acquire(req, holder, time.monotonic, max_block=boss.max_block))
     try:
-        lease = await unless_gone(
-            request, boss.run(ops.acquire(req, holder, time.monotonic, max_block=boss.max_block))
-        )
+        # A try-once acquire never waits in the queue: nothing to withdraw if the client leaves.
+        lease = await (unless_gone(request, acquiring) if timeout > 0 else acquiring)
     except ClientGone:
         await boss.run(ops.withdraw(req, holder))  # nobody is waiting for it any more
         raise
@@ -1214,6 +1215,35 @@ def _body_cap(app: FastAPI, scope: Scope) -> int:
     return MAX_BODY_BYTES
 
 
+async def _on_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ClientGone):
+        return await handle_gone(request, exc)
+    if not isinstance(exc, GpubossError):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return await handle_error(request, exc)
+
+
+async def _hot_acquire(request: Request, body: AcquireBody, params: dict[str, str]) -> dict[str, Any]:
+    state = request.app.state
+    who = await authenticate(request, await bearer(request))
+    return await acquire(body, request, state.boss, state.settings, who)
+
+
+async def _hot_release(request: Request, body: TokenBody, params: dict[str, str]) -> dict[str, Any]:
+    who = await authenticate(request, await bearer(request))
+    return await release(params["id"], body, request.app.state.boss, who)
+
+
+#: what every holder calls per lease, answered by :class:`HotPath` with these very routes' handlers
+HOT_ROUTES = (
+    HotRoute("POST", re.compile("/v1/leases"), AcquireBody, TypeAdapter(GrantDoc), 201, _hot_acquire),
+    HotRoute(
+        "POST", re.compile("/v1/leases/(?P<id>[^/]+)/release"), TokenBody, TypeAdapter(ReleasedDoc), 200,
+        _hot_release,
+    ),
+)  # fmt: skip
+
+
 def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = None) -> FastAPI:
     """The boss service for ``settings``, on the Redis at ``redis_url``; ``agent`` is the agent
     running beside it, whose measurements the managed consumers wait for."""
@@ -1246,6 +1276,7 @@ def create_app(settings: ServiceSettings, redis_url: str, agent: Agent | None = 
     for exc_type in (GpubossError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle_error)
     app.add_exception_handler(ClientGone, handle_gone)
+    app.add_middleware(HotPath, routes=HOT_ROUTES, on_error=_on_error, max_body=MAX_BODY_BYTES)
     app.add_middleware(BodyCap, limit=MAX_BODY_BYTES, limit_of=lambda scope: _body_cap(app, scope))
     app.include_router(router, max_body_size=API_BODY_BACKSTOP)
     app.include_router(consumer_routes.router, max_body_size=API_BODY_BACKSTOP)

@@ -27,6 +27,7 @@ __all__ = [
     "Principal",
     "ReaderDep",
     "authenticate",
+    "bearer",
     "find_token",
     "require_holder",
     "require_operator",

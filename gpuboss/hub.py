@@ -21,6 +21,11 @@ __all__ = ["EventHub", "Subscription", "event_key"]
 
 log = logging.getLogger("gpuboss.hub")
 
+#: the least time between two reads that found events: under load the hub reads batches, not
+#: one event per read, which costs Redis and the service far less; an event reaches subscribers
+#: at most this much later
+PACE_S = 0.02
+
 
 def event_key(event_id: str) -> tuple[int, int]:
     """A stream entry id ``"<ms>-<n>"`` as a sortable pair."""
@@ -89,7 +94,8 @@ class Subscription:
 class EventHub(BackgroundLoop):
     """Tails the event streams of every pool (``counts`` and :meth:`subscribe`).
 
-    Each pass refreshes the list of pools and blocks up to ``block_s`` for new events. Cursors start
+    Each pass refreshes the list of pools and blocks up to ``block_s`` for new events, at most one
+    read that finds events per ``pace_s``. Cursors start
     at Redis's time when the hub starts, also for pools that appear later, so ``counts`` holds every
     event since the start and nothing is skipped between passes. Redis outages are logged and
     retried every ``retry_s``.
@@ -98,13 +104,20 @@ class EventHub(BackgroundLoop):
     task_name = "gpuboss-event-hub"
 
     def __init__(
-        self, boss: AsyncBoss, *, block_s: float = 1.0, retry_s: float = 1.0, queue_size: int = 1000
+        self,
+        boss: AsyncBoss,
+        *,
+        block_s: float = 1.0,
+        retry_s: float = 1.0,
+        queue_size: int = 1000,
+        pace_s: float = PACE_S,
     ) -> None:
         super().__init__()
         self.boss = boss
         self.block_s = block_s
         self.retry_s = retry_s
         self.queue_size = queue_size
+        self.pace_s = pace_s
         #: events seen since the start, by (pool, event name)
         self.counts: dict[tuple[str, str], int] = {}
         #: subscribers dropped for falling behind
@@ -141,7 +154,9 @@ class EventHub(BackgroundLoop):
                 if start is None:
                     start = await self.boss.event_cursors()
                     self.tailing.set()
-                async for event in self.boss.follow(after=start | self._cursors, block=self.block_s):
+                async for event in self.boss.follow(
+                    after=start | self._cursors, block=self.block_s, pace=self.pace_s
+                ):
                     if failing:
                         log.info("event hub reads events again")
                         failing = False

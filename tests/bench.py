@@ -26,7 +26,9 @@ a sixth for the client's heartbeat worker:
    ``gpuboss serve`` runs) under uvicorn in its own process on a free loopback port, against this
    run's redis-server, driven by one keep-alive ``httpx.Client`` (POST /v1/leases with
    ``timeout_s`` 0, then POST /v1/leases/{id}/release), interleaved with the direct client and
-   the locks on the same Redis. It adds the service process's CPU per pair (``/proc``);
+   the locks on the same Redis. It adds the service process's CPU per pair (``/proc``), and the
+   floor under it: the same two requests answered by a bare ASGI app (no Redis, no framework)
+   under the same uvicorn, what any Python HTTP service costs here;
 6. the heartbeat worker: one client holds N leases (1 MiB each, TTL 3 s, so its one background
    worker renews each once a second) and sits idle for a fixed window, after 1.5 beat intervals
    of warm-up (every lease has beaten once). It reports the heartbeats Redis ran per second
@@ -79,6 +81,7 @@ REDIS_PY = "redis-py Lock"
 REDIS_PY_FAST = "redis-py Lock sleep=0.001"
 PRLOCK = "python-redis-lock"
 HTTP = "gpuboss over HTTP"
+HTTP_FLOOR = "bare ASGI app, same HTTP"
 UNCONTENDED = (GPUBOSS, REDIS_PY, PRLOCK)
 CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK)
 LOCK_EXPIRE_S = 10  # as a lease's default TTL was (now 3 s); kept so that runs compare
@@ -288,11 +291,18 @@ def time_pairs(
 
 
 def interleaved(
-    pairs: dict[str, Pair], n: int, rounds: int, warmup: int, client: redis.Redis, boss_pid: int | None = None
+    pairs: dict[str, Pair],
+    n: int,
+    rounds: int,
+    warmup: int,
+    client: redis.Redis,
+    boss_pid: int | None = None,
+    own_pid: dict[str, int] | None = None,
 ) -> dict[str, PairStats]:
     """``n`` pairs per contender, in ``rounds`` chunks that alternate between contenders.
 
-    With ``boss_pid``, every contender's stats also count that process's CPU while it ran."""
+    With ``boss_pid``, every contender's stats also count that process's CPU while it ran; a
+    contender in ``own_pid`` counts that process's instead."""
     for pair in pairs.values():
         for _ in range(warmup):
             pair()
@@ -302,7 +312,7 @@ def interleaved(
     while done < n:
         step = min(chunk, n - done)
         for name, pair in pairs.items():
-            time_pairs(pair, step, client, stats[name], boss_pid)
+            time_pairs(pair, step, client, stats[name], (own_pid or {}).get(name, boss_pid))
         done += step
     return stats
 
@@ -587,18 +597,45 @@ settings = ServiceSettings(
 uvicorn.run(create_app(settings, url), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 """
 
+# The floor under the service: the same uvicorn answering the same two requests with a bare ASGI
+# app that reads the body and sends a fixed reply of the same shape, touching nothing else.
+FLOOR = """
+import sys
+import uvicorn
+
+LEASE = b'{"id": "floor", "pool": "http", "token": 1, "state": "active", "env": {}}'
+RELEASED = b'{"id": "floor", "state": "released"}'
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    acquire = scope["path"] == "/v1/leases"
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": 201 if acquire else 200, "headers": headers})
+    await send({"type": "http.response.body", "body": LEASE if acquire else RELEASED})
+
+
+url, port = sys.argv[1], int(sys.argv[2])
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+"""
+
 
 @contextlib.contextmanager
-def http_service(url: str, cpu: int | None, consumers: Path | None = None) -> Iterator[tuple[str, int]]:
+def http_service(
+    url: str, cpu: int | None, consumers: Path | None = None, code: str = SERVE
+) -> Iterator[tuple[str, int]]:
     """The HTTP service in its own process on a free loopback port: its base URL and pid, once ready
-    (managing the consumers of the registry file ``consumers``, if given)."""
+    (managing the consumers of the registry file ``consumers``, if given; ``code``: another app)."""
     port = free_port()
     # No tokens and no other settings from this shell: loopback without tokens, every caller an
     # operator that names its holder in the body.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUBOSS_")}
     with tempfile.TemporaryFile("w+", encoding="utf-8") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, url, str(port), *([str(consumers)] if consumers else [])],
+            [sys.executable, "-c", code, url, str(port), *([str(consumers)] if consumers else [])],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
@@ -881,14 +918,22 @@ def section_http(
     args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss, cpu: int | None
 ) -> dict[str, Any]:
     boss.add_device("gpu0", "24GiB", pool="http")
-    with http_service(url, cpu) as (base, pid), httpx.Client(base_url=base, timeout=10) as http:
+    with (
+        http_service(url, cpu) as (base, pid),
+        httpx.Client(base_url=base, timeout=10) as http,
+        http_service(url, cpu, code=FLOOR) as (floor_base, floor_pid),
+        httpx.Client(base_url=floor_base, timeout=10) as floor,
+    ):
         pairs = {
             HTTP: http_pair(http, "http"),
+            HTTP_FLOOR: http_pair(floor, "http"),
             GPUBOSS: gpuboss_pair(client, "http", HTTP_MIB),
             REDIS_PY: redis_py_pair(client, "bench:http"),
             PRLOCK: prlock_pair(client, "bench-http"),
         }
-        stats = interleaved(pairs, args.http_pairs, args.rounds, args.warmup, client, pid)
+        stats = interleaved(
+            pairs, args.http_pairs, args.rounds, args.warmup, client, pid, {HTTP_FLOOR: floor_pid}
+        )
     summary = {k: v.summary() for k, v in stats.items()}
     rows = [
         [*row, fmt(s["boss_cpu_us_per_pair"])]
@@ -906,11 +951,20 @@ def section_http(
     }
     print("HTTP: one httpx.Client, keep-alive; each pair is POST /v1/leases (timeout_s 0) + POST .../release")
     print("client CPU µs for HTTP: httpx in this process; boss CPU µs: the service process, every row")
-    print("  (for the other rows it is the service's own work meanwhile: reaper and event hub)")
+    print("  (for the direct rows it is the service's own work meanwhile: reaper and event hub;")
+    print(f"  for {HTTP_FLOOR!r} the bare app's process: the floor any Python HTTP service pays here)")
     print("service: " + ", ".join(f"{k} {v}" for k, v in server.items()))
-    http_row, direct = summary[HTTP], summary[GPUBOSS]
+    http_row, floor_row, direct = summary[HTTP], summary[HTTP_FLOOR], summary[GPUBOSS]
     ratio = {"mean": http_row["mean_us"] / direct["mean_us"], "p50": http_row["p50_us"] / direct["p50_us"]}
-    print(f"HTTP / direct client per pair: {ratio['mean']:.1f}x (mean), {ratio['p50']:.1f}x (p50)")
+    cpu_us, floor_us = http_row["boss_cpu_us_per_pair"], floor_row["boss_cpu_us_per_pair"]
+    print(
+        f"service CPU per HTTP pair: {cpu_us:.0f} µs (target <= 500 µs), of it {floor_us:.0f} µs the floor "
+        f"and {cpu_us - floor_us:.0f} µs gpuboss's own"
+    )
+    print(
+        f"HTTP / direct client per pair: {ratio['mean']:.1f}x (mean), {ratio['p50']:.1f}x (p50, target "
+        f"<= 2x); the floor alone: {floor_row['p50_us'] / direct['p50_us']:.1f}x (p50)"
+    )
     return {"pairs": summary, "ratio_http_vs_direct": ratio, "server": server}
 
 

@@ -120,7 +120,13 @@ def test_both_client_wheels_hold_the_same_files(dists: Dists) -> None:
 
 def test_client_depends_on_redis_alone(dists: Dists) -> None:
     for wheel in (dists.client_wheel, dists.client_wheel_from_sdist):
-        assert [canonicalize_name(r.name) for r in _wheel_metadata(wheel)] == ["redis"]
+        required = _wheel_metadata(wheel)
+        assert [canonicalize_name(r.name) for r in required if r.marker is None] == ["redis"]
+        # hiredis only on request (the service asks for it): redis-py parses replies in C with it
+        optional = [r for r in required if r.marker is not None]
+        assert [(canonicalize_name(r.name), r.marker.evaluate({"extra": "hiredis"})) for r in optional] == [
+            ("hiredis", True)
+        ]
 
 
 def test_service_depends_on_the_client_at_the_same_version(dists: Dists) -> None:
@@ -163,12 +169,13 @@ def wheelhouse(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for wheel in (dists.client_wheel_from_sdist, dists.service_wheel):
         (house / wheel.name).write_bytes(wheel.read_bytes())
     ours = {"gpuboss", "gpuboss-client"}
-    wanted = {
-        str(r)
-        for wheel in (dists.client_wheel, dists.service_wheel)
-        for r in _wheel_metadata(wheel)
-        if canonicalize_name(r.name) not in ours
-    }
+    service = [r for r in _wheel_metadata(dists.service_wheel) if r.marker is None]
+    (client_pin,) = [r for r in service if canonicalize_name(r.name) == "gpuboss-client"]
+    wanted = {str(r) for r in service if canonicalize_name(r.name) not in ours}
+    for r in _wheel_metadata(dists.client_wheel):  # with the extras the service asks the client for
+        if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in client_pin.extras):
+            r.marker = None
+            wanted.add(str(r))
     pins = house / "constraints.txt"
     pins.write_text(
         "".join(

@@ -350,6 +350,7 @@ class Boss:
         *,
         after: str | Mapping[str, str] | None = None,
         block: float | None = 1.0,
+        pace: float = 0.0,
     ) -> Iterator[Event]:
         """Events of ``pool``, or of every pool (pools that appear later included), each once,
         oldest first: those after ``after``, an event id for every pool or a cursor per pool (as
@@ -357,6 +358,8 @@ class Boss:
 
         It waits up to ``block`` seconds at a time for new ones, for ever (until the client is
         closed); with ``block=None`` it ends once it has caught up. Redis errors are raised.
+        ``pace``: after each read that found events, wait this long before the next, so that busy
+        streams are read in fewer, larger batches (events arrive up to ``pace`` seconds later).
         """
         start = after if after is not None else self.event_cursors(pool)
         wait = block if block is not None else self._max_block or 1.0
@@ -369,6 +372,8 @@ class Boss:
                 yield event
             if block is None and not events:
                 return
+            if events and pace > 0:
+                backend.sleep(pace)
             if not follow.cursors:
                 backend.sleep(wait)  # no pool yet: nothing to block on until one appears
 

@@ -41,6 +41,7 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "## 5. Uncontended acquire + release over HTTP",
         "## 6. Heartbeat worker",
         "HTTP / direct client per pair:",
+        "service CPU per HTTP pair:",
         "on_evict p99:",
         "gpuboss / redis-py Lock per pair:",
         "pinning",
@@ -73,7 +74,7 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
     assert eviction["to_callback"]["p50_us"] < eviction["to_holding"]["p50_us"]
 
     http = results["http"]
-    assert set(http["pairs"]) == {"gpuboss over HTTP", *CONTENDERS}
+    assert set(http["pairs"]) == {"gpuboss over HTTP", "bare ASGI app, same HTTP", *CONTENDERS}
     for name, pair in http["pairs"].items():
         assert pair["pairs"] == 200, name
         assert pair["pairs_per_s"] > 0, name

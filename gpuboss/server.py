@@ -13,7 +13,6 @@ import contextlib
 import copy
 import logging
 import logging.config
-import re
 import signal
 import socket
 import threading
@@ -28,7 +27,8 @@ from fastapi import FastAPI
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gpuboss_client import BackendUnavailable, BadRequest, DeviceInfo, GpubossError
+from gpuboss_client import BackendUnavailable, BadRequest, Boss, DeviceInfo, GpubossError
+from gpuboss_client.urls import redact
 
 from . import __version__
 from .agent import background_agent
@@ -46,11 +46,8 @@ log = logging.getLogger("gpuboss.server")
 #: seconds uvicorn waits for open requests (long-polls, event streams) at shutdown before cancelling them
 SHUTDOWN_GRACE_S = 5
 NO_DEVICES = "no devices: add one with --device gpu0=24GiB or `gpuboss devices add gpu0 --vram 24GiB`"
-_PASSWORD = re.compile(r"(?<=://)([^:@/]*):[^@/]*@")
-
-
-def _redact(url: str) -> str:
-    return _PASSWORD.sub(r"\1:***@", url)
+#: who checks that Redis answers before the service starts (it leases nothing)
+CHECK_HOLDER = "gpuboss-serve"
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -76,20 +73,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def check_redis(url: str, timeout_s: float) -> None:
-    """PING ``url`` once; raise :class:`BadRequest` for a malformed URL, :class:`BackendUnavailable`
-    if it does not answer (password masked in the message)."""
+    """PING the deployment ``url`` names, once; raise :class:`BadRequest` for a malformed URL,
+    :class:`BackendUnavailable` if it does not answer (password masked in the message)."""
+    boss = Boss.from_url(
+        url, holder=CHECK_HOLDER, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )  # fmt: skip
     try:
-        client = redis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-        )
-    except ValueError as exc:
-        raise BadRequest(f"bad Redis URL {_redact(url)}: {exc}") from None
-    try:
-        client.ping()
+        boss.redis.ping()
     except redis.RedisError as exc:
-        raise BackendUnavailable(f"cannot reach Redis at {_redact(url)}: {exc}") from None
+        raise BackendUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from None
     finally:
-        client.close()
+        boss.close()
 
 
 def _logging_config(level: str) -> dict[str, Any]:
@@ -156,7 +151,7 @@ def _device_line(d: DeviceInfo) -> str:
 
 
 def _redis_lines(url: str, embedded: Embedded | None) -> list[str]:
-    lines = [f"GPUBOSS_REDIS_URL={_redact(url)}"]
+    lines = [f"GPUBOSS_REDIS_URL={redact(url)}"]
     if embedded is None:
         lines.append("external Redis (durable as that server is configured)")
     elif embedded.durable:

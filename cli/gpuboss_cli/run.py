@@ -585,7 +585,8 @@ def run(
                 "give --redis-url (or GPUBOSS_REDIS_URL)"
             )
         labels = _labels(label)
-        boss = Boss(cli_boss.redis, holder=holder if holder is not None else os.path.basename(argv[0]))
+        name = holder if holder is not None else os.path.basename(argv[0])
+        boss = Boss(cli_boss.redis, holder=name, confirm=cli_boss.confirm)
         runner = _Runner(
             boss, argv, say, pool=pool, grace=grace, idle_ok=idle_ok, own_group=not _foreground_job()
         )

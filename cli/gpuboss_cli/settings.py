@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpuboss_client.urls import redact
 
 __all__ = ["HOLDER", "Settings", "redact"]
 
@@ -30,11 +30,3 @@ class Settings(BaseSettings):
     #: bearer token for the boss service (a holder's or an operator's secret)
     token: str | None = Field(default=None, repr=False)
     boss_timeout_s: float = Field(default=10.0, gt=0, le=300)
-
-
-_PASSWORD = re.compile(r"(?<=://)([^:@/]*):[^@/]*@")
-
-
-def redact(url: str) -> str:
-    """``url`` with any password masked, fit to print in an error message."""
-    return _PASSWORD.sub(r"\1:***@", url)

@@ -26,6 +26,7 @@ from .aio import AsyncBoss, AsyncLeaseContext
 from .errors import (
     ERRORS,
     AcquireTimeout,
+    BackendForbidden,
     BackendUnavailable,
     BadRequest,
     ConsumerNotFound,
@@ -54,6 +55,7 @@ from .keys import PoolKeys
 from .scripts import script_shas
 from .sync import Boss, LeaseContext
 from .units import PRIORITIES, parse_mib, parse_priority
+from .urls import Confirm, Deployment, parse_url
 
 __version__ = "0.1.0"
 
@@ -64,13 +66,16 @@ __all__ = [
     "AcquireTimeout",
     "AsyncBoss",
     "AsyncLeaseContext",
+    "BackendForbidden",
     "BackendUnavailable",
     "BadRequest",
     "Beat",
     "Boss",
+    "Confirm",
     "ConsumerNotFound",
     "ConsumerUnhealthy",
     "ConsumerUnreachable",
+    "Deployment",
     "DeviceBusy",
     "DeviceHealth",
     "DeviceInfo",
@@ -104,6 +109,7 @@ __all__ = [
     "WaitState",
     "parse_mib",
     "parse_priority",
+    "parse_url",
     "script_shas",
     "split_queue",
     "status_document",

@@ -13,12 +13,28 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
+import redis.asyncio.sentinel
+
+from ._connect import Classes
+from ._connect import connect as _connect
+from .urls import Deployment
 
 T = TypeVar("T")
 
 #: the Redis client type this backend drives
 Redis = aioredis.Redis
 PubSub = aioredis.client.PubSub
+_CLASSES = Classes(
+    aioredis.Redis, redis.asyncio.sentinel.Sentinel, redis.asyncio.cluster.RedisCluster,
+    redis.asyncio.cluster.ClusterNode,
+)  # fmt: skip
+
+
+def connect(deployment: Deployment, **options: Any) -> Any:
+    """An asyncio Redis client for ``deployment`` (see :mod:`gpuboss_client._connect`)."""
+    return _connect(deployment, _CLASSES, **options)
+
 
 _tasks: set[asyncio.Task[Any]] = set()
 
@@ -88,11 +104,15 @@ async def close_redis(client: Any) -> None:
 _TWIN_KWARGS = ("host", "port", "db", "username", "password", "path", "socket_timeout")
 
 
-def sync_twin(client: Any) -> Any:
+def sync_twin(client: Any, deployment: Deployment | None = None) -> Any:
     """A blocking client for the same server (for the release at interpreter exit, when no event
-    loop runs any more)."""
+    loop runs any more): for ``deployment`` where the client was made from one."""
     import redis
 
+    from . import _backend_sync
+
+    if deployment is not None:
+        return _backend_sync.connect(deployment)
     pool = client.connection_pool
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k in _TWIN_KWARGS or k.startswith("ssl_")}
     connection_class = getattr(redis, pool.connection_class.__name__, redis.Connection)
@@ -100,6 +120,14 @@ def sync_twin(client: Any) -> Any:
     return redis.Redis(connection_pool=sync_pool, decode_responses=True)
 
 
-def pubsub(client: Any) -> Any:
-    """A pub/sub connection of ``client``."""
+async def pubsub(client: Any) -> Any:
+    """A pub/sub connection of ``client`` (a cluster client learns its slot map first: its
+    pub/sub routes by slot but does not load the map itself)."""
+    if is_cluster(client):
+        await client.initialize()
     return client.pubsub()
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` talks to a Redis Cluster."""
+    return isinstance(client, redis.asyncio.cluster.RedisCluster)

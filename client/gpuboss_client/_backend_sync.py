@@ -12,12 +12,26 @@ from typing import Any, TypeVar
 
 import redis
 import redis.client
+import redis.cluster
+import redis.sentinel
+
+from ._connect import Classes
+from ._connect import connect as _connect
+from .urls import Deployment
 
 T = TypeVar("T")
 
 #: the Redis client type this backend drives
 Redis = redis.Redis
 PubSub = redis.client.PubSub
+_CLASSES = Classes(
+    redis.Redis, redis.sentinel.Sentinel, redis.cluster.RedisCluster, redis.cluster.ClusterNode
+)
+
+
+def connect(deployment: Deployment, **options: Any) -> Any:
+    """A blocking Redis client for ``deployment`` (see :mod:`gpuboss_client._connect`)."""
+    return _connect(deployment, _CLASSES, **options)
 
 
 class Worker:
@@ -73,7 +87,7 @@ def close_redis(client: Any) -> None:
     client.close()
 
 
-def sync_twin(client: Any) -> Any:
+def sync_twin(client: Any, deployment: Deployment | None = None) -> Any:
     """A blocking client for the same server: this one."""
     return client
 
@@ -81,3 +95,8 @@ def sync_twin(client: Any) -> Any:
 def pubsub(client: Any) -> Any:
     """A pub/sub connection of ``client``."""
     return client.pubsub()
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` talks to a Redis Cluster."""
+    return isinstance(client, redis.cluster.RedisCluster)

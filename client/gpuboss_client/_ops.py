@@ -67,7 +67,7 @@ from .errors import (
     ProtocolError,
     error_for,
 )
-from .keys import POOLS, PoolKeys, valid_name, valid_pool
+from .keys import POOLS, PoolKeys, hash_slot, valid_name, valid_pool
 from .scripts import script_shas, source
 from .units import parse_mib, parse_priority, parse_ttl_ms
 
@@ -390,6 +390,25 @@ def acquire(
             return _granted(req, holder, granted, sent, clock)
 
 
+#: a blocking acquire that finds Redis unavailable tries again after this long, then twice as
+#: long each time, up to RETRY_MAX_S, until its own timeout
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
+
+#: the scripts whose reply can grant or renew a lease (``cancel`` returns a grant that raced it)
+GRANTING_SCRIPTS = frozenset({"acquire", "heartbeat", "cancel"})
+
+
+def grants(step: Call | Command) -> bool:
+    """Whether ``step``'s reply can make a holder believe it holds memory: a granting script, or
+    the ``BLPOP`` that takes a grant from a waiter's wake list (a write, so ``WAIT`` covers it and
+    the release that pushed the grant). These are what a client with
+    :class:`~gpuboss_client.urls.Confirm` replicas waits for."""
+    if isinstance(step, Call):
+        return step.script in GRANTING_SCRIPTS
+    return step.args[0] == "BLPOP"
+
+
 def withdraw(req: AcquireRequest, holder: Holder) -> Op[None]:
     """Take a request that its caller gave up on (cancelled, interrupted, disconnected) out of the
     queue; if it was granted meanwhile, release the grant. Idempotent: a request that is not
@@ -690,22 +709,31 @@ def recent_events(pool: str | None, count: int) -> Op[list[Event]]:
     return out[-count:]
 
 
-def read_events(cursors: Mapping[str, str], count: int, block_ms: int | None) -> Op[list[Event]]:
+def read_events(
+    cursors: Mapping[str, str], count: int, block_ms: int | None, *, by_slot: bool = False
+) -> Op[list[Event]]:
     """Events after each pool's cursor (an entry id, or ``"$"`` for only new ones), oldest first.
 
-    With ``block_ms``, waits up to that long for the first one (``XREAD BLOCK``).
+    With ``block_ms``, waits up to that long for the first one (``XREAD BLOCK``). ``by_slot``
+    (a Redis Cluster, where one command reads one slot): one ``XREAD`` per slot, the wait shared
+    between them until one finds events; the rest are then read without waiting.
     """
     _count(count)
     if not cursors:
         return []
     pools = {_check_pool(p).events: p for p in cursors}
-    args: list[str | int] = ["XREAD", "COUNT", count]
-    if block_ms is not None:
-        args += ["BLOCK", max(1, int(block_ms))]
-    args += ["STREAMS", *pools, *cursors.values()]
-    reply = yield Command(tuple(args))
-    streams = reply.items() if isinstance(reply, dict) else (reply or [])
-    out = [Event.from_entry(pools[_text(key)], e) for key, entries in streams for e in entries]
+    groups: dict[int, list[str]] = {}
+    for key in pools:
+        groups.setdefault(hash_slot(key) if by_slot else 0, []).append(key)
+    out: list[Event] = []
+    for keys in groups.values():
+        args: list[str | int] = ["XREAD", "COUNT", count]
+        if block_ms is not None and not out:
+            args += ["BLOCK", max(1, int(block_ms) // len(groups))]
+        args += ["STREAMS", *keys, *(cursors[pools[k]] for k in keys)]
+        reply = yield Command(tuple(args))
+        streams = reply.items() if isinstance(reply, dict) else (reply or [])
+        out += [Event.from_entry(pools[_text(key)], e) for key, entries in streams for e in entries]
     out.sort(key=lambda e: tuple(map(int, e.id.split("-"))))
     return out
 
@@ -719,11 +747,14 @@ def load_scripts() -> Op[dict[str, str]]:
     SCRIPT FLUSH); returns their SHAs by name. A PING first: it answers even with no script."""
     yield Command(("PING",))
     shas = script_shas()
-    loaded = yield Command(("SCRIPT", "EXISTS", *shas.values()))
+    loaded = yield Command(("SCRIPT EXISTS", *shas.values()))  # one word: clusters route it so
+    if isinstance(loaded, dict):  # a cluster answers per primary: loaded where every one has it
+        loaded = [all(flags) for flags in zip(*loaded.values(), strict=True)]
     for (name, sha), present in zip(shas.items(), loaded, strict=True):
         if not present:
-            got = _text((yield Command(("SCRIPT", "LOAD", source(name)))))
-            if got != sha:
+            got = yield Command(("SCRIPT LOAD", source(name)))
+            got = {_text(g) for g in got.values()} if isinstance(got, dict) else {_text(got)}
+            if got != {sha}:
                 raise ProtocolError(f"Redis loaded script {name} as {got}, expected {sha}")
     return shas
 
@@ -757,9 +788,16 @@ class Follow:
     """
 
     def __init__(
-        self, pool: str | None, after: str | Mapping[str, str], *, clock: Clock, look_every: float
+        self,
+        pool: str | None,
+        after: str | Mapping[str, str],
+        *,
+        clock: Clock,
+        look_every: float,
+        by_slot: bool = False,
     ) -> None:
         self.pool = pool
+        self.by_slot = by_slot
         if isinstance(after, str):
             self.after, self.cursors = after, {}
         else:
@@ -779,7 +817,9 @@ class Follow:
             for keys in (yield from _pools(None)):
                 self.cursors.setdefault(keys.pool, self.after)
             self._looked = now
-        events = (yield from read_events(self.cursors, count, block_ms)) if self.cursors else []
+        if not self.cursors:
+            return []
+        events = yield from read_events(self.cursors, count, block_ms, by_slot=self.by_slot)
         for event in events:
             self.cursors[event.pool] = event.id
         return events

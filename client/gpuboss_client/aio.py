@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from ._core import (
     AcquireOptions,
     Call,
     Clock,
+    Command,
     DeviceInfo,
     Event,
     Holder,
@@ -34,8 +36,10 @@ from ._core import (
     Plan,
     PoolStatus,
 )
-from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, LeaseNotHeld, ProtocolError
+from ._failures import backend_error
+from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, LeaseNotHeld
 from .scripts import NAMES, source
+from .urls import Confirm, Deployment, parse_url, redact
 
 __all__ = ["AsyncBoss", "AsyncLeaseContext"]
 
@@ -63,8 +67,13 @@ class AsyncBoss:
         host: str | None = None,
         pid: int | None = None,
         clock: Clock = time.monotonic,
+        confirm: Confirm | None = None,
+        deployment: Deployment | None = None,
     ) -> None:
         self.redis = client
+        self.confirm = confirm if confirm is not None else Confirm()
+        self._deployment = deployment
+        self._by_slot = backend.is_cluster(client)  # one command reads one slot
         self.holder = Holder.of(holder, host, pid)
         self._clock = clock
         self._scripts = {name: client.register_script(source(name)) for name in NAMES}
@@ -86,12 +95,16 @@ class AsyncBoss:
 
     @classmethod
     def from_url(cls, url: str, *, holder: str, **redis_kwargs: Any) -> AsyncBoss:
-        """Connect to ``url`` (``redis://host:port/db``, ``rediss://``, ``unix://``)."""
+        """Connect to the deployment ``url`` names: ``redis://host:port/db``, ``rediss://`` (TLS),
+        ``unix://``, ``redis+sentinel://host:port[,host:port...]/service[/db]`` (the primary the
+        sentinels name, followed across failovers) or ``redis+cluster://host:port[,...]`` (see
+        :mod:`gpuboss_client.urls`). ``redis_kwargs`` go to redis-py's client."""
+        deployment = parse_url(url)
         try:
-            client = backend.Redis.from_url(url, decode_responses=True, **redis_kwargs)
+            client = backend.connect(deployment, **redis_kwargs)
         except ValueError as exc:
-            raise BadRequest(f"bad Redis URL {url!r}: {exc}") from exc
-        return cls(client, holder=holder)
+            raise BadRequest(f"bad Redis URL {redact(url)!r}: {exc}") from exc
+        return cls(client, holder=holder, confirm=deployment.confirm, deployment=deployment)
 
     async def aclose(self, *, release: bool = True) -> None:
         """Release every lease this client holds, stop its workers and close the connection.
@@ -128,16 +141,43 @@ class AsyncBoss:
             while True:
                 step = op.send(reply)
                 try:
-                    if isinstance(step, Call):
+                    if self.confirm.replicas and core.grants(step):
+                        reply = await self._confirmed(step)
+                    elif isinstance(step, Call):
                         reply = await self._scripts[step.script](keys=step.keys, args=step.args)
                     else:
                         reply = await self.redis.execute_command(*step.args)  # type: ignore[no-untyped-call]
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    raise BackendUnavailable(f"Redis unreachable: {exc}") from exc
-                except redis.ResponseError as exc:
-                    raise ProtocolError(f"Redis refused a command: {exc}") from exc
+                except redis.RedisError as exc:
+                    raise backend_error(exc) from exc
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+
+    async def _confirmed(self, step: Call | Command) -> Any:
+        """Run ``step`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
+        :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover)."""
+        need = self.confirm.replicas
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            if isinstance(step, Call):
+                script = self._scripts[step.script]
+                pipe.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
+            else:
+                pipe.execute_command(*step.args)  # type: ignore[no-untyped-call,unused-ignore]
+            pipe.execute_command("WAIT", need, self.confirm.ms)  # type: ignore[no-untyped-call,unused-ignore]
+            try:
+                reply, acked = await pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                await self.redis.script_load(script.script)  # Redis restarted or flushed its scripts
+                continue
+            if int(acked) < need:
+                raise BackendUnavailable(
+                    f"Redis confirmed the write on {acked} of {need} replicas within {self.confirm.ms} ms: "
+                    "it would not survive a failover", replicas=int(acked),
+                )  # fmt: skip
+            return reply
+        raise AssertionError("unreachable")
 
     async def acquire(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.
@@ -333,7 +373,7 @@ class AsyncBoss:
         if block is not None and self._max_block is not None:
             block = min(block, self._max_block)
         block_ms = None if block is None else int(block * 1000)
-        return await self.run(core.read_events(cursors, count, block_ms))
+        return await self.run(core.read_events(cursors, count, block_ms, by_slot=self._by_slot))
 
     async def load_scripts(self) -> dict[str, str]:
         """Ping Redis and make sure it has every Lua script cached; their SHAs by name (what the
@@ -364,7 +404,7 @@ class AsyncBoss:
         """
         start = after if after is not None else await self.event_cursors(pool)
         wait = block if block is not None else self._max_block or 1.0
-        follow = core.Follow(pool, start, clock=self._clock, look_every=wait)
+        follow = core.Follow(pool, start, clock=self._clock, look_every=wait, by_slot=self._by_slot)
         if block is not None and self._max_block is not None:
             block = min(block, self._max_block)
         while not self._closed:
@@ -392,13 +432,13 @@ class AsyncBoss:
 
     async def _acquire(self, ask: core.Ask) -> Lease:
         await self._ensure_listener()
-        op = core.acquire(
-            ask.request, self.holder, self._clock, max_block=self._max_block, on_wait=ask.on_wait
-        )
         self._held.acquiring(+1)
         try:
-            lease = self._held.add(await self.run(op))
-        except GpubossError:
+            lease = self._held.add(await self._acquire_retrying(ask))
+        except GpubossError as err:
+            if isinstance(err, BackendUnavailable):  # it may be queued, or granted unconfirmed
+                with contextlib.suppress(Exception):
+                    await self.run(core.withdraw(ask.request, self.holder))
             raise
         except BaseException:  # cancelled or interrupted while waiting: leave the queue
             with contextlib.suppress(Exception):
@@ -413,6 +453,26 @@ class AsyncBoss:
             self._keep(lease)
         self._dispatch(lease)
         return lease
+
+    async def _acquire_retrying(self, ask: core.Ask) -> Lease:
+        """The acquire operation, tried again while Redis is unavailable (restarting, failing over,
+        migrating the pool's slot, full) until the request's own timeout: the same request id
+        each time, so a grant whose reply was lost is returned, never granted twice."""
+        req = ask.request
+        deadline = None if req.timeout is None else self._clock() + req.timeout
+        pause = core.RETRY_FIRST_S
+        while True:
+            op = core.acquire(req, self.holder, self._clock, max_block=self._max_block, on_wait=ask.on_wait)
+            try:
+                return await self.run(op)
+            except BackendUnavailable as exc:
+                if deadline is not None and deadline - self._clock() <= pause:
+                    raise
+                log.info("acquire %s: %s; trying again in %.2f s", req.id, exc.message, pause)
+            await backend.sleep(pause)
+            pause = min(2 * pause, core.RETRY_MAX_S)
+            if deadline is not None:
+                req = dataclasses.replace(req, timeout=max(0.0, deadline - self._clock()))
 
     async def _give_back(self, lease: Lease) -> str | None:
         """Release on leaving a lease's context; returns why it was lost, or None."""
@@ -488,7 +548,7 @@ class AsyncBoss:
         if not leases:
             return
         self._stop()
-        client = backend.sync_twin(self.redis)
+        client = backend.sync_twin(self.redis, self._deployment)
         release = client.register_script(source("release"))
         for lease in leases:
             with contextlib.suppress(Exception):
@@ -508,12 +568,23 @@ class AsyncBoss:
         with self._lock:
             if self._listener is not None and self._listener.alive():
                 return
-        pubsub = backend.pubsub(self.redis)
+        try:
+            pubsub = await backend.pubsub(self.redis)
+        except (redis.RedisError, OSError) as exc:
+            log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
+            return
         try:
             await pubsub.subscribe(self.holder.notify)
             await pubsub.get_message(timeout=5.0)  # the confirmation: from now on notices reach us
         except (redis.RedisError, OSError) as exc:
-            log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
+            if isinstance(exc, redis.exceptions.NoPermissionError):
+                log.warning(
+                    "Redis refuses SUBSCRIBE %s to this client's user (%s): eviction notices come "
+                    "with heartbeats only, up to a third of the TTL late; allow the channel "
+                    "(&gpuboss:*) in its ACL", self.holder.notify, exc,
+                )  # fmt: skip
+            else:
+                log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)
             await backend.close_pubsub(pubsub)
             return
         with self._lock:
@@ -549,7 +620,7 @@ class AsyncBoss:
                         return
                 try:
                     message = await pubsub.get_message(timeout=0.25)
-                except (redis.ConnectionError, redis.TimeoutError, OSError):
+                except (redis.RedisError, OSError):
                     await backend.sleep(0.1)  # Redis away: redis-py reconnects and resubscribes
                     continue
                 except Exception as exc:  # e.g. the Redis client was closed under us

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 __all__ = [
     "ERRORS",
     "AcquireTimeout",
+    "BackendForbidden",
     "BackendUnavailable",
     "BadRequest",
     "ConsumerNotFound",
@@ -232,6 +233,14 @@ class Forbidden(GpubossError):
     exit_code = 16
 
 
+class BackendForbidden(Forbidden):
+    """Redis refused a command to this client's Redis user (``NOPERM``: its ACL does not allow
+    the command, the key or the channel); the message names what was refused."""
+
+    code = "backend_forbidden"
+    exit_code = 24
+
+
 class QueueFull(GpubossError):
     """The pool's queue is at its cap; try again later."""
 
@@ -265,6 +274,7 @@ ERRORS: dict[str, type[GpubossError]] = {
         ProtocolError,
         Unauthorized,
         Forbidden,
+        BackendForbidden,
         QueueFull,
     )
 }

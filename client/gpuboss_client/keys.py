@@ -20,6 +20,7 @@ key                                    type     holds
 ``gpuboss:{pool}:v1:device:<n>:evictable`` zset  idle and preemptible leases, eviction order
 ``gpuboss:{pool}:v1:peaks``            hash     label ``k=v`` -> highest measured MiB of its leases
 ``gpuboss:{pool}:v1:leases``           hash     lease id -> one line per granted lease, for operators
+``gpuboss:{pool}:v1:admin``            (none)   never written: a capability, see :attr:`PoolKeys.admin`
 =====================================  =======  ============================================
 
 The Lua scripts receive :meth:`PoolKeys.script_keys` as ``KEYS`` and build the per-lease and
@@ -32,7 +33,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-__all__ = ["POOLS", "ROOT", "SCHEMA", "PoolKeys", "valid_name", "valid_pool"]
+__all__ = ["POOLS", "ROOT", "SCHEMA", "PoolKeys", "hash_slot", "valid_name", "valid_pool"]
 
 ROOT = "gpuboss"
 SCHEMA = "v1"
@@ -97,6 +98,15 @@ class PoolKeys:
         ``"<holder> <host>:<pid> <mib>MiB <device[,device...]> <state> granted=<ms>"``."""
         return self.prefix + "leases"
 
+    @property
+    def admin(self) -> str:
+        """The pool's operator capability. It never exists: every operator-only script (add and
+        remove a device, configure the pool, force-release, the agent's measurements) first runs
+        ``HDEL`` on it, a write that changes nothing, so that Redis refuses the script, before
+        anything changed, to a user whose ACL does not let it write this key
+        (``deploy/redis-users.acl``: holders and observers)."""
+        return self.prefix + "admin"
+
     def evictable(self, name: str) -> str:
         return f"{self.prefix}device:{name}:evictable"
 
@@ -121,3 +131,32 @@ class PoolKeys:
 def _script_keys(pool: str) -> list[str]:
     k = PoolKeys(pool)
     return [k.prefix, k.devices, k.queue, k.expiry, k.events, k.seq, k.config]
+
+
+def _crc16_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC16 = _crc16_table()
+
+
+def hash_slot(key: str) -> int:
+    """The Redis Cluster slot of ``key``: CRC16 (XMODEM) of its hash tag (the part between the
+    first ``{`` and the next ``}``, if not empty) or of the whole key, modulo 16384. Every key of a
+    pool has the slot of the pool's name."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[(crc >> 8) ^ byte]
+    return crc % 16384

@@ -1,0 +1,69 @@
+"""What redis-py's exceptions mean to gpuboss: every outage, failover, migration and full memory
+is a retryable :class:`BackendUnavailable`; an ACL refusal is :class:`BackendForbidden`, naming
+what was refused; anything else Redis refuses is a :class:`ProtocolError` (a bug, or a server
+that is not Redis enough).
+
+Errors raised inside a script keep their code at the start of the message (Redis 7), so a
+``READONLY`` from a ``redis.call`` reads the same as one from a plain command.
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.exceptions as rx
+
+from .errors import BackendForbidden, BackendUnavailable, GpubossError, ProtocolError
+
+__all__ = ["RETRY_CODES", "backend_error"]
+
+#: error codes of a deployment in transition or out of room: the same call succeeds later
+RETRY_CODES = frozenset(
+    {"TRYAGAIN", "CLUSTERDOWN", "READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING", "OOM", "BUSY"}
+)
+#: why each retryable code happens, for the message
+_WHY = {
+    "TRYAGAIN": "a slot is migrating",
+    "CLUSTERDOWN": "the cluster is down",
+    "READONLY": "this node is a replica now (failover)",
+    "NOREPLICAS": "too few replicas acknowledge writes (min-replicas-to-write)",
+    "MASTERDOWN": "the replica lost its primary",
+    "LOADING": "Redis is loading its data",
+    "OOM": "Redis is full (maxmemory); nothing was written",
+    "BUSY": "Redis is busy running a script",
+}
+_UNAVAILABLE = (
+    rx.RedisClusterException,
+    rx.ConnectionError,
+    rx.TimeoutError,
+    rx.ClusterError,
+    rx.ClusterDownError,
+    rx.TryAgainError,
+    rx.ReadOnlyError,
+    rx.MasterDownError,
+    rx.SlotNotCoveredError,
+    rx.OutOfMemoryError,
+    rx.BusyLoadingError,
+)
+# redis-py strips the code of the errors it has a class for; put it back to read them alike
+_CODE_OF: dict[type[Exception], str] = {
+    rx.ReadOnlyError: "READONLY",
+    rx.OutOfMemoryError: "OOM",
+    rx.NoPermissionError: "NOPERM",
+    rx.BusyLoadingError: "LOADING",
+    rx.TryAgainError: "TRYAGAIN",
+    rx.ClusterDownError: "CLUSTERDOWN",
+    rx.MasterDownError: "MASTERDOWN",
+}
+
+
+def backend_error(exc: redis.RedisError) -> GpubossError:
+    """The gpuboss error for a failed Redis call."""
+    text = str(exc)
+    code = _CODE_OF.get(type(exc)) or text.split(" ", 1)[0]
+    if code == "NOPERM" or isinstance(exc, rx.NoPermissionError):
+        return BackendForbidden(f"Redis refused this client's user: {text}")
+    if code in RETRY_CODES:
+        return BackendUnavailable(f"Redis cannot serve this now ({_WHY[code]}): {text}", redis_error=code)
+    if isinstance(exc, _UNAVAILABLE):
+        return BackendUnavailable(f"Redis unreachable: {text}")
+    return ProtocolError(f"Redis refused a command: {text}")

@@ -46,6 +46,13 @@ local function evictable_key(name) return PREFIX .. 'device:' .. name .. ':evict
 -- Integers as exact decimal strings: redis.call would format big numbers with only 14 digits.
 local function int(n) return string.format('%d', n) end
 
+-- Under maxmemory with noeviction, Redis refuses a script's first write if that write may grow
+-- memory, and lets the script finish once it has written anything. The scripts that end leases or
+-- keep them alive (release, heartbeat, cancel, reap) first call this: PERSIST of the pool's
+-- sequence counter, which never has a TTL, changes nothing and cannot grow memory; so they work
+-- when Redis is full, and every other script is refused before it has written anything.
+local function writes_even_when_full() redis.call('PERSIST', K_SEQ) end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -484,7 +491,13 @@ local function start_eviction(r, d, victims, now)
   d.claimed = d.claimed + claim
   local last = 0
   for _, v in ipairs(victims) do
-    local deadline = int(now + tonumber(v.grace_ms or DEFAULT_GRACE_MS))
+    -- The holder may hear no notice (pub/sub is at most once: its connection may be down, the
+    -- notice delayed, or the process paused); then it learns of the eviction from its next
+    -- heartbeat reply, and until then trusts its lease up to its expiry. So the deadline is its
+    -- grace from now, but never before that expiry: whatever it hears, it has stopped by then.
+    local deadline = now + tonumber(v.grace_ms or DEFAULT_GRACE_MS)
+    if v.expires_at and tonumber(v.expires_at) > deadline then deadline = tonumber(v.expires_at) end
+    deadline = int(deadline)
     if tonumber(deadline) > last then last = tonumber(deadline) end
     redis.call('HSET', lease_key(v.id), 'state', 'evicting', 'evict_deadline', deadline,
                'evicted_for', r.id)

@@ -71,6 +71,10 @@ if ttl_ms == nil then return fail('bad_request', 'ttl_ms must be an integer from
 if #labels > 4096 then return fail('bad_request', 'labels must be at most 4096 bytes') end
 if grace_ms == nil then return fail('bad_request', 'grace_ms must be an integer from 0 to ' .. MAX_TTL_MS) end
 if #notify > 256 then return fail('bad_request', 'notify channel must be at most 256 bytes') end
+-- (the eviction that publishes to it must not fail half-way on a channel an ACL refuses)
+if notify ~= '' and notify:sub(1, 15) ~= 'gpuboss:notify:' then
+  return fail('bad_request', 'notify channel must start with gpuboss:notify:')
+end
 if gang == nil then return fail('bad_request', 'devices must be an integer from 1 to 16') end
 if gang > 1 and want ~= '' then return fail('bad_request', 'a gang of devices cannot name one device') end
 if max_hold_ms == nil then return fail('bad_request', 'max_hold_ms must be an integer from 0 to ' .. MAX_TTL_MS) end

@@ -1,6 +1,7 @@
 -- add_device: add a device to the pool, or update its size, headroom, host and CUDA index.
 -- Leases, usage and the unmanaged reading of an existing device are kept.
 -- KEYS: the pool's keys (see _common.lua).
+-- Operators only: its first write is a capability check on the pool's `admin` key (keys.py).
 -- ARGV[1] name          string  device id (a declared name or an NVML UUID)
 -- ARGV[2] total_mib     int     memory of the device, MiB
 -- ARGV[3] reserved_mib  int     headroom never leased, MiB, 0..total
@@ -24,6 +25,11 @@ if not exists and redis.call('SCARD', K_DEVICES) >= 256 then
   return fail('bad_request', 'a pool holds at most 256 devices')
 end
 
+-- The capability check: Redis refuses this write to a user who may not run SETRANGE or write the
+-- pool's `admin` key (holders, observers: deploy/redis-users.acl), before anything changed. It
+-- changes nothing (an empty value, a key that never exists), and like any first write that
+-- may grow memory it is refused while Redis is full.
+redis.call('SETRANGE', PREFIX .. 'admin', 0, '')
 local now = now_ms()
 reap(now, REAP_LIMIT)
 local key = device_key(name)

@@ -9,6 +9,7 @@
 local id, holder = ARGV[1], ARGV[2]
 if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of [A-Za-z0-9_.:-]') end
 
+writes_even_when_full()
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
 local l = load_lease(id)

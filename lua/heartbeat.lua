@@ -15,6 +15,7 @@ if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of 
 if token == nil then return fail('bad_request', 'token must be a non-negative integer') end
 if ttl_ms == nil then return fail('bad_request', 'ttl_ms must be an integer from 1 to ' .. MAX_TTL_MS) end
 
+writes_even_when_full()
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
 local l = load_lease(id)

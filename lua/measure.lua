@@ -12,6 +12,7 @@
 -- holding no lease that was not reported before), device_lost and device_back.
 -- Work is bounded by the number of readings (at most 1024) plus one settling of the queue.
 -- KEYS: the pool's keys (see _common.lua).
+-- Operators only: its first write is a capability check on the pool's `admin` key (keys.py).
 -- ARGV[1] device         string  device name
 -- ARGV[2] agent_host     string  host of the agent that read it
 -- ARGV[3] state          string  "ok", or "lost" (vanished or failing)
@@ -62,6 +63,11 @@ for i = 0, n - 1 do
   readings[#readings + 1] = {id = id, mib = mib}
 end
 
+-- The capability check: Redis refuses this write to a user who may not run SETRANGE or write the
+-- pool's `admin` key (holders, observers: deploy/redis-users.acl), before anything changed. It
+-- changes nothing (an empty value, a key that never exists), and like any first write that
+-- may grow memory it is refused while Redis is full.
+redis.call('SETRANGE', PREFIX .. 'admin', 0, '')
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
 if redis.call('SISMEMBER', K_DEVICES, name) == 0 then

@@ -6,6 +6,7 @@
 local limit = int_arg(ARGV[1], 1, 10000)
 if limit == nil then return fail('bad_request', 'limit must be an integer from 1 to 10000') end
 
+writes_even_when_full()
 local now = now_ms()
 local n = reap(now, limit)
 if n > 0 then settle_all(now) end

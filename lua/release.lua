@@ -1,5 +1,6 @@
 -- release: end a lease with its fencing token, then grant queued requests that now fit, in order.
 -- An operator's force-release needs no token and also removes a waiter from the queue.
+-- Forcing is for operators only: a capability check on the pool's `admin` key, before any change.
 -- KEYS: the pool's keys (see _common.lua).
 -- ARGV[1] id     string  lease id
 -- ARGV[2] token  int     the lease's fencing token (ignored when forced)
@@ -13,6 +14,10 @@ local token = int_arg(ARGV[2], 0, 9007199254740991)
 if not valid_name(id) then return fail('bad_request', 'lease id must be 1-64 of [A-Za-z0-9_.:-]') end
 if token == nil and not force then return fail('bad_request', 'token must be a non-negative integer') end
 
+writes_even_when_full()
+-- Forced: the operator's capability check (see remove_device.lua), after the write above, which
+-- changes nothing, so that an operator can free memory while Redis is full.
+if force then redis.call('SETRANGE', PREFIX .. 'admin', 0, '') end
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
 local l = load_lease(id)

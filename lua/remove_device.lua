@@ -2,6 +2,7 @@
 -- then its leases are force-released, at most 256 per call ("partial": call again).
 -- Waiters that named the device (all waiters, when it was the last) are cancelled and woken.
 -- KEYS: the pool's keys (see _common.lua).
+-- Operators only: its first write is a capability check on the pool's `admin` key (keys.py).
 -- ARGV[1] name   string  device id
 -- ARGV[2] force  "1"|"0"
 -- Replies: {"ok", "now", now, "devices", n_left} | {"partial", "now", now, "remaining", n}
@@ -9,6 +10,11 @@
 local name, force = ARGV[1], ARGV[2] == '1'
 if not valid_name(name) then return fail('bad_request', 'device name must be 1-64 of [A-Za-z0-9_.:-]') end
 
+-- The capability check: Redis refuses this write to a user who may not run SETRANGE or write the
+-- pool's `admin` key (holders, observers: deploy/redis-users.acl), before anything changed. It
+-- changes nothing (an empty value, a key that never exists), and like any first write that
+-- may grow memory it is refused while Redis is full.
+redis.call('SETRANGE', PREFIX .. 'admin', 0, '')
 local now = now_ms()
 local dirty = reap(now, REAP_LIMIT) > 0
 if redis.call('SISMEMBER', K_DEVICES, name) == 0 then

@@ -119,7 +119,7 @@ def test_a_holder_still_unloading_at_the_deadline_knows_before_the_server_revoke
             seen["check"] = exc.code
 
     holder = other(boss, "tts")
-    victim = holder.acquire(6 * GiB, priority="low", preemptible=True, grace=1, ttl=60, on_evict=unload)
+    victim = holder.acquire(6 * GiB, priority="low", preemptible=True, grace=1, ttl=0.9, on_evict=unload)
     requester = other(boss, "llm").acquire(6 * GiB, priority="high", timeout=10)
 
     assert requester.device == "gpu0"
@@ -375,7 +375,8 @@ def test_the_seed_async_lease_used_as_a_device(tier: Tier, monkeypatch: pytest.M
 def test_on_wait_reports_position_reason_and_estimate(boss: Boss) -> None:
     r = boss.redis
     boss.add_device("gpu0", 8 * GiB)
-    warm = other(boss, "tts").acquire(6 * GiB, priority="low", ttl=60, grace=30)
+    # (its grace outlasts its TTL: the deadline is the grace's, not the expiry's)
+    warm = other(boss, "tts").acquire(6 * GiB, priority="low", ttl=20, grace=30)
     warm.idle()  # kept warm: evictable, but it will not hear (nobody unloads in this test)
     states: list[WaitState] = []
     t, out = in_thread(

@@ -481,7 +481,8 @@ def test_victim_that_does_not_give_back_by_its_deadline_is_revoked(boss: Boss) -
     r = boss.redis
     boss.add_device("gpu0", "8GiB")
     stuck_client = other(boss, "stuck")
-    stuck = stuck_client.acquire("8GiB", priority="low", ttl=60, grace=0.2, request_id="stuck")
+    # (a short TTL: the server revokes no earlier than the victim's expiry)
+    stuck = stuck_client.acquire("8GiB", priority="low", ttl=0.3, grace=0.2, request_id="stuck")
     stuck.idle()
     log = Events(r)
 
@@ -511,6 +512,21 @@ def test_victim_that_does_not_give_back_by_its_deadline_is_revoked(boss: Boss) -
     assert stuck.lost
     assert (state(r, "requester"), used(r), claimed(r)) == ("active", 8 * GiB, 0)
     boss.release(lease)
+
+
+def test_a_victim_is_revoked_no_earlier_than_its_expiry_whatever_its_grace(boss: Boss) -> None:
+    """Its holder may not have heard the notice (pub/sub is at most once), and trusts the lease until
+    its local deadline, before the expiry: the deadline is the later of the grace and the expiry."""
+    r = boss.redis
+    boss.add_device("gpu0", "8GiB")
+    victim = other(boss, "deaf").acquire("8GiB", priority="low", ttl=30, grace=0.1, keepalive=False)
+    victim.idle()
+    expires_at = int(field(r, victim.id, "expires_at") or 0)
+    with pytest.raises(AcquireTimeout):
+        boss.acquire("8GiB", priority="high", timeout=0.2, request_id="requester")
+    assert state(r, victim.id) == "evicting"
+    assert int(field(r, victim.id, "evict_deadline") or 0) == expires_at
+    assert expires_at > redis_ms(r) + 20_000
 
 
 def test_requester_that_times_out_while_victims_evict_gives_up_its_claim(boss: Boss) -> None:

@@ -137,8 +137,8 @@ def test_on_evict_unloads_and_the_client_releases(
 def test_holder_that_ignores_the_notice_is_revoked_at_the_deadline(
     own: Boss, real_redis: redis.Redis, redis_url: str, children: list[Child]
 ) -> None:
-    grace = 0.5
-    args = ["--mib", str(DEVICE_MIB), "--priority", "low", "--ttl", "1.5", "--grace", str(grace), "--ignore"]
+    grace = 1.5  # beyond the TTL, so the deadline is the grace's (else it would be the expiry)
+    args = ["--mib", str(DEVICE_MIB), "--priority", "low", "--ttl", "1.0", "--grace", str(grace), "--ignore"]
     holder = start(children, redis_url, *args)
     _, victim, old_token, _ = holder.expect("HOLDING")
 

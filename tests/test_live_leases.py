@@ -105,7 +105,9 @@ def test_an_eviction_marks_the_victim_evicting_and_the_waiter_appears_once_grant
 def test_a_revoked_victim_leaves_the_hash(boss: Boss) -> None:
     r = boss.redis
     boss.add_device("gpu0", 8 * GiB)
-    stuck = boss.acquire(8 * GiB, priority="low", ttl=60, grace=0.05, request_id="stuck")
+    stuck = boss.acquire(
+        8 * GiB, priority="low", ttl=0.3, grace=0.05, request_id="stuck"
+    )  # revoked at its expiry
     stuck.idle()
     waiter(boss, 8 * GiB, "big", priority="high")
     assert live(r)["stuck"].split()[-2] == "evicting"

@@ -72,6 +72,8 @@ def test_a_cluster_url_names_its_seed_nodes() -> None:
         ("redis+cluster://u:secret@h:1,", "is not host:port"),
         ("redis+cluster://u:secret@h:1?ssl_ca_certs=/ca", "need rediss"),
         ("redis+cluster://u:secret@h:1?bogus=1", "unknown parameter 'bogus'"),
+        ("redis+cluster://u:secret@h:1?confirm_replicas=1", "cannot apply to a cluster"),
+        ("redis+cluster://u:secret@h:1?sentinel_password=x", "cannot apply to a cluster"),
         ("redis+cluster://u:secret@h:1?socket_timeout=soon", "must be a number"),
         ("rediss+cluster://u:secret@h:1?ssl_cert_reqs=maybe", "ssl_cert_reqs is one of"),
         ("redis://u:secret@h:1?confirm_replicas=-1", "whole number"),

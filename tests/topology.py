@@ -32,6 +32,8 @@ __all__ = [
     "Node",
     "SentinelGroup",
     "redis_cluster",
+    "redis_server",
+    "restart",
     "sentinel_group",
 ]
 
@@ -833,3 +835,27 @@ def sentinel_group(
     finally:
         group._clients.close_all()
         _stop_all([*group.sentinels, *group.data_nodes])
+
+
+# --------------------------------------------------------------------------------------------------
+# one server
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path, *config: str) -> Iterator[Node]:
+    """One ``redis-server`` on a free loopback port with the extra config lines ``config``; stopped
+    on exit (also when killed and restarted meanwhile)."""
+    node = _start(folder, "master", lambda port: [*_data_config(folder, port), *config])
+    try:
+        yield node
+    finally:
+        _stop_all([node])
+
+
+def restart(node: Node) -> None:
+    """Start a killed (or stopped) single server again, on its port, with its config."""
+    if node.alive:
+        _kill(node)
+    node.process = _spawn(node.argv)
+    if not _started(node.port, node.process, START_S):
+        raise RuntimeError(f"redis-server in {node.folder} did not start again:\n{_log_tail(node.folder)}")

@@ -99,6 +99,10 @@ async def close_pubsub(pubsub: Any) -> None:
 
 async def close_redis(client: Any) -> None:
     await client.aclose()
+    # A client of the primary Sentinel names also holds connections to the sentinels.
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
 
 
 _TWIN_KWARGS = ("host", "port", "db", "username", "password", "path", "socket_timeout")

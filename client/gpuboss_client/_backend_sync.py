@@ -85,6 +85,10 @@ def close_pubsub(pubsub: Any) -> None:
 
 def close_redis(client: Any) -> None:
     client.close()
+    # A client of the primary Sentinel names also holds connections to the sentinels.
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        sentinel.close()
 
 
 def sync_twin(client: Any, deployment: Deployment | None = None) -> Any:

@@ -82,7 +82,7 @@ from ._ops import (
     configure_pool as configure_pool,
     event_cursors as event_cursors,
     force_release as force_release,
-    grants as grants,
+    confirms as confirms,
     heartbeat as heartbeat,
     heartbeat_ref as heartbeat_ref,
     lease_info as lease_info,

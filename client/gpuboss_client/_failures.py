@@ -16,6 +16,8 @@ from .errors import BackendForbidden, BackendUnavailable, GpubossError, Protocol
 
 __all__ = ["RETRY_CODES", "backend_error"]
 
+#: how Redis words an ACL refusal of a command inside a script (no NOPERM code there)
+_SCRIPT_REFUSED = "user executing the script can't run this command"
 #: error codes of a deployment in transition or out of room: the same call succeeds later
 RETRY_CODES = frozenset(
     {"TRYAGAIN", "CLUSTERDOWN", "READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING", "OOM", "BUSY"}
@@ -60,7 +62,7 @@ def backend_error(exc: redis.RedisError) -> GpubossError:
     """The gpuboss error for a failed Redis call."""
     text = str(exc)
     code = _CODE_OF.get(type(exc)) or text.split(" ", 1)[0]
-    if code == "NOPERM" or isinstance(exc, rx.NoPermissionError):
+    if code == "NOPERM" or isinstance(exc, rx.NoPermissionError) or _SCRIPT_REFUSED in text:
         return BackendForbidden(f"Redis refused this client's user: {text}")
     if code in RETRY_CODES:
         return BackendUnavailable(f"Redis cannot serve this now ({_WHY[code]}): {text}", redis_error=code)

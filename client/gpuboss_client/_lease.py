@@ -60,6 +60,7 @@ class Lease:
         self._grace_s = grace_ms / 1000
         self._lost_reason: str | None = None
         self._released = False
+        self._renewals = 0  # the grant's own deadline counts as the first
         #: Redis ms by which an evicting lease must be given back; None while not asked to
         self.evict_deadline_ms: int | None = None
         self._notice_pending = False
@@ -164,6 +165,12 @@ class Lease:
             )
 
     def _renewed(self, sent_at: float, info: LeaseInfo, now_ms: int) -> None:
+        if self._renewals and (reason := self.lost_reason) is not None:
+            # A renewal whose reply came after the fence: the holder may have stopped using the
+            # memory already, and "lost" never turns back into "held".
+            self._mark_lost(reason)
+            return
+        self._renewals += 1
         # Redis ran the script after we sent it, so the Redis time it read is at `sent_at` or later
         # on our clock; and that time lies below `now_ms + 1` (the scripts round TIME down to the
         # ms). So `offset` is below the true difference, and every deadline derived from it

@@ -352,7 +352,7 @@ def acquire(
         poll = min(poll, max_block)
     told: tuple[int, str, int | None] | None = None
     while True:
-        sent = clock()
+        sent = queued_at = clock()
         code, f = parse_reply((yield Call("acquire", keys, args)), _ACQUIRE)
         if code == "granted":
             return _granted(req, holder, f, sent, clock)
@@ -381,13 +381,14 @@ def acquire(
             raise AcquireTimeout(
                 f"{req.mib} MiB not granted in pool {pool} within {req.timeout} s", lease=req.id
             )
-        sent = clock()
         popped = yield Command(("BLPOP", req.keys.wake(req.id), max(wait, 0.001)))
         granted = _wake_grant(popped)
         if granted is not None:
             # The release that granted it sent the grant along: no further round trip. The grant
-            # happened after `sent`, so the local deadline stays on the safe side.
-            return _granted(req, holder, granted, sent, clock)
+            # happened after the acquire call that queued it was sent (not necessarily after the
+            # BLPOP was: the reply may have been slow, or this process paused), so its deadline
+            # counts from `queued_at` and stays on the safe side.
+            return _granted(req, holder, granted, queued_at, clock)
 
 
 #: a blocking acquire that finds Redis unavailable tries again after this long, then twice as
@@ -395,17 +396,17 @@ def acquire(
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
 
-#: the scripts whose reply can grant or renew a lease (``cancel`` returns a grant that raced it)
-GRANTING_SCRIPTS = frozenset({"acquire", "heartbeat", "cancel"})
+#: the scripts that only read (they may reap what expired, which any later call repeats)
+READING_SCRIPTS = frozenset({"devices", "leases", "plan"})
 
 
-def grants(step: Call | Command) -> bool:
-    """Whether ``step``'s reply can make a holder believe it holds memory: a granting script, or
+def confirms(step: Call | Command) -> bool:
+    """Whether a client with :class:`~gpuboss_client.urls.Confirm` replicas waits for ``step`` to
+    reach them: every script that changes state (a grant, a renewal, a release, a device), and
     the ``BLPOP`` that takes a grant from a waiter's wake list (a write, so ``WAIT`` covers it and
-    the release that pushed the grant). These are what a client with
-    :class:`~gpuboss_client.urls.Confirm` replicas waits for."""
+    the release that pushed the grant)."""
     if isinstance(step, Call):
-        return step.script in GRANTING_SCRIPTS
+        return step.script not in READING_SCRIPTS
     return step.args[0] == "BLPOP"
 
 
@@ -596,7 +597,8 @@ def remove_device(name: str, *, pool: str, force: bool) -> Op[None]:
 def repair_pools() -> Op[list[str]]:
     """Register every pool that has devices but is missing from the pool registry (after a client
     died between a device's script and its registration); returns the pools put back. It scans the
-    keyspace, so the reaper runs it now and then, never the hot path."""
+    keyspace, so the reaper runs it now and then, never the hot path (on a cluster, one batch of
+    up to 1,000 keys per primary)."""
     pattern = PoolKeys("*").devices  # "gpuboss:{*}:v1:devices": { } are plain characters to SCAN
     known = {_text(p) for p in (yield Command(("SMEMBERS", POOLS)))}
     found: list[str] = []
@@ -609,6 +611,8 @@ def repair_pools() -> Op[list[str]]:
                 yield Command(("SADD", POOLS, pool))
                 known.add(pool)
                 found.append(pool)
+        if isinstance(cursor, dict):  # a cluster scans every primary at once, one batch each
+            return found
         cursor = _text(cursor)
         if cursor == "0":
             return found
@@ -825,12 +829,18 @@ class Follow:
         return events
 
 
+#: redis-py's read timeout where none is given (its connections' default)
+DEFAULT_READ_TIMEOUT = 5.0
+
+
 def max_block_of(client: Any) -> float | None:
     """The longest a blocking command (BLPOP, XREAD BLOCK) may wait on ``client``'s connections:
     half their read timeout, so that a long wait is never taken for a dead connection."""
-    try:
-        pool = client.connection_pool
-        timeout = pool.connection_class(**pool.connection_kwargs).socket_timeout
-    except Exception:  # a client without a plain connection pool: block briefly
+    if hasattr(client, "connection_pool"):  # one Redis, or the primary Sentinel names
+        kwargs = client.connection_pool.connection_kwargs
+    elif hasattr(client, "nodes_manager"):  # a cluster: the blocking client's nodes, the asyncio one's
+        kwargs = getattr(client, "connection_kwargs", None) or client.nodes_manager.connection_kwargs
+    else:  # a client of another kind: block briefly
         return 1.0
+    timeout = kwargs.get("socket_timeout", DEFAULT_READ_TIMEOUT)
     return None if timeout is None else max(0.05, float(timeout) / 2)

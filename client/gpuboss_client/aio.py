@@ -141,7 +141,7 @@ class AsyncBoss:
             while True:
                 step = op.send(reply)
                 try:
-                    if self.confirm.replicas and core.grants(step):
+                    if self.confirm.replicas and core.confirms(step):
                         reply = await self._confirmed(step)
                     elif isinstance(step, Call):
                         reply = await self._scripts[step.script](keys=step.keys, args=step.args)
@@ -580,8 +580,8 @@ class AsyncBoss:
             if isinstance(exc, redis.exceptions.NoPermissionError):
                 log.warning(
                     "Redis refuses SUBSCRIBE %s to this client's user (%s): eviction notices come "
-                    "with heartbeats only, up to a third of the TTL late; allow the channel "
-                    "(&gpuboss:*) in its ACL", self.holder.notify, exc,
+                    "with heartbeats only, and evicting its leases waits for their expiry; allow "
+                    "the channel (&gpuboss:*) in its ACL", self.holder.notify, exc,
                 )  # fmt: skip
             else:
                 log.debug("no eviction notices over pub/sub (heartbeats carry them): %r", exc)

@@ -102,9 +102,9 @@ class PoolKeys:
     def admin(self) -> str:
         """The pool's operator capability. It never exists: every operator-only script (add and
         remove a device, configure the pool, force-release, the agent's measurements) first runs
-        ``HDEL`` on it, a write that changes nothing, so that Redis refuses the script, before
-        anything changed, to a user whose ACL does not let it write this key
-        (``deploy/redis-users.acl``: holders and observers)."""
+        ``SETRANGE`` on it with an empty value, a write that changes nothing, so that Redis refuses
+        the script, before anything changed, to a user whose ACL does not let it run that or write
+        this key (``deploy/redis-users.acl``: holders and observers)."""
         return self.prefix + "admin"
 
     def evictable(self, name: str) -> str:

@@ -57,10 +57,11 @@ def redact(url: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Confirm:
     """Writes count once ``replicas`` replicas have them (``WAIT replicas ms`` after each script
-    and each grant taken from a wake list); 0: once the primary has them. A heartbeat or grant
-    that is not confirmed in ``ms`` milliseconds raises :class:`BackendUnavailable`, so a holder
-    renews only what a promoted replica would know, and otherwise fences itself by its local
-    deadline. ``redis+sentinel://`` asks for one replica by default."""
+    that changes state and each grant taken from a wake list); 0: once the primary has them. A
+    call not confirmed in ``ms`` milliseconds raises :class:`BackendUnavailable` (it may or may
+    not survive a failover): a holder renews only what a promoted replica would know, and
+    otherwise fences itself by its local deadline. ``redis+sentinel://`` asks for one replica by
+    default."""
 
     replicas: int = 0
     ms: int = DEFAULT_CONFIRM_MS
@@ -120,6 +121,12 @@ def parse_url(url: str) -> Deployment:
     if kind == "cluster":
         if path:
             raise BadRequest(f"bad Redis URL {redact(url)!r}: a cluster has one database, give no path")
+        if confirm.replicas or sentinel_options:
+            what = "confirm_replicas" if confirm.replicas else "sentinel options"
+            raise BadRequest(
+                f"bad Redis URL {redact(url)!r}: {what} cannot apply to a cluster (for replicas, set "
+                "min-replicas-to-write on its nodes)"
+            )
         return Deployment("cluster", url, nodes, tls=tls, options=options, confirm=confirm)
     if not path or len(path) > 2:
         raise BadRequest(

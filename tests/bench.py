@@ -34,7 +34,10 @@ a sixth for the client's heartbeat worker:
    of warm-up (every lease has beaten once). It reports the heartbeats Redis ran per second
    (``INFO commandstats``: nothing else runs scripts meanwhile), the worker thread's CPU per wall
    second (its own CPU clock, read from the main thread; ``/proc/self/task/<tid>/stat`` beside
-   it, in clock ticks) and per beat, and redis-server's main-thread CPU per second and per beat.
+   it, in clock ticks) and per beat, and redis-server's main-thread CPU per second and per beat;
+7. the gated proxy's overhead per request against calling a stand-in engine directly;
+8. what confirming writes on replicas costs: this run's redis-server gets two replicas, and pairs
+   run with ``confirm_replicas`` 0, 1 and 2 (``WAIT`` after every state-changing script).
 
 The locks get a 10 s expiry (a lease's default TTL until it became 3 s; kept so that runs
 compare). Uncontended runs are split into rounds
@@ -72,7 +75,7 @@ import redis
 import redis_lock  # type: ignore[import-untyped]
 import uvicorn
 
-from gpuboss_client import Boss, Lease
+from gpuboss_client import Boss, Confirm, Lease
 from gpuboss_client.keys import PoolKeys
 from gpuboss_client.scripts import script_shas
 
@@ -130,8 +133,9 @@ def pin_process(pid: int, cpu: int) -> None:
 
 
 @contextlib.contextmanager
-def redis_server(server_cpu: int | None) -> Iterator[str]:
-    """A private redis-server on a free loopback port, without persistence."""
+def redis_server(server_cpu: int | None, *extra: str) -> Iterator[str]:
+    """A private redis-server on a free loopback port, without persistence (``extra``: more
+    command-line options, e.g. ``--replicaof host port``)."""
     exe = shutil.which("redis-server")
     if exe is None:
         sys.exit("redis-server is not installed")
@@ -139,7 +143,7 @@ def redis_server(server_cpu: int | None) -> Iterator[str]:
         port = free_port()
         proc = subprocess.Popen(
             [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir, "--save", "",
-             "--appendonly", "no", "--maxmemory-policy", "noeviction"],
+             "--appendonly", "no", "--maxmemory-policy", "noeviction", *extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -197,8 +201,8 @@ def script_calls(client: redis.Redis) -> int:
 Pair = Callable[[], None]
 
 
-def gpuboss_pair(client: redis.Redis, pool: str, mib: int = 1) -> Pair:
-    boss = Boss(client, holder="bench")
+def gpuboss_pair(client: redis.Redis, pool: str, mib: int = 1, confirm: Confirm | None = None) -> Pair:
+    boss = Boss(client, holder="bench", confirm=confirm)
 
     def pair() -> None:
         lease = boss.acquire(mib, pool=pool, timeout=0)
@@ -1072,6 +1076,33 @@ def section_heartbeats(args: argparse.Namespace, url: str, client: redis.Redis) 
     return stats
 
 
+def section_confirm(args: argparse.Namespace, client: redis.Redis, cpu: int | None) -> dict[str, Any]:
+    """Pairs on a primary with two replicas, each write confirmed by 0, 1 or 2 of them (``WAIT``
+    after every state-changing script: what ``confirm_replicas`` costs)."""
+    host, port = "127.0.0.1", client.connection_pool.connection_kwargs["port"]
+    with contextlib.ExitStack() as replicas:
+        for _ in range(2):
+            replica = connect(replicas.enter_context(redis_server(cpu, "--replicaof", host, str(port))))
+            deadline = time.monotonic() + 30
+            while replica.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    sys.exit("a replica did not sync")
+                time.sleep(0.02)  # waiting for another process to sync
+            replica.close()
+        Boss(client, holder="bench").add_device("gpu0", "24GiB", pool="confirm")
+        pairs = {f"confirmed by {n}": gpuboss_pair(client, "confirm", confirm=Confirm(n)) for n in (0, 1, 2)}
+        stats = interleaved(pairs, args.confirm_pairs, args.rounds, args.warmup, client)
+    summary = {k: v.summary() for k, v in stats.items()}
+    table(
+        f"8. Pairs confirmed by replicas (WAIT), {args.confirm_pairs:,} pairs each",
+        PAIR_HEADER,
+        pair_rows(summary),
+    )
+    p50 = [summary[f"confirmed by {n}"]["p50_us"] for n in (0, 1, 2)]
+    print(f"confirm_replicas=1 / 0 per pair (p50): {p50[1] / p50[0]:.2f}x; =2 / 0: {p50[2] / p50[0]:.2f}x")
+    return {"pairs": summary}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--pairs", type=int, default=20000, help="uncontended pairs per contender")
@@ -1092,7 +1123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--proxy-requests", type=int, default=500, help="requests per path and round through the proxy"
     )
-    ap.add_argument("--sections", default="1,2,3,4,5,6,7", help="which sections to run (default: all)")
+    ap.add_argument("--confirm-pairs", type=int, default=3000, help="pairs per replica count in section 8")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="which sections to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     ap.add_argument("--no-pin", action="store_true", help="do not pin redis-server and clients to CPUs")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
@@ -1103,10 +1135,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.http_pairs = 200
         args.heartbeat_leases, args.heartbeat_window = 50, 1.0
         args.proxy_requests = 20
+        args.confirm_pairs = 100
     args.levels = [int(x) for x in args.levels.split(",")]
     args.sections = {int(x) for x in args.sections.split(",")}
-    if not args.sections <= {1, 2, 3, 4, 5, 6, 7}:
-        ap.error("--sections takes numbers from 1 to 7")
+    if not args.sections <= {1, 2, 3, 4, 5, 6, 7, 8}:
+        ap.error("--sections takes numbers from 1 to 8")
     args.warmup = min(500, max(20, args.pairs // 20))
     args.evict_warmup = min(20, max(5, args.evict_rounds // 10))
     return args
@@ -1158,6 +1191,9 @@ def main(argv: list[str] | None = None) -> int:
         if 7 in args.sections:
             client.flushall()
             results["proxy"] = section_proxy(args, url, boss, server_cpu)
+        if 8 in args.sections:
+            client.flushall()
+            results["confirm"] = section_confirm(args, client, server_cpu)
         client.close()
     load = round(os.getloadavg()[0], 2)
     results["meta"]["load_average_1m_at_end"] = load

@@ -40,6 +40,8 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "## 4. Eviction latency",
         "## 5. Uncontended acquire + release over HTTP",
         "## 6. Heartbeat worker",
+        "## 8. Pairs confirmed by replicas (WAIT)",
+        "confirm_replicas=1 / 0 per pair (p50):",
         "HTTP / direct client per pair:",
         "service CPU per HTTP pair:",
         "on_evict p99:",
@@ -50,6 +52,9 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         assert heading in proc.stdout, f"missing {heading!r} in:\n{proc.stdout}"
 
     results = json.loads(out.read_text(encoding="utf-8"))
+    confirmed = results["confirm"]["pairs"]
+    assert sorted(confirmed) == ["confirmed by 0", "confirmed by 1", "confirmed by 2"]
+    assert all(pair["pairs"] == 100 for pair in confirmed.values())
     for name in CONTENDERS:
         pair = results["uncontended"]["pairs"][name]
         assert pair["pairs"] == 400

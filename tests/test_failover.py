@@ -1,0 +1,182 @@
+"""Sentinel from every entry point, and no double grant across a failover: a real primary with two
+replicas and three sentinels on loopback (``tests/topology.py``).
+
+A ``redis+sentinel://`` client waits for one replica to confirm each grant and renewal (``WAIT``),
+so what a holder believes it holds is what a promoted replica knows. These tests fail the primary
+over politely (``SENTINEL FAILOVER``), freeze it (the old primary then wakes up still taking
+writes, as in a partition), and kill it, with holders and waiters running; they check from the
+holders' own clocks that no two believed they held the same memory at once, and that waiters are
+granted within their timeouts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from support import CLEAN_ENV, serve_app, wait_for
+from topology import Node, SentinelGroup, sentinel_group
+from typer.testing import CliRunner
+
+from gpuboss.api import create_app
+from gpuboss.settings import ServiceSettings
+from gpuboss_cli.main import app as cli
+from gpuboss_client import Boss, Lease
+
+pytestmark = pytest.mark.slow
+
+DEVICE_MIB = 6144
+#: read timeout of every test client: a frozen primary must not hold a call for long
+OPTIONS = "socket_timeout=0.5&socket_connect_timeout=0.5"
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    with sentinel_group(tmp_path_factory.mktemp("sentinel")) as started:
+        yield started
+
+
+@pytest.fixture
+def url(group: SentinelGroup) -> str:
+    return f"{group.url}?{OPTIONS}"
+
+
+@pytest.fixture
+def pool(url: str, request: pytest.FixtureRequest) -> str:
+    """A pool of this test with one device of 6 GiB."""
+    name = request.node.name.removeprefix("test_")[:40]
+    with Boss.from_url(url, holder="admin") as admin:
+        admin.add_device("gpu0", DEVICE_MIB, pool=name)
+    return name
+
+
+class Belief:
+    """When a holder believed it held its lease, on the machine's monotonic clock: from the moment
+    its acquire returned until it released, or until its local deadline if it lost the lease."""
+
+    def __init__(self, lease: Lease, start: float) -> None:
+        self.lease = lease
+        self.start = start
+        self.released_at: float | None = None
+
+    @property
+    def end(self) -> float:
+        if self.released_at is not None:
+            return self.released_at
+        assert self.lease.lost, "still held"
+        return self.lease.deadline
+
+
+def believe(boss: Boss, **options: Any) -> Belief:
+    lease = boss.acquire(DEVICE_MIB, **options)
+    return Belief(lease, time.monotonic())
+
+
+def test_every_entry_point_takes_a_sentinel_url(group: SentinelGroup, url: str, pool: str) -> None:
+    with Boss.from_url(url, holder="t") as boss:
+        assert boss.confirm.replicas == 1
+        boss.release(boss.acquire(1024, pool=pool, timeout=5))
+    result = CliRunner().invoke(cli, ["--redis-url", url, "status", "--pool", pool], env=CLEAN_ENV)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert "gpu0" in result.stdout
+    settings = ServiceSettings(redis_url=url)
+    with serve_app(create_app(settings, url)) as base, httpx.Client(base_url=base, timeout=10) as http:
+        assert http.get("/readyz").status_code == 200
+        got = http.post("/v1/leases", json={"vram": 1024, "pool": pool, "timeout_s": 5})
+        assert got.status_code == 201, got.text
+
+
+def test_a_failover_keeps_a_confirmed_lease_and_its_waiter_is_granted_after_it(
+    group: SentinelGroup, url: str, pool: str
+) -> None:
+    with Boss.from_url(url, holder="h") as holder, Boss.from_url(url, holder="w") as waiter:
+        held = believe(holder, pool=pool, timeout=5)
+        got: list[Belief] = []
+        thread = threading.Thread(target=lambda: got.append(believe(waiter, pool=pool, timeout=60)))
+        thread.start()
+        wait_for("the waiter to queue", lambda: holder.status(pool)[0].queued == 1, timeout=10)
+        old = group.primary()
+        new = group.failover()
+        assert new is not old
+        # The grant was confirmed on a replica before the holder heard of it: the new primary
+        # has it, the holder renews it there, and the waiter is still waiting.
+        since = _expiry(group, held.lease)
+        wait_for("a renewal on the new primary", lambda: _expiry(group, held.lease) > since, timeout=10)
+        assert not held.lease.lost, held.lease.lost_reason
+        assert got == []
+        holder.release(held.lease)
+        held.released_at = time.monotonic()
+        thread.join(60)
+        assert len(got) == 1
+        assert got[0].start >= held.end
+        waiter.release(got[0].lease)
+
+
+def _expiry(group: SentinelGroup, lease: Lease) -> int:
+    """The lease's expiry (Redis ms) on the current primary."""
+    expires = group.client().hget(f"gpuboss:{{{lease.pool}}}:v1:lease:{lease.id}", "expires_at")
+    assert expires is not None, "the new primary does not know the lease"
+    return int(expires)
+
+
+def test_a_frozen_primary_grants_nothing_twice(group: SentinelGroup, url: str, pool: str) -> None:
+    """The primary freezes under a holder; the sentinels promote a replica; a second client asks
+    for the same memory during the election (and waits through it); the old primary wakes up still
+    a primary for a while, taking the holder's renewals that no replica will ever see. The second
+    client may hold the memory only after the holder stopped believing it does."""
+    with Boss.from_url(url, holder="h") as holder, Boss.from_url(url, holder="x") as other:
+        held = believe(holder, pool=pool, ttl=2.0, timeout=5)
+        old = group.primary()
+        group.freeze(old)
+        try:
+            got = believe(other, pool=pool, timeout=30)  # arrives during the election
+        finally:
+            group.thaw(old)
+        assert held.lease.lost  # it could not renew on a node its replicas confirm
+        assert got.start >= held.end, (got.start, held.end)
+        assert group.primary() is not old
+        other.release(got.lease)
+    # The sentinels demote the old primary (about 10 s after it wakes): the next test starts
+    # from a primary with two replicas again.
+    wait_for("the old primary to follow the new one", lambda: _following(group, old), timeout=40)
+
+
+def _following(group: SentinelGroup, node: Node) -> bool:
+    try:
+        info = group.node_client(node, socket_timeout=1).info("replication")
+    except redis.RedisError:
+        return False
+    return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+
+def test_a_killed_primary_is_replaced_and_holders_and_waiters_carry_on(
+    group: SentinelGroup, url: str, pool: str, record_property: Any
+) -> None:
+    with Boss.from_url(url, holder="h") as holder, Boss.from_url(url, holder="w") as waiter:
+        held = believe(holder, pool=pool, timeout=5)
+        got: list[Belief] = []
+        old = group.kill_primary()
+        killed = time.monotonic()
+        try:
+            # A waiter arrives during the election: it waits through it, within its timeout.
+            thread = threading.Thread(target=lambda: got.append(believe(waiter, pool=pool, timeout=60)))
+            thread.start()
+            group.wait_for_new_primary(old)
+            since = _expiry(group, held.lease)  # confirmed on a replica: the new primary has it
+            wait_for("a renewal on the new primary", lambda: _expiry(group, held.lease) > since, timeout=15)
+            record_property("resumed_after_kill_s", round(time.monotonic() - killed, 2))
+            assert not held.lease.lost, held.lease.lost_reason
+            assert got == []
+            holder.release(held.lease)
+            held.released_at = time.monotonic()
+            thread.join(60)
+            assert len(got) == 1
+            assert got[0].start >= held.end
+            waiter.release(got[0].lease)
+        finally:
+            group.restart(old)

@@ -88,16 +88,18 @@ local dirty = reap(now, REAP_LIMIT) > 0
 local key = lease_key(id)
 
 local function queued_reply(evicting)
-  local head = redis.call('ZRANGE', K_EXPIRY, 0, 0, 'WITHSCORES')
+  -- The soonest expiry but the waiter's own (its queue entry expires too, if it stops polling).
+  local head = redis.call('ZRANGE', K_EXPIRY, 0, 1, 'WITHSCORES')
+  local next_expiry = head[1] == id and head[4] or head[2] or ''
   local position = redis.call('ZRANK', K_QUEUE, id)
   local claim = redis.call('HMGET', key, 'claim_mib', 'claim_until')
-  local reason, until_ms = 'no_room', head[2] or ''
+  local reason, until_ms = 'no_room', next_expiry
   if tonumber(claim[1] or 0) > 0 then
     reason, until_ms = 'evicting', claim[2] or ''
   elseif position > 0 then
     reason, until_ms = 'behind', ''
   end
-  return {'queued', 'now', now, 'position', position, 'next_expiry', head[2] or '', 'evicting', evicting,
+  return {'queued', 'now', now, 'position', position, 'next_expiry', next_expiry, 'evicting', evicting,
           'reason', reason, 'until', until_ms}
 end
 

@@ -1,9 +1,8 @@
 """Benchmark: gpuboss leases next to redis-py ``Lock`` and python-redis-lock, in one run.
 
 Run it as ``.venv/bin/python tests/bench.py`` (``--quick`` for a smoke run, ``--json PATH`` to keep
-the numbers). It starts its own ``redis-server`` on a free loopback port in a temporary directory
-and measures three things for each contender, a fourth for gpuboss alone, a fifth over HTTP and
-a sixth for the client's heartbeat worker:
+the numbers, ``--sections 2,9`` for some of them). It starts its own ``redis-server`` on a free
+loopback port in a temporary directory and measures, section by section:
 
 1. uncontended acquire + release pairs from one client process: pairs/s, per-pair latency p50/p99,
    and where the time goes: client CPU (``process_time``), server main-thread CPU (``INFO cpu``)
@@ -12,7 +11,9 @@ a sixth for the client's heartbeat worker:
    on one device that fits one lease at a time. Hand-off latency is the time from just before a
    release to the return of the next holder's acquire, on the system-wide monotonic clock; fairness
    is the number of turns each process got (min/max and Jain's index). redis-py's Lock polls while
-   it waits (every 0.1 s by default), so it runs twice: as shipped, and polling every 1 ms;
+   it waits (every 0.1 s by default), so it runs twice: as shipped, and polling every 1 ms. Beside
+   them the floor any Redis-based queue can reach: a list holding one token, acquire ``BLPOP``,
+   release ``RPUSH`` (Redis serves blocked ``BLPOP`` clients in order);
 3. uncontended pairs again with 10 .. 100,000 other live leases in the pool (other live lock keys
    for the locks), to show whether the cost stays flat;
 4. eviction latency (gpuboss alone: the locks have no eviction): a holder process keeps a
@@ -37,7 +38,14 @@ a sixth for the client's heartbeat worker:
    it, in clock ticks) and per beat, and redis-server's main-thread CPU per second and per beat;
 7. the gated proxy's overhead per request against calling a stand-in engine directly;
 8. what confirming writes on replicas costs: this run's redis-server gets two replicas, and pairs
-   run with ``confirm_replicas`` 0, 1 and 2 (``WAIT`` after every state-changing script).
+   run with ``confirm_replicas`` 0, 1 and 2 (``WAIT`` after every state-changing script);
+9. saturation: 2 .. 16 processes run uncontended pairs flat out (gpuboss: each its own pool, leases
+   without keepalive; redis-py Lock: each its own key) to find the ceiling in pairs/s, with
+   redis-server's CPU over each window (``INFO cpu``) and per-pair latency from every process; then
+   open loop at 50, 80 and 100 % of the ceiling, each process starting its pairs on a fixed
+   timetable and measuring from the scheduled start (no coordinated omission). Where the clients
+   run out of CPU before Redis does (two CPUs: the clients share one), it says so and projects
+   pairs per second of Redis CPU: what one Redis core would serve.
 
 The locks get a 10 s expiry (a lease's default TTL until it became 3 s; kept so that runs
 compare). Uncontended runs are split into rounds
@@ -51,9 +59,11 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import ctypes
 import importlib.util
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -67,6 +77,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any, cast
 
@@ -86,9 +98,14 @@ PRLOCK = "python-redis-lock"
 HTTP = "gpuboss over HTTP"
 HTTP_FLOOR = "bare ASGI app, same HTTP"
 UNCONTENDED = (GPUBOSS, REDIS_PY, PRLOCK)
-CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK)
+BLPOP_FLOOR = "BLPOP hand-off"
+CONTENDED = (GPUBOSS, REDIS_PY, REDIS_PY_FAST, PRLOCK, BLPOP_FLOOR)
+SATURATED = (GPUBOSS, REDIS_PY)
 LOCK_EXPIRE_S = 10  # as a lease's default TTL was (now 3 s); kept so that runs compare
 HANDOFF_MIB = 1024  # the hand-off device fits exactly one lease of this size
+FLOOR_KEY = "bench:floor:token"  # the BLPOP floor's list: one token, held by one process at a time
+FLOOR_TOKEN = "token"
+FLOOR_WAIT_S = 30  # bound on one BLPOP (a hand-off takes milliseconds)
 LIVE_DEVICE_MIB = 16 * 1024 * 1024  # room for every live lease plus the measured one
 EVICT_MIB = 1024  # the eviction device fits exactly one lease of this size
 EVICT_WAIT_S = 30  # bound on every step of an eviction round (each takes milliseconds)
@@ -97,6 +114,12 @@ SERVE_WAIT_S = 30  # bound on the HTTP service's start
 HEARTBEAT_MIB = 1  # what each lease of the heartbeat section holds
 HEARTBEAT_TTL_S = 3.0  # the worker renews a lease every third of its TTL: once a second
 HEARTBEAT_THREAD = "gpuboss-heartbeats"  # the name of Boss's heartbeat worker thread
+SAT_MIB = 1  # what each saturation pair leases, on a device of its own pool
+SAT_LEVELS = (50, 80, 100)  # open-loop load, % of the ceiling
+SAT_WARMUP = 50  # pairs each saturation process runs before its first window
+SAT_SAMPLES = 50_000  # latencies a saturation process sends back per window, at most (evenly strided)
+SAT_SATURATED_PCT = 80.0  # redis-server main-thread CPU at the ceiling below this: not saturated
+SAT_WAIT_S = 30  # bound on a saturation process's start and on its reply, beyond the window
 
 
 def mono_ns() -> int:
@@ -201,11 +224,14 @@ def script_calls(client: redis.Redis) -> int:
 Pair = Callable[[], None]
 
 
-def gpuboss_pair(client: redis.Redis, pool: str, mib: int = 1, confirm: Confirm | None = None) -> Pair:
+def gpuboss_pair(
+    client: redis.Redis, pool: str, mib: int = 1, confirm: Confirm | None = None, keepalive: bool = True
+) -> Pair:
+    """``keepalive`` False: the lease is never handed to the heartbeat worker (no thread, no wake-up)."""
     boss = Boss(client, holder="bench", confirm=confirm)
 
     def pair() -> None:
-        lease = boss.acquire(mib, pool=pool, timeout=0)
+        lease = boss.acquire(mib, pool=pool, timeout=0, keepalive=keepalive)
         boss.release(lease)
 
     return pair
@@ -355,6 +381,19 @@ def contender(kind: str, url: str, hold_ns: int, conn: Connection) -> None:
 
         def release(held: object) -> None:
             lock.release()
+
+    elif kind == BLPOP_FLOOR:
+        # The token list holds one element: whoever popped it holds; pushing it back wakes the
+        # longest-blocked BLPOP client, which pops it in the same step.
+
+        def acquire() -> object:
+            got = cast("list[str] | None", client.blpop([FLOOR_KEY], timeout=FLOOR_WAIT_S))
+            if got is None:
+                raise RuntimeError(f"BLPOP {FLOOR_KEY} timed out")
+            return got[1]
+
+        def release(held: object) -> None:
+            client.rpush(FLOOR_KEY, cast(str, held))
 
     else:
         plock = redis_lock.Lock(client, "bench-handoff", expire=LOCK_EXPIRE_S)
@@ -782,6 +821,182 @@ def run_heartbeats(url: str, client: redis.Redis, n: int, window_s: float) -> di
     }
 
 
+# --- saturation ------------------------------------------------------------------------------
+
+
+def fine_timer_slack() -> None:
+    """Let sleeps end within 1 µs of their deadline rather than the default 50 µs (Linux
+    ``PR_SET_TIMERSLACK``): an open-loop process wakes for each scheduled pair."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)  # PR_SET_TIMERSLACK, 1,000 ns
+
+
+def closed_loop(pair: Pair, stop_pc: int) -> list[int]:
+    """Pairs back to back until ``stop_pc`` (perf_counter): each pair's latency, ns."""
+    lat: list[int] = []
+    clock = time.perf_counter_ns
+    t = clock()
+    while t < stop_pc:
+        pair()
+        end = clock()
+        lat.append(end - t)
+        t = end
+    return lat
+
+
+def open_loop(
+    pair: Pair, first_pc: int, interval_ns: float, stop_pc: int, give_up_pc: int
+) -> tuple[list[int], int]:
+    """Pairs started on a timetable: the k-th at ``first_pc + k * interval_ns`` (perf_counter), for
+    every start before ``stop_pc``. Each latency runs from the scheduled start, so a pair that starts
+    late (the one before it ran long) counts its wait. A backlog is worked off after ``stop_pc``
+    until ``give_up_pc``; returns the latencies and the scheduled pairs never run."""
+    lat: list[int] = []
+    clock = time.perf_counter_ns
+    k = 0
+    while (due := first_pc + round(k * interval_ns)) < stop_pc:
+        now = clock()
+        if now >= give_up_pc:
+            return lat, math.ceil((stop_pc - due) / interval_ns)
+        if now < due:
+            time.sleep((due - now) / 1e9)  # the timetable: this is the offered load
+        pair()
+        lat.append(clock() - due)
+        k += 1
+    return lat, 0
+
+
+def saturator(
+    kind: str, url: str, index: int, go: EventType, start: Synchronized[int], conn: Connection
+) -> None:
+    """One saturation process: uncontended pairs on its own pool (gpuboss) or key (the lock), one
+    window per order (``(pairs/s of this process, 0 for flat out; window ns; phase 0..1)``, None to
+    end), each window starting when ``go`` is set at ``start`` (system-wide monotonic ns)."""
+    fine_timer_slack()
+    client = connect(url)
+    if kind == GPUBOSS:
+        pair = gpuboss_pair(client, f"sat-{index}", SAT_MIB, keepalive=False)
+    else:
+        pair = redis_py_pair(client, f"bench:sat-{index}")
+    for _ in range(SAT_WARMUP):
+        pair()
+    conn.send("ready")
+    while (order := conn.recv()) is not None:
+        rate, window_ns, phase = order
+        conn.send("armed")
+        go.wait()
+        origin = start.value + time.perf_counter_ns() - mono_ns()  # the window's start on perf_counter
+        stop = origin + window_ns
+        cpu = time.process_time_ns()
+        first = mono_ns()
+        if rate == 0:
+            lat, missed = closed_loop(pair, stop), 0
+        else:
+            interval = 1e9 / rate
+            lat, missed = open_loop(pair, origin + round(phase * interval), interval, stop, stop + window_ns)
+        last = mono_ns()
+        pairs = len(lat)
+        if pairs > SAT_SAMPLES:
+            lat = lat[:: -(-pairs // SAT_SAMPLES)]
+        conn.send(
+            {"pairs": pairs, "first_ns": first, "last_ns": last, "missed": missed,
+             "cpu_ns": time.process_time_ns() - cpu, "latencies_ns": lat}
+        )  # fmt: skip
+    client.close()
+
+
+def redis_cpu_s(client: redis.Redis) -> tuple[float, float | None]:
+    """redis-server's CPU so far, in s: the whole server, and its main thread where INFO has it."""
+    cpu: dict[str, float] = client.info("cpu")
+    whole = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    if "used_cpu_user_main_thread" in cpu:
+        return whole, float(cpu["used_cpu_user_main_thread"]) + float(cpu["used_cpu_sys_main_thread"])
+    return whole, None
+
+
+@dataclass
+class Saturators:
+    """The processes of one contender, started once; a window uses the first ``n`` of them."""
+
+    kind: str
+    conns: list[Connection]
+    go: EventType
+    start: Synchronized[int]
+
+    def window(self, client: redis.Redis, n: int, rate: float, window_s: float) -> dict[str, Any]:
+        """One window: ``n`` processes flat out (``rate`` 0) or offering ``rate`` pairs/s between them."""
+        conns = self.conns[:n]
+        for i, c in enumerate(conns):
+            c.send((rate / n, int(window_s * 1e9), i / n))
+        for c in conns:
+            if not c.poll(SAT_WAIT_S) or c.recv() != "armed":
+                raise RuntimeError(f"a {self.kind} saturation process did not arm")
+        cpu_before, main_before = redis_cpu_s(client)
+        wall_before = mono_ns()
+        self.start.value = mono_ns()
+        self.go.set()
+        replies: list[dict[str, Any]] = []
+        for c in conns:
+            if not c.poll(2 * window_s + SAT_WAIT_S):
+                raise RuntimeError(f"a {self.kind} saturation process did not finish its window")
+            replies.append(c.recv())
+        wall_s = (mono_ns() - wall_before) / 1e9
+        cpu_after, main_after = redis_cpu_s(client)
+        self.go.clear()  # every process is back waiting for its next order
+        pairs = sum(r["pairs"] for r in replies)
+        elapsed_s = (max(r["last_ns"] for r in replies) - min(r["first_ns"] for r in replies)) / 1e9
+        lat = sorted(itertools.chain.from_iterable(r["latencies_ns"] for r in replies))
+        redis_s = cpu_after - cpu_before
+        main_s = main_after - main_before if main_after is not None and main_before is not None else None
+        out: dict[str, Any] = {
+            "processes": n,
+            "target_pairs_per_s": rate or None,
+            "pairs": pairs,
+            "missed": sum(r["missed"] for r in replies),
+            "pairs_per_s": pairs / elapsed_s,
+            "redis_cpu_pct": 100 * redis_s / wall_s,
+            "redis_main_cpu_pct": 100 * main_s / wall_s if main_s is not None else None,
+            "client_cpu_pct": 100 * sum(r["cpu_ns"] for r in replies) / 1e9 / elapsed_s,
+            "pairs_per_redis_cpu_s": pairs / (main_s if main_s is not None else redis_s),
+            "p50_us": pct(lat, 0.50) / 1e3,
+            "p99_us": pct(lat, 0.99) / 1e3,
+            "latency_samples": len(lat),
+        }
+        return out
+
+
+@contextlib.contextmanager
+def saturators(kind: str, url: str, n: int) -> Iterator[Saturators]:
+    ctx = multiprocessing.get_context("fork")
+    go = ctx.Event()
+    start = cast("Synchronized[int]", ctx.Value("q", 0))
+    conns: list[Connection] = []
+    procs = []
+    try:
+        for i in range(n):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=saturator, args=(kind, url, i, go, start, there), daemon=True)
+            proc.start()
+            there.close()
+            conns.append(here)
+            procs.append(proc)
+        for c in conns:
+            if not c.poll(SAT_WAIT_S) or c.recv() != "ready":
+                raise RuntimeError(f"a {kind} saturation process did not start")
+        yield Saturators(kind, conns, go, start)
+        for c in conns:
+            c.send(None)
+        for p in procs:
+            p.join(SAT_WAIT_S)
+            if p.exitcode != 0:
+                raise RuntimeError(f"a {kind} saturation process exited with {p.exitcode}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -849,10 +1064,14 @@ def section_uncontended(args: argparse.Namespace, client: redis.Redis, boss: Bos
     return {"pairs": solo, "ratio_gpuboss_vs_redis_py_lock": {"mean": ratio_mean, "p50": ratio_p50}}
 
 
-def section_handoff(args: argparse.Namespace, url: str, boss: Boss) -> dict[str, Any]:
+def section_handoff(args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss) -> dict[str, Any]:
     boss.add_device("gpu0", HANDOFF_MIB, pool="handoff")
+    client.delete(FLOOR_KEY)
+    client.rpush(FLOOR_KEY, FLOOR_TOKEN)
     hold_ns = args.hold_us * 1000
     stats = {k: run_contended(k, url, args.processes, args.duration, hold_ns).summary() for k in CONTENDED}
+    if (tokens := client.lrange(FLOOR_KEY, 0, -1)) != [FLOOR_TOKEN]:
+        raise RuntimeError(f"the BLPOP floor's list should hold its one token again, it holds {tokens!r}")
     title = (
         f"2. Hand-off, {args.processes} processes on one lock / one-lease device, "
         f"hold {args.hold_us} µs, {args.duration:g} s each"
@@ -860,7 +1079,11 @@ def section_handoff(args: argparse.Namespace, url: str, boss: Boss) -> dict[str,
     table(title, HANDOFF_HEADER, handoff_rows(stats))
     print("hand-off: from just before a release to the return of the next holder's acquire")
     print("switch %: hand-offs that went to another process; overlaps: overlapping holds (must be 0)")
-    return stats
+    print(f"{BLPOP_FLOOR}: a list holding one token, acquire BLPOP, release RPUSH; the floor of any "
+          "Redis-based queue")  # fmt: skip
+    ratio = stats[GPUBOSS]["p50_us"] / stats[BLPOP_FLOOR]["p50_us"]
+    print(f"gpuboss / {BLPOP_FLOOR} p50: {ratio:.2f}x (target <= 1.1x)")
+    return {"contenders": stats, "ratio_gpuboss_vs_blpop_p50": ratio}
 
 
 def section_live(args: argparse.Namespace, client: redis.Redis, boss: Boss) -> dict[str, Any]:
@@ -1103,6 +1326,96 @@ def section_confirm(args: argparse.Namespace, client: redis.Redis, cpu: int | No
     return {"pairs": summary}
 
 
+SAT_HEADER = ["step", "processes", "target pairs/s", "pairs/s", "Redis CPU %", "main thread %",
+              "client CPU %", "pairs per Redis CPU s", "p50 µs", "p99 µs"]  # fmt: skip
+
+
+def saturation_rows(stats: dict[str, Any]) -> list[list[str]]:
+    def row(step: str, w: dict[str, Any]) -> list[str]:
+        target = w["target_pairs_per_s"]
+        main = w["redis_main_cpu_pct"]
+        return [step, str(w["processes"]), "flat out" if target is None else fmt(target, 0),
+                fmt(w["pairs_per_s"], 0), fmt(w["redis_cpu_pct"]), "-" if main is None else fmt(main),
+                fmt(w["client_cpu_pct"]), fmt(w["pairs_per_redis_cpu_s"], 0), fmt(w["p50_us"]),
+                fmt(w["p99_us"])]  # fmt: skip
+
+    rows = [row("ceiling search", w) for w in stats["ceiling_search"]]
+    rows += [row(f"open loop {level} %", w) for level, w in stats["levels"].items()]
+    return rows
+
+
+def section_saturation(args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss) -> dict[str, Any]:
+    """Uncontended pairs from more and more processes until something gives, then open loop below
+    and at the ceiling; gpuboss and redis-py Lock window by window, in turn."""
+    most = max(args.sat_processes)
+    for i in range(most):
+        boss.add_device("gpu0", "24GiB", pool=f"sat-{i}")
+    window_s = args.sat_duration
+    stats: dict[str, dict[str, Any]] = {k: {"ceiling_search": [], "levels": {}} for k in SATURATED}
+    with contextlib.ExitStack() as stack:
+        pools = {k: stack.enter_context(saturators(k, url, most)) for k in SATURATED}
+        for n in args.sat_processes:
+            for kind, pool in pools.items():
+                stats[kind]["ceiling_search"].append(pool.window(client, n, 0, window_s))
+        for kind in SATURATED:
+            best = max(stats[kind]["ceiling_search"], key=lambda w: w["pairs_per_s"])
+            stats[kind]["ceiling"] = best
+        for level in SAT_LEVELS:
+            for kind, pool in pools.items():
+                best = stats[kind]["ceiling"]
+                rate = best["pairs_per_s"] * level / 100
+                stats[kind]["levels"][str(level)] = pool.window(client, best["processes"], rate, window_s)
+    for kind in SATURATED:
+        ceiling = stats[kind]["ceiling"]
+        title = (
+            f"9. Saturation: {kind}, uncontended pairs from {', '.join(map(str, args.sat_processes))} "
+            f"processes, {window_s:g} s per step"
+        )
+        table(title, SAT_HEADER, saturation_rows(stats[kind]))
+        print(f"ceiling: {fmt(ceiling['pairs_per_s'], 0)} pairs/s with {ceiling['processes']} processes; "
+              f"open loop at {', '.join(f'{x} %' for x in SAT_LEVELS)} of it with as many")  # fmt: skip
+    print("\nRedis CPU %: redis-server's whole CPU (INFO cpu, user + sys) per wall second of the window; "
+          "main thread %: its main thread alone")  # fmt: skip
+    print("client CPU %: CPU of every client process together per wall second (100 % = one CPU busy)")
+    print("pairs per Redis CPU s: pairs / redis-server main-thread CPU seconds: what one Redis core "
+          "would serve at 100 %")  # fmt: skip
+    print("open loop: each process starts its pairs on a fixed timetable; latency runs from the "
+          "scheduled start, so queueing counts")  # fmt: skip
+    main = {k: stats[k]["ceiling"]["redis_main_cpu_pct"] for k in SATURATED}
+    peak = {k: v if v is not None else stats[k]["ceiling"]["redis_cpu_pct"] for k, v in main.items()}
+    saturated = all(v >= SAT_SATURATED_PCT for v in peak.values())
+    clients = len(os.sched_getaffinity(0))
+    if not saturated:
+        each = " and ".join(
+            f"{fmt(peak[k])} % ({k}; clients {fmt(stats[k]['ceiling']['client_cpu_pct'])} %)"
+            for k in SATURATED
+        )
+        print(
+            f"NOTE: redis-server's main thread peaked at {each} of a CPU at the ceiling: Redis did not "
+            f"saturate. The client processes share {clients} CPU{'s' if clients != 1 else ''} (with "
+            "whatever else runs there), and they run out of it long before Redis runs out of its own: "
+            "this machine has too few cores for Redis to saturate. The pairs/s above are a lower bound "
+            "of what one Redis core serves; pairs per Redis CPU second is the projected per-core capacity."
+        )
+    capacity = {k: stats[k]["ceiling"]["pairs_per_redis_cpu_s"] for k in SATURATED}
+    ratio = capacity[GPUBOSS] / capacity[REDIS_PY]
+    how = "measured" if saturated else "projected from pairs per Redis CPU second"
+    print(
+        f"saturation: {GPUBOSS} {fmt(capacity[GPUBOSS], 0)} pairs/s at 100 % Redis CPU vs {REDIS_PY} "
+        f"{fmt(capacity[REDIS_PY], 0)} pairs/s ({ratio:.2f}x; {how})"
+    )
+    return {
+        "processes": args.sat_processes,
+        "window_s": window_s,
+        "levels_pct": list(SAT_LEVELS),
+        "client_cpus": clients,
+        "redis_saturated": saturated,
+        "contenders": stats,
+        "capacity_at_100pct_redis_cpu": capacity,
+        "ratio_gpuboss_vs_redis_py_lock": ratio,
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--pairs", type=int, default=20000, help="uncontended pairs per contender")
@@ -1124,7 +1437,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--proxy-requests", type=int, default=500, help="requests per path and round through the proxy"
     )
     ap.add_argument("--confirm-pairs", type=int, default=3000, help="pairs per replica count in section 8")
-    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="which sections to run (default: all)")
+    ap.add_argument(
+        "--sat-processes", default="2,4,8,16", help="client processes per ceiling-search step in section 9"
+    )
+    ap.add_argument("--sat-duration", type=float, default=3.0, help="seconds per step of section 9")
+    ap.add_argument("--sections", default="1,2,3,4,5,6,7,8,9", help="which sections to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     ap.add_argument("--no-pin", action="store_true", help="do not pin redis-server and clients to CPUs")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
@@ -1136,10 +1453,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.heartbeat_leases, args.heartbeat_window = 50, 1.0
         args.proxy_requests = 20
         args.confirm_pairs = 100
+        args.sat_processes, args.sat_duration = "2,4", 0.5
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.sat_processes = [int(x) for x in args.sat_processes.split(",")]
+    if min(args.sat_processes) < 1:
+        ap.error("--sat-processes takes positive numbers")
     args.sections = {int(x) for x in args.sections.split(",")}
-    if not args.sections <= {1, 2, 3, 4, 5, 6, 7, 8}:
-        ap.error("--sections takes numbers from 1 to 8")
+    if not args.sections <= set(range(1, 10)):
+        ap.error("--sections takes numbers from 1 to 9")
     args.warmup = min(500, max(20, args.pairs // 20))
     args.evict_warmup = min(20, max(5, args.evict_rounds // 10))
     return args
@@ -1176,7 +1497,7 @@ def main(argv: list[str] | None = None) -> int:
         if 1 in args.sections:
             results["uncontended"] = section_uncontended(args, client, boss)
         if 2 in args.sections:
-            results["handoff"] = section_handoff(args, url, boss)
+            results["handoff"] = section_handoff(args, url, client, boss)
         if 3 in args.sections:
             results["live"] = section_live(args, client, boss)
         if 4 in args.sections:
@@ -1194,6 +1515,9 @@ def main(argv: list[str] | None = None) -> int:
         if 8 in args.sections:
             client.flushall()
             results["confirm"] = section_confirm(args, client, server_cpu)
+        if 9 in args.sections:
+            client.flushall()
+            results["saturation"] = section_saturation(args, url, client, boss)
         client.close()
     load = round(os.getloadavg()[0], 2)
     results["meta"]["load_average_1m_at_end"] = load

@@ -20,6 +20,15 @@ HEARTBEAT_LINE = re.compile(
     r"Redis CPU (?P<redis>[\d.]+) s/s \((?P<redis_beat>[\d,.]+) µs per beat\)$",
     re.MULTILINE,
 )
+FLOOR_LINE = re.compile(
+    r"^gpuboss / BLPOP hand-off p50: (?P<ratio>[\d.]+)x \(target <= 1\.1x\)$", re.MULTILINE
+)
+SATURATION_LINE = re.compile(
+    r"^saturation: gpuboss (?P<gpuboss>[\d,]+) pairs/s at 100 % Redis CPU vs redis-py Lock "
+    r"(?P<lock>[\d,]+) pairs/s \((?P<ratio>[\d.]+)x; (?P<how>measured|projected[^)]*)\)$",
+    re.MULTILINE,
+)
+SATURATED = ("gpuboss", "redis-py Lock")
 
 
 @pytest.mark.slow
@@ -41,6 +50,9 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "## 5. Uncontended acquire + release over HTTP",
         "## 6. Heartbeat worker",
         "## 8. Pairs confirmed by replicas (WAIT)",
+        "## 9. Saturation: gpuboss, uncontended pairs from 2, 4 processes, 0.5 s per step",
+        "## 9. Saturation: redis-py Lock, uncontended pairs from 2, 4 processes, 0.5 s per step",
+        "BLPOP hand-off  ",
         "confirm_replicas=1 / 0 per pair (p50):",
         "HTTP / direct client per pair:",
         "service CPU per HTTP pair:",
@@ -61,13 +73,24 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         assert 0 < pair["p50_us"] <= pair["p99_us"]
         for level in ("10", "1000"):
             assert results["live"]["levels"][level][name]["pairs"] == 200
-    for name, handoff in results["handoff"].items():
+    contended = results["handoff"]["contenders"]
+    assert set(contended) == {"gpuboss", "redis-py Lock", "redis-py Lock sleep=0.001", "python-redis-lock",
+                              "BLPOP hand-off"}  # fmt: skip
+    for name, handoff in contended.items():
         # Every contender is a mutual-exclusion primitive: no two holds may overlap in time.
         assert handoff["overlaps"] == 0, name
         assert handoff["turns_total"] == sum(handoff["turns_per_process"]) > 0, name
         assert handoff["processes"] == len(handoff["turns_per_process"]) == 8, name
-    # gpuboss queues its waiters in order: every process gets a turn.
-    assert results["handoff"]["gpuboss"]["turns_min"] > 0
+    # gpuboss queues its waiters in order, as Redis serves BLPOP waiters: every process gets a turn.
+    for name in ("gpuboss", "BLPOP hand-off"):
+        assert contended[name]["turns_min"] > 0, name
+        assert contended[name]["handoffs"] > 0, name
+        assert 0 < contended[name]["p50_us"] <= contended[name]["p99_us"], name
+    floor_ratio = contended["gpuboss"]["p50_us"] / contended["BLPOP hand-off"]["p50_us"]
+    assert results["handoff"]["ratio_gpuboss_vs_blpop_p50"] == pytest.approx(floor_ratio)
+    floor_line = FLOOR_LINE.search(proc.stdout)
+    assert floor_line is not None, f"no BLPOP floor line in:\n{proc.stdout}"
+    assert float(floor_line["ratio"]) == pytest.approx(floor_ratio, abs=0.006)
     eviction = results["eviction"]
     assert eviction["rounds"] == 30
     # Every round evicted the idle holder (warm-up rounds too), which always gave the memory back.
@@ -111,3 +134,51 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
     # Every lease stayed held throughout and was released at the end.
     assert beats["lost"] == 0
     assert beats["released"] == 50
+
+    # Quick mode: the ceiling from 2 and 4 processes flat out, then open loop at 50/80/100 % of it.
+    saturation = results["saturation"]
+    assert saturation["processes"] == [2, 4]
+    assert saturation["window_s"] == 0.5
+    assert set(saturation["contenders"]) == set(SATURATED)
+    for name in SATURATED:
+        sat = saturation["contenders"][name]
+        search = sat["ceiling_search"]
+        assert [w["processes"] for w in search] == [2, 4], name
+        assert all(w["target_pairs_per_s"] is None for w in search), name
+        assert sat["ceiling"] == max(search, key=lambda w: w["pairs_per_s"]), name
+        assert sorted(sat["levels"], key=int) == ["50", "80", "100"], name
+        for level, window in sat["levels"].items():
+            target = sat["ceiling"]["pairs_per_s"] * int(level) / 100
+            assert window["target_pairs_per_s"] == pytest.approx(target), (name, level)
+            assert window["processes"] == sat["ceiling"]["processes"], (name, level)
+            # Paced: an open-loop window never runs (much) faster than its timetable.
+            assert 0 < window["pairs_per_s"] <= 1.25 * target, (name, level)
+            # The timetable offered target x window pairs (each process rounds its share up or down),
+            # and every one of them ran or is counted as missed.
+            offered = window["pairs"] + window["missed"]
+            assert abs(offered - target * saturation["window_s"]) <= window["processes"], (name, level)
+        for window in [*search, *sat["levels"].values()]:
+            assert window["pairs"] > 0, name
+            assert window["latency_samples"] == window["pairs"], name  # few enough to keep every one
+            assert window["pairs_per_s"] > 0, name
+            assert 0 < window["p50_us"] <= window["p99_us"], name
+            assert window["redis_cpu_pct"] > 0, name
+            if (main := window["redis_main_cpu_pct"]) is not None:  # INFO has it from Redis 6.2 on
+                assert 0 < main <= window["redis_cpu_pct"] + 0.5, name  # a part of the whole server
+                assert main <= 101, name  # one thread: one CPU at most
+            assert window["client_cpu_pct"] > 0, name
+            assert window["pairs_per_redis_cpu_s"] > 0, name
+    capacity = saturation["capacity_at_100pct_redis_cpu"]
+    for name in SATURATED:
+        assert capacity[name] == saturation["contenders"][name]["ceiling"]["pairs_per_redis_cpu_s"] > 0
+    assert saturation["ratio_gpuboss_vs_redis_py_lock"] == pytest.approx(
+        capacity["gpuboss"] / capacity["redis-py Lock"]
+    )
+    sat_line = SATURATION_LINE.search(proc.stdout)
+    assert sat_line is not None, f"no saturation line in:\n{proc.stdout}"
+    assert int(sat_line["gpuboss"].replace(",", "")) == round(capacity["gpuboss"])
+    assert int(sat_line["lock"].replace(",", "")) == round(capacity["redis-py Lock"])
+    assert (sat_line["how"] == "measured") is saturation["redis_saturated"]
+    # Where Redis did not saturate, the run says so and why.
+    note = "NOTE: redis-server's main thread peaked at"
+    assert (note in proc.stdout) is not saturation["redis_saturated"]

@@ -109,8 +109,8 @@ def test_a_failover_keeps_a_confirmed_lease_and_its_waiter_is_granted_after_it(
         wait_for("a renewal on the new primary", lambda: _expiry(group, held.lease) > since, timeout=10)
         assert not held.lease.lost, held.lease.lost_reason
         assert got == []
+        held.released_at = time.monotonic()  # it stops using the memory, then gives it back
         holder.release(held.lease)
-        held.released_at = time.monotonic()
         thread.join(60)
         assert len(got) == 1
         assert got[0].start >= held.end
@@ -146,6 +146,13 @@ def test_a_frozen_primary_grants_nothing_twice(group: SentinelGroup, url: str, p
     wait_for("the old primary to follow the new one", lambda: _following(group, old), timeout=40)
 
 
+def _has_replica(group: SentinelGroup, node: Node) -> bool:
+    info = group.node_client(node, socket_timeout=1).info("replication")
+    return any(
+        isinstance(v, dict) and v.get("state") == "online" for k, v in info.items() if k.startswith("slave")
+    )
+
+
 def _following(group: SentinelGroup, node: Node) -> bool:
     try:
         info = group.node_client(node, socket_timeout=1).info("replication")
@@ -158,7 +165,8 @@ def test_a_killed_primary_is_replaced_and_holders_and_waiters_carry_on(
     group: SentinelGroup, url: str, pool: str, record_property: Any
 ) -> None:
     with Boss.from_url(url, holder="h") as holder, Boss.from_url(url, holder="w") as waiter:
-        held = believe(holder, pool=pool, timeout=5)
+        # A TTL longer than an election (down-after 1 s, then the vote): the lease outlives it.
+        held = believe(holder, pool=pool, ttl=15, timeout=5)
         got: list[Belief] = []
         old = group.kill_primary()
         killed = time.monotonic()
@@ -166,14 +174,16 @@ def test_a_killed_primary_is_replaced_and_holders_and_waiters_carry_on(
             # A waiter arrives during the election: it waits through it, within its timeout.
             thread = threading.Thread(target=lambda: got.append(believe(waiter, pool=pool, timeout=60)))
             thread.start()
-            group.wait_for_new_primary(old)
+            new = group.wait_for_new_primary(old)
+            # The one replica left follows the new primary: writes can be confirmed again.
+            wait_for("a replica of the new primary", lambda: _has_replica(group, new), timeout=30)
             since = _expiry(group, held.lease)  # confirmed on a replica: the new primary has it
             wait_for("a renewal on the new primary", lambda: _expiry(group, held.lease) > since, timeout=15)
             record_property("resumed_after_kill_s", round(time.monotonic() - killed, 2))
             assert not held.lease.lost, held.lease.lost_reason
             assert got == []
+            held.released_at = time.monotonic()  # it stops using the memory, then gives it back
             holder.release(held.lease)
-            held.released_at = time.monotonic()
             thread.join(60)
             assert len(got) == 1
             assert got[0].start >= held.end

@@ -356,6 +356,8 @@ def test_what_ignores_sigterm_is_killed_before_the_deadline(
         "low",
         "--grace",
         str(grace),
+        "--ttl",
+        "1.0",  # below the grace: the deadline is the grace's, not the lease's expiry
         *cmd,
     )
     victim = w.expect("ENV GPUBOSS_LEASE_ID=")[1].split("=")[1]
@@ -499,7 +501,7 @@ def test_command_not_executable_is_126_and_releases(
 def test_acquire_timeout_exits_11_and_leaves_nothing(
     admin: Boss, real_redis: redis.Redis, redis_url: str, wrappers: list[Wrapper]
 ) -> None:
-    mine = admin.acquire(DEVICE_MIB)
+    mine = admin.acquire(DEVICE_MIB, ttl=60, keepalive=False)  # no renewal moves the estimate
     w = start(wrappers, redis_url, "--vram", "1GiB", "--timeout", "0.3", *child("--code", "0"))
     code, out, err = w.finish()
     assert (code, out) == (11, [])  # the command never ran

@@ -135,3 +135,8 @@ async def pubsub(client: Any) -> Any:
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` talks to a Redis Cluster."""
     return isinstance(client, redis.asyncio.cluster.RedisCluster)
+
+
+async def drop_idle_connections(client: Any) -> None:
+    """Close ``client``'s idle connections, so that its next call connects afresh."""
+    await client.connection_pool.disconnect(inuse_connections=False)

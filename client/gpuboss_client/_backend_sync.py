@@ -104,3 +104,8 @@ def pubsub(client: Any) -> Any:
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` talks to a Redis Cluster."""
     return isinstance(client, redis.cluster.RedisCluster)
+
+
+def drop_idle_connections(client: Any) -> None:
+    """Close ``client``'s idle connections, so that its next call connects afresh."""
+    client.connection_pool.disconnect(inuse_connections=False)

@@ -156,6 +156,10 @@ class AsyncBoss:
         """Run ``step`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
         :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover)."""
         need = self.confirm.replicas
+        # WAIT blocks the connection: never as long as its read timeout
+        wait_ms = (
+            self.confirm.ms if self._max_block is None else min(self.confirm.ms, int(self._max_block * 1000))
+        )
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
             if isinstance(step, Call):
@@ -163,7 +167,7 @@ class AsyncBoss:
                 pipe.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
             else:
                 pipe.execute_command(*step.args)  # type: ignore[no-untyped-call,unused-ignore]
-            pipe.execute_command("WAIT", need, self.confirm.ms)  # type: ignore[no-untyped-call,unused-ignore]
+            pipe.execute_command("WAIT", need, wait_ms)  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 reply, acked = await pipe.execute()
             except redis.exceptions.NoScriptError:
@@ -172,8 +176,11 @@ class AsyncBoss:
                 await self.redis.script_load(script.script)  # Redis restarted or flushed its scripts
                 continue
             if int(acked) < need:
+                # Perhaps a primary that a failover left behind: the next call connects afresh (to
+                # the primary the sentinels name now).
+                await backend.drop_idle_connections(self.redis)
                 raise BackendUnavailable(
-                    f"Redis confirmed the write on {acked} of {need} replicas within {self.confirm.ms} ms: "
+                    f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms: "
                     "it would not survive a failover", replicas=int(acked),
                 )  # fmt: skip
             return reply

@@ -155,6 +155,10 @@ class Boss:
         """Run ``step`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
         :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover)."""
         need = self.confirm.replicas
+        # WAIT blocks the connection: never as long as its read timeout
+        wait_ms = (
+            self.confirm.ms if self._max_block is None else min(self.confirm.ms, int(self._max_block * 1000))
+        )
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
             if isinstance(step, Call):
@@ -162,7 +166,7 @@ class Boss:
                 pipe.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
             else:
                 pipe.execute_command(*step.args)  # type: ignore[no-untyped-call,unused-ignore]
-            pipe.execute_command("WAIT", need, self.confirm.ms)  # type: ignore[no-untyped-call,unused-ignore]
+            pipe.execute_command("WAIT", need, wait_ms)  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 reply, acked = pipe.execute()
             except redis.exceptions.NoScriptError:
@@ -171,8 +175,11 @@ class Boss:
                 self.redis.script_load(script.script)  # Redis restarted or flushed its scripts
                 continue
             if int(acked) < need:
+                # Perhaps a primary that a failover left behind: the next call connects afresh (to
+                # the primary the sentinels name now).
+                backend.drop_idle_connections(self.redis)
                 raise BackendUnavailable(
-                    f"Redis confirmed the write on {acked} of {need} replicas within {self.confirm.ms} ms: "
+                    f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms: "
                     "it would not survive a failover", replicas=int(acked),
                 )  # fmt: skip
             return reply

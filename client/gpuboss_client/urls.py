@@ -61,7 +61,8 @@ class Confirm:
     call not confirmed in ``ms`` milliseconds raises :class:`BackendUnavailable` (it may or may
     not survive a failover): a holder renews only what a promoted replica would know, and
     otherwise fences itself by its local deadline. ``redis+sentinel://`` asks for one replica by
-    default."""
+    default. ``WAIT`` blocks its connection at most half the read timeout (``socket_timeout``),
+    whatever ``ms`` says."""
 
     replicas: int = 0
     ms: int = DEFAULT_CONFIRM_MS

@@ -31,8 +31,9 @@ from gpuboss_client import Boss, Lease
 pytestmark = pytest.mark.slow
 
 DEVICE_MIB = 6144
-#: read timeout of every test client: a frozen primary must not hold a call for long
-OPTIONS = "socket_timeout=0.5&socket_connect_timeout=0.5"
+#: read timeout of every test client: a frozen primary must not hold a call for long, and a WAIT
+#: (at most half of it) must leave a loaded machine's replicas time to answer
+OPTIONS = "socket_timeout=1&socket_connect_timeout=0.5"
 
 
 @pytest.fixture(scope="module")

@@ -568,7 +568,10 @@ class EvictionMachine(RuleBasedStateMachine):
         mib = self.ledger.budget[names[device % len(names)]]
         for lid in sorted(self.ledger.state):
             if self.ledger.state[lid] == "active":  # as of now: each idle may let a waiter evict
-                self.boss.idle(self.held[lid])
+                try:
+                    self.boss.idle(self.held[lid])
+                except LeaseLost:  # a short TTL that ran out since: nothing to keep warm
+                    assert self.requests[lid].ttl_ms == SHORT_TTL_MS, lid
                 self._sync()
         self.enqueue(mib, priority, preemptible=False, grace_ms=grace_ms, gang=1, hears=hears)
         if ignored:

@@ -8,7 +8,8 @@
 --   KEYS[5] events   stream  capped log of every transition
 --   KEYS[6] seq      string  counter: queue arrival order and fencing tokens (so a token strictly
 --                            increases per device, even across removing and re-adding it)
---   KEYS[7] config   hash    pool settings: min_residency_ms, aging_ms (absent = 0 = off)
+--   KEYS[7] config   hash    pool settings: min_residency_ms, aging_ms (absent = 0 = off), and
+--                            clock_ms, a simulation's virtual time (see now_ms)
 -- Per device there is also a zset `device:<name>:evictable` of its idle and preemptible leases, in
 -- eviction order (see evict_score), and per lease an optional pub/sub channel it is told on.
 -- The hash `leases` (live_key) holds one line per granted lease, for operators' `redis-cli hgetall`:
@@ -53,7 +54,12 @@ local function int(n) return string.format('%d', n) end
 -- when Redis is full, and every other script is refused before it has written anything.
 local function writes_even_when_full() redis.call('PERSIST', K_SEQ) end
 
+-- The scripts' only clock. A pool whose config sets `clock_ms` runs on that virtual time instead
+-- (`gpuboss simulate` replays a day through these scripts on a private Redis that way); no other
+-- pool sets it.
 local function now_ms()
+  local virtual = redis.call('HGET', K_CONFIG, 'clock_ms')
+  if virtual then return tonumber(virtual) end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end

@@ -16,7 +16,7 @@ key                                    type     holds
 ``gpuboss:{pool}:v1:wake:<id>``        list     a waiter blocks here until it is granted
 ``gpuboss:{pool}:v1:events``           stream   capped log of every transition
 ``gpuboss:{pool}:v1:seq``              string   arrival order and fencing tokens
-``gpuboss:{pool}:v1:config``           hash     min_residency_ms, aging_ms
+``gpuboss:{pool}:v1:config``           hash     min_residency_ms, aging_ms; clock_ms (a simulation)
 ``gpuboss:{pool}:v1:device:<n>:evictable`` zset  idle and preemptible leases, eviction order
 ``gpuboss:{pool}:v1:peaks``            hash     label ``k=v`` -> highest measured MiB of its leases
 ``gpuboss:{pool}:v1:leases``           hash     lease id -> one line per granted lease, for operators

@@ -627,9 +627,10 @@ async def healthz() -> dict[str, Any]:
     responses=errors_doc(*_REDIS),
 )
 async def readyz(boss: BossDep, settings: SettingsDep) -> dict[str, Any]:
-    """Pings Redis and checks (``SCRIPT EXISTS``) that every Lua script is cached, loading any that
-    are missing (after a Redis restart); answers 503 ``backend_unavailable`` when Redis is not
-    reachable within ``redis_timeout_s``."""
+    """Pings Redis and checks (``SCRIPT EXISTS``) that every Lua script is cached, and that the
+    function library is loaded where the service calls it, loading what is missing (after a Redis
+    restart); answers 503 ``backend_unavailable`` when Redis is not reachable within
+    ``redis_timeout_s``."""
     try:
         async with asyncio.timeout(settings.redis_timeout_s):
             shas = await boss.load_scripts()

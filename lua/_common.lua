@@ -17,11 +17,17 @@
 -- index_live); grant adds it, idle/busy/eviction rewrite it, end_lease removes it. No waiters.
 -- Every reply is {code, field, value, field, value, ...}; codes that are errors carry `message`.
 
-local unpack = unpack or table.unpack
-
-local PREFIX = KEYS[1]
-local K_DEVICES, K_QUEUE, K_EXPIRY, K_EVENTS, K_SEQ = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local K_CONFIG = KEYS[7]
+-- The pool's keys of the call being run: the loader (scripts.py) binds them first thing in each
+-- call, from KEYS (a script) or from a function's keys (the library).
+-- A library's top level may read no global (Redis defines them only once its functions run), so
+-- `unpack` (Lua 5.1's, or 5.4's table.unpack under fakeredis) is looked up then too.
+local PREFIX, K_DEVICES, K_QUEUE, K_EXPIRY, K_EVENTS, K_SEQ, K_CONFIG
+local unpack
+local function bind(keys)
+  unpack = unpack or table.unpack or _G.unpack
+  PREFIX, K_DEVICES, K_QUEUE, K_EXPIRY, K_EVENTS = keys[1], keys[2], keys[3], keys[4], keys[5]
+  K_SEQ, K_CONFIG = keys[6], keys[7]
+end
 
 local EVENTS_MAXLEN = 10000 -- about this many events are kept per pool
 local LINGER_MS = 120000 -- an ended lease stays readable this long, so retries and beats learn its fate

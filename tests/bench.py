@@ -89,9 +89,10 @@ import uvicorn
 
 from gpuboss_client import Boss, Confirm, Lease
 from gpuboss_client.keys import PoolKeys
-from gpuboss_client.scripts import script_shas
+from gpuboss_client.scripts import script_shas, source
 
 GPUBOSS = "gpuboss"
+GPUBOSS_SCRIPTS = "gpuboss, scripts"  # the verbs as EVALSHA, where a server has no functions
 REDIS_PY = "redis-py Lock"
 REDIS_PY_FAST = "redis-py Lock sleep=0.001"
 PRLOCK = "python-redis-lock"
@@ -204,12 +205,13 @@ def server_cpu_us(client: redis.Redis) -> float:
 
 
 def lua_usec(client: redis.Redis) -> int:
-    """Microseconds spent running scripts since the last CONFIG RESETSTAT.
+    """Microseconds spent running scripts and functions since the last CONFIG RESETSTAT.
 
-    Commands that scripts call are counted again under their own names, so only EVAL/EVALSHA
+    Commands that scripts call are counted again under their own names, so only EVAL/EVALSHA/FCALL
     are summed here: the time inside scripts, redis.call included."""
     stats: dict[str, dict[str, Any]] = client.info("commandstats")
-    return sum(int(v["usec"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    names = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall")
+    return sum(int(v["usec"]) for k, v in stats.items() if k in names)
 
 
 def script_calls(client: redis.Redis) -> int:
@@ -225,10 +227,16 @@ Pair = Callable[[], None]
 
 
 def gpuboss_pair(
-    client: redis.Redis, pool: str, mib: int = 1, confirm: Confirm | None = None, keepalive: bool = True
+    client: redis.Redis,
+    pool: str,
+    mib: int = 1,
+    confirm: Confirm | None = None,
+    keepalive: bool = True,
+    functions: bool = True,
 ) -> Pair:
-    """``keepalive`` False: the lease is never handed to the heartbeat worker (no thread, no wake-up)."""
-    boss = Boss(client, holder="bench", confirm=confirm)
+    """``keepalive`` False: the lease is never handed to the heartbeat worker (no thread, no wake-up).
+    ``functions`` False: the verbs run as scripts (EVALSHA), as on a server without functions."""
+    boss = Boss(client, holder="bench", confirm=confirm, functions=functions)
 
     def pair() -> None:
         lease = boss.acquire(mib, pool=pool, timeout=0, keepalive=keepalive)
@@ -506,7 +514,7 @@ def run_contended(kind: str, url: str, processes: int, duration_s: float, hold_n
 
 def add_live_leases(boss: Boss, client: redis.Redis, pool: str, start: int, stop: int) -> None:
     """Grant leases ``start`` .. ``stop - 1`` (1 MiB, 1 h TTL) through the acquire script, pipelined."""
-    script = boss._scripts["acquire"]
+    script = client.register_script(source("acquire"))  # pipelined: EVALSHA loads it once
     keys = PoolKeys(pool).script_keys()
     host, pid = socket.gethostname(), os.getpid()
     batch = 2000
@@ -1021,6 +1029,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 PAIR_HEADER = ["contender", "pairs/s", "mean µs", "p50 µs", "p99 µs", "client CPU µs", "server CPU µs",
                "Lua µs"]  # fmt: skip
+COST_HEADER = ["command", "calls per pair", "µs per pair", "µs per call"]
 HANDOFF_HEADER = ["contender", "turns", "hand-off p50 µs", "p99 µs", "min turns", "max turns", "Jain",
                   "switch %", "overlaps"]  # fmt: skip
 
@@ -1048,6 +1057,7 @@ def section_uncontended(args: argparse.Namespace, client: redis.Redis, boss: Bos
     boss.add_device("gpu0", "24GiB", pool="solo")
     pairs = {
         GPUBOSS: gpuboss_pair(client, "solo"),
+        GPUBOSS_SCRIPTS: gpuboss_pair(client, "solo", functions=False),
         REDIS_PY: redis_py_pair(client, "bench:solo"),
         PRLOCK: prlock_pair(client, "bench-solo"),
     }
@@ -1057,11 +1067,41 @@ def section_uncontended(args: argparse.Namespace, client: redis.Redis, boss: Bos
     table(title, PAIR_HEADER, pair_rows(solo))
     print("client CPU µs: CPU of this process per pair (Python, redis-py, socket calls)")
     print("server CPU µs: redis-server main-thread CPU per pair (INFO cpu), socket I/O included")
-    print("Lua µs: server time inside EVAL/EVALSHA per pair (INFO commandstats), part of server CPU")
+    print("Lua µs: server time inside FCALL/EVALSHA per pair (INFO commandstats), part of server CPU")
+    print(f"{GPUBOSS_SCRIPTS}: the same verbs run as EVALSHA scripts (servers without functions)")
     ratio_mean = solo[GPUBOSS]["mean_us"] / solo[REDIS_PY]["mean_us"]
     ratio_p50 = solo[GPUBOSS]["p50_us"] / solo[REDIS_PY]["p50_us"]
     print(f"gpuboss / redis-py Lock per pair: {ratio_mean:.2f}x (mean), {ratio_p50:.2f}x (p50); aim <= 1.25x")
-    return {"pairs": solo, "ratio_gpuboss_vs_redis_py_lock": {"mean": ratio_mean, "p50": ratio_p50}}
+    cpu_ratio = solo[GPUBOSS]["server_cpu_us_per_pair"] / solo[REDIS_PY]["server_cpu_us_per_pair"]
+    print(f"gpuboss / redis-py Lock Redis CPU per pair: {cpu_ratio:.2f}x; aim <= 1.25x")
+    costs = command_costs(pairs[GPUBOSS], max(200, args.pairs // 10), client)
+    rows = [[name, fmt(c["calls_per_pair"], 2), fmt(c["us_per_pair"], 2), fmt(c["us_per_call"], 2)]
+            for name, c in costs.items()]  # fmt: skip
+    table("1b. What a gpuboss pair costs Redis, by command (INFO commandstats)", COST_HEADER, rows)
+    print("fcall: the two verbs whole; the rest: the redis.calls inside them (counted again in fcall)")
+    return {
+        "pairs": solo,
+        "ratio_gpuboss_vs_redis_py_lock": {"mean": ratio_mean, "p50": ratio_p50, "redis_cpu": cpu_ratio},
+        "commands": costs,
+    }
+
+
+def command_costs(pair: Pair, n: int, client: redis.Redis) -> dict[str, dict[str, float]]:
+    """Per command, what ``n`` runs of ``pair`` cost Redis: calls and µs per pair, µs per call."""
+    client.config_resetstat()
+    for _ in range(n):
+        pair()
+    stats: dict[str, dict[str, Any]] = client.info("commandstats")
+    stats.pop("cmdstat_config|resetstat", None)
+    out = {
+        k.removeprefix("cmdstat_"): {
+            "calls_per_pair": int(v["calls"]) / n,
+            "us_per_pair": int(v["usec"]) / n,
+            "us_per_call": float(v["usec_per_call"]),
+        }
+        for k, v in stats.items()
+    }
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["us_per_pair"]))
 
 
 def section_handoff(args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss) -> dict[str, Any]:

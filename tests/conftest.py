@@ -19,7 +19,7 @@ import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
-from support import Child, Rig, Served, Tier
+from support import Child, Rig, Served, Tier, fake_server
 
 from gpuboss_client import Boss, aio, sync
 
@@ -107,7 +107,7 @@ def rclient(request: pytest.FixtureRequest, redis_url: str) -> Iterator[redis.Re
         client: redis.Redis = redis.Redis.from_url(redis_url, decode_responses=True)
         client.flushdb()
     else:
-        client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+        client = fakeredis.FakeRedis(server=fake_server(), decode_responses=True)
     yield client
     client.close()
 
@@ -126,7 +126,7 @@ def tier(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Tier]:
         sync.flushdb()
         t = Tier(sync, lambda: aioredis.Redis.from_url(redis_url, decode_responses=True))
     else:
-        server = fakeredis.FakeServer()
+        server = fake_server()
         sync = fakeredis.FakeRedis(server=server, decode_responses=True)
         t = Tier(sync, lambda: fakeredis.FakeAsyncRedis(server=server, decode_responses=True))
     yield t

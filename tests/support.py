@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 import redis
@@ -47,6 +48,13 @@ CLEAN_ENV: dict[str, str | None] = {
     "COLUMNS": None,
 }
 LINE_WAIT_S = 15.0  # generous: a child on a loaded machine may take seconds to start
+
+
+def fake_server() -> fakeredis.FakeServer:
+    """A server of the fakeredis tier. It plays Redis 6.2, which has no functions: there the client
+    runs its Lua verbs as scripts (``EVALSHA``), and against the real server as functions, so the
+    tests that run on both tiers run both forms."""
+    return fakeredis.FakeServer(version=(6, 2))
 
 
 def redis_ms(r: redis.Redis) -> int:
@@ -295,7 +303,7 @@ class Stepper:
                 return
             if not isinstance(self.step, core.Call):
                 return
-            reply = self.boss._scripts[self.step.script](keys=self.step.keys, args=self.step.args)
+            reply = self.boss.script(self.step.script, self.step.keys, self.step.args)
 
     def repoll(self) -> None:
         assert self.blocked

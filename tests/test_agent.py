@@ -556,7 +556,7 @@ def test_bad_measurements_are_refused_and_change_nothing(world: World, bad: dict
 def test_the_script_checks_its_arguments(world: World, argv: list[object]) -> None:
     world.agent.run_once()
     before = snapshot(world.r)
-    reply = world.agent.boss._scripts["measure"](keys=POOL.script_keys(), args=argv)
+    reply = world.agent.boss.script("measure", POOL.script_keys(), argv)
     with pytest.raises(BadRequest):
         parse_reply(reply, frozenset({"ok"}))
     assert snapshot(world.r) == before

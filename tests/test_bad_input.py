@@ -66,8 +66,8 @@ def world(real_redis: redis.Redis) -> World:
     other = boss.acquire(16 * GiB, device="gpu1", ttl=LONG)
     boss.acquire(4 * GiB, pool="other", ttl=LONG)
     # A waiter, queued without blocking: the acquire script with wait=1.
-    reply = boss._scripts["acquire"](
-        keys=KEYS, args=["waiter", "w", "h", 1, 8 * GiB, 50, "gpu0", int(LONG * 1000), "{}", 1]
+    reply = boss.script(
+        "acquire", KEYS, ["waiter", "w", "h", 1, 8 * GiB, 50, "gpu0", int(LONG * 1000), "{}", 1]
     )
     assert parse_reply(reply, frozenset({"queued"}))[0] == "queued"
     return World(real_redis, boss, lease, other)
@@ -314,7 +314,7 @@ ACQUIRE_BAD: list[tuple[int, Any]] = [
 
 
 def script(world: World, name: str, args: list[Any], pool: str = "default") -> Any:
-    return world.boss._scripts[name](keys=PoolKeys(pool).script_keys(), args=args)
+    return world.boss.script(name, PoolKeys(pool).script_keys(), args)
 
 
 def refused(world: World, name: str, args: list[Any], error: type[GpubossError] = BadRequest) -> None:

@@ -58,12 +58,16 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "service CPU per HTTP pair:",
         "on_evict p99:",
         "gpuboss / redis-py Lock per pair:",
+        "gpuboss / redis-py Lock Redis CPU per pair:",
+        "## 1b. What a gpuboss pair costs Redis, by command",
         "pinning",
         "redis_server",
     ):
         assert heading in proc.stdout, f"missing {heading!r} in:\n{proc.stdout}"
 
     results = json.loads(out.read_text(encoding="utf-8"))
+    assert results["uncontended"]["commands"]["fcall"]["calls_per_pair"] == 2  # acquire and release
+    assert "gpuboss, scripts" in results["uncontended"]["pairs"]
     confirmed = results["confirm"]["pairs"]
     assert sorted(confirmed) == ["confirmed by 0", "confirmed by 1", "confirmed by 2"]
     assert all(pair["pairs"] == 100 for pair in confirmed.values())

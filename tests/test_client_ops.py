@@ -156,7 +156,7 @@ def test_json_round_trips(pool_boss: Boss) -> None:
 
 def _step(boss: Boss, step: core.Step) -> object:
     if isinstance(step, core.Call):
-        return boss._scripts[step.script](keys=step.keys, args=step.args)
+        return boss.script(step.script, step.keys, step.args)
     return boss.redis.execute_command(*step.args)
 
 

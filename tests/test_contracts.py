@@ -251,12 +251,12 @@ def test_common_declares_the_keys_in_pool_keys_order() -> None:
     assert [int(i) for i, _ in declared] == list(range(1, len(declared) + 1))
     pk = PoolKeys("p")
     assert pk.script_keys() == [getattr(pk, name) for _, name in declared]
-    binds = re.findall(r"^local (K_[\w, ]+) = (KEYS\[[\w\[\], ]+)$", COMMON, re.M)
-    assert binds, "_common.lua binds KEYS[2..] to K_ names"
+    binds = re.findall(r"^\s+((?:PREFIX|K_\w+)[\w, ]*) = (keys\[[\w\[\], ]+)$", COMMON, re.M)
+    assert binds, "_common.lua's bind() binds keys[1..] to PREFIX and K_ names"
     names = [n.strip() for lhs, _ in binds for n in lhs.split(",")]
-    indexes = [int(i) for _, rhs in binds for i in re.findall(r"KEYS\[(\d+)\]", rhs)]
-    assert [n.removeprefix("K_").lower() for n in names] == [name for _, name in declared[1:]]
-    assert indexes == list(range(2, len(declared) + 1))
+    indexes = [int(i) for _, rhs in binds for i in re.findall(r"keys\[(\d+)\]", rhs)]
+    assert [n.removeprefix("K_").lower() for n in names] == [name for _, name in declared]
+    assert indexes == list(range(1, len(declared) + 1))
 
 
 def test_no_script_scans_the_keyspace() -> None:
@@ -269,7 +269,7 @@ def test_no_script_scans_the_keyspace() -> None:
 def test_lua_key_builders_agree_with_pool_keys(real_redis: redis.Redis) -> None:
     pk = PoolKeys("p-1.x")
     probe = COMMON + (
-        "\nreturn {lease_key('L'), device_key('D'), device_leases_key('D'), wake_key('L'),"
+        "\nbind(KEYS)\nreturn {lease_key('L'), device_key('D'), device_leases_key('D'), wake_key('L'),"
         " evictable_key('D'), K_CONFIG, live_key()}"
     )
     got = real_redis.eval(probe, len(pk.script_keys()), *pk.script_keys())
@@ -290,7 +290,7 @@ def test_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.Redis) ->
     op = core.acquire(req, boss.holder, lambda: 0.0)
     step = op.send(None)
     assert isinstance(step, core.Call)
-    step = op.send(boss._scripts[step.script](keys=step.keys, args=step.args))
+    step = op.send(boss.script(step.script, step.keys, step.args))
     assert isinstance(step, core.Command)
     assert step.args[:2] == ("BLPOP", PoolKeys("pk").wake("second"))
     pk = PoolKeys("pk")

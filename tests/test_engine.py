@@ -109,7 +109,7 @@ class Stepper:
     def run_step(self) -> None:
         step = self.step
         if isinstance(step, core.Call):
-            reply = self.boss._scripts[step.script](keys=step.keys, args=step.args)
+            reply = self.boss.script(step.script, step.keys, step.args)
         else:
             assert step is not None
             assert step.args[0] == "BLPOP"
@@ -510,7 +510,7 @@ def test_a_waiter_that_gives_up_lets_the_one_behind_it_in(boss: Boss) -> None:
 
 
 def _cancel(boss: Boss, lease_id: str) -> None:
-    reply = boss._scripts["cancel"](keys=POOL.script_keys(), args=[lease_id, boss.holder.name])
+    reply = boss.script("cancel", POOL.script_keys(), [lease_id, boss.holder.name])
     assert core.parse_reply(reply, frozenset({"cancelled"}))[0] == "cancelled"
 
 

@@ -630,7 +630,7 @@ def test_bad_gang_and_exclusive_input_changes_nothing(real_redis: redis.Redis) -
     boss.acquire("8GiB", devices=2, ttl=3600, request_id="gang")
     boss.acquire("4GiB", device="gpu2", exclusive=True, ttl=3600, request_id="excl")
     # A gang waiter, queued without blocking: the acquire script with wait=1.
-    reply = boss._scripts["acquire"](keys=POOL.script_keys(), args=acquire_args("waiter", 12 * GiB, "", 2))
+    reply = boss.script("acquire", POOL.script_keys(), acquire_args("waiter", 12 * GiB, "", 2))
     assert parse_reply(reply, frozenset({"queued"}))[0] == "queued"
     check_books(r)
     keys = POOL.script_keys()
@@ -648,11 +648,11 @@ def test_bad_gang_and_exclusive_input_changes_nothing(real_redis: redis.Redis) -
                 call()
         # Straight to the scripts: they refuse it too, without writing.
         for gang, want in (("0", ""), ("17", ""), ("x", ""), ("1.5", ""), ("2", "gpu0")):
-            reply = boss._scripts["acquire"](keys=keys, args=acquire_args("new", GiB, want, gang))
+            reply = boss.script("acquire", keys, acquire_args("new", GiB, want, gang))
             with pytest.raises(BadRequest):
                 parse_reply(reply, frozenset({"granted", "queued", "busy"}))
             if want == "":
-                reply = boss._scripts["plan"](keys=keys, args=[GiB, 50, want, 0, gang])
+                reply = boss.script("plan", keys, [GiB, 50, want, 0, gang])
                 with pytest.raises(BadRequest):
                     parse_reply(reply, frozenset({"grant", "wait", "evict", "never"}))
         # Well-formed, but it can never fit, or would have to wait: nothing is written either.

@@ -41,6 +41,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support import fake_server
 
 from gpuboss_client import Boss, _core
 from gpuboss_client._core import Lease, LeaseInfo
@@ -358,7 +359,7 @@ class LeaseMachine(RuleBasedStateMachine):
     ) -> str:
         args: list[str | int] = [lease_id, HOLDER, HOST, PID, mib, priority, want, ttl_ms, "{}", int(wait)]
         try:
-            reply = self.boss._scripts["acquire"](keys=self.keys.script_keys(), args=args)
+            reply = self.boss.script("acquire", self.keys.script_keys(), args)
             code, fields = _core.parse_reply(reply, frozenset({"granted", "queued", "busy", "ended"}))
         except GpubossError as exc:
             return _code(exc)
@@ -502,7 +503,7 @@ class LeaseMachine(RuleBasedStateMachine):
         else:
             ml = self._pick(data, lambda ml: True)
         expected = self.model.cancel(ml)
-        reply = self.boss._scripts["cancel"](keys=self.keys.script_keys(), args=[ml.id, HOLDER])
+        reply = self.boss.script("cancel", self.keys.script_keys(), [ml.id, HOLDER])
         code, fields = _core.parse_reply(reply, frozenset({"cancelled", "granted", "ended"}))
         assert code == expected
         self._check_reply(code, fields, ml)
@@ -561,7 +562,7 @@ class LeaseMachine(RuleBasedStateMachine):
             # Another holder cannot cancel a request, whatever its state.
             ml = self._pick(data, lambda ml: ml.state == "queued")
             with _raises("lease_not_held"):
-                reply = self.boss._scripts["cancel"](keys=self.keys.script_keys(), args=[ml.id, "other"])
+                reply = self.boss.script("cancel", self.keys.script_keys(), [ml.id, "other"])
                 _core.parse_reply(reply, frozenset({"cancelled", "granted", "ended"}))
         elif probe == "release_again":
             # With its own token: a retry if it was released, else LeaseLost with its end state.
@@ -701,7 +702,7 @@ pytestmark = pytest.mark.timeout(420)
 
 
 def test_model_fakeredis() -> None:
-    server = fakeredis.FakeServer()
+    server = fake_server()
     machine = _machine("FakeRedisLeases", lambda: fakeredis.FakeRedis(server=server, decode_responses=True))
     run_state_machine_as_test(machine, settings=settings(BASE, max_examples=100, stateful_step_count=30))
 

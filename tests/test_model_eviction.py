@@ -60,6 +60,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support import fake_server
 
 from gpuboss_client import Boss, _core
 from gpuboss_client._core import Lease, LeaseInfo
@@ -433,7 +434,7 @@ class EvictionMachine(RuleBasedStateMachine):
             req.id, HOLDER, HOST, PID, mib, priority, "", ttl_ms, "{}", 1,
             int(preemptible), grace_ms, "", 0, gang,
         ]  # fmt: skip
-        reply = self.boss._scripts["acquire"](keys=self.keys.script_keys(), args=args)
+        reply = self.boss.script("acquire", self.keys.script_keys(), args)
         code, fields = _core.parse_reply(reply, frozenset({"granted", "queued"}))
         if code == "queued":
             self.sent[req.id] = self.clock()  # it blocks on its wake list from now on
@@ -539,7 +540,7 @@ class EvictionMachine(RuleBasedStateMachine):
         before = self.ledger.state.get(lid)
         if before is None:
             return
-        reply = self.boss._scripts["cancel"](keys=self.keys.script_keys(), args=[lid, HOLDER])
+        reply = self.boss.script("cancel", self.keys.script_keys(), [lid, HOLDER])
         code, fields = _core.parse_reply(reply, frozenset({"cancelled", "granted", "ended"}))
         self._sync()
         after = self.ledger.state[lid]
@@ -737,7 +738,7 @@ def _run(machine: type[EvictionMachine], max_examples: int) -> None:
 
 
 def test_eviction_model_fakeredis() -> None:
-    server = fakeredis.FakeServer()
+    server = fake_server()
     _run(
         _machine("FakeRedisEviction", lambda: fakeredis.FakeRedis(server=server, decode_responses=True)), 100
     )
@@ -760,7 +761,7 @@ def test_busy_does_not_revive_a_lease_evicted_by_the_same_call(boss: Boss) -> No
     boss.idle(warm)
     for waiter in ("w1", "w2"):  # w1 evicts batch; w2, behind it, waits
         args: list[str | int] = [waiter, HOLDER, HOST, PID, 4, 50, "", TTL_MS, "{}", 1, 0, 10000, "", 0, 1]
-        boss._scripts["acquire"](keys=keys.script_keys(), args=args)
+        boss.script("acquire", keys.script_keys(), args)
     deadline = int(cast(str, boss.redis.hget(keys.lease(batch.id), "evict_deadline")))
     while True:  # Redis TIME past batch's deadline: the next call revokes it in passing
         secs, micros = boss.redis.time()

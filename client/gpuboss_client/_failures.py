@@ -1,13 +1,15 @@
 """What redis-py's exceptions mean to gpuboss: every outage, failover, migration and full memory
 is a retryable :class:`BackendUnavailable`; an ACL refusal is :class:`BackendForbidden`, naming
-what was refused; anything else Redis refuses is a :class:`ProtocolError` (a bug, or a server
-that is not Redis enough).
+what was refused, and so is a server whose TLS certificate this client does not trust; anything
+else Redis refuses is a :class:`ProtocolError` (a bug, or a server that is not Redis enough).
 
 Errors raised inside a script keep their code at the start of the message (Redis 7), so a
 ``READONLY`` from a ``redis.call`` reads the same as one from a plain command.
 """
 
 from __future__ import annotations
+
+import ssl
 
 import redis
 import redis.exceptions as rx
@@ -58,12 +60,24 @@ _CODE_OF: dict[type[Exception], str] = {
 }
 
 
+def _untrusted(exc: BaseException) -> bool:
+    """Whether ``exc`` came from a TLS certificate this client does not trust: no retry fixes it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def backend_error(exc: redis.RedisError) -> GpubossError:
     """The gpuboss error for a failed Redis call."""
     text = str(exc)
     code = _CODE_OF.get(type(exc)) or text.split(" ", 1)[0]
     if code == "NOPERM" or isinstance(exc, rx.NoPermissionError) or _SCRIPT_REFUSED in text:
         return BackendForbidden(f"Redis refused this client's user: {text}")
+    if _untrusted(exc):
+        return BackendForbidden(f"Redis's TLS certificate is not trusted (check ssl_ca_certs): {text}")
     if code in RETRY_CODES:
         return BackendUnavailable(f"Redis cannot serve this now ({_WHY[code]}): {text}", redis_error=code)
     if isinstance(exc, _UNAVAILABLE):

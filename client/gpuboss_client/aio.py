@@ -38,13 +38,26 @@ from ._core import (
 )
 from ._failures import backend_error
 from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, LeaseNotHeld
-from .scripts import NAMES, source
+from .scripts import LIBRARY, NAMES, function_name, library, script_shas, source
 from .urls import Confirm, Deployment, parse_url, redact
 
 __all__ = ["AsyncBoss", "AsyncLeaseContext"]
 
 log = logging.getLogger("gpuboss_client")
 T = TypeVar("T")
+
+
+def _lacks_verb(exc: redis.ResponseError) -> bool:
+    """Whether Redis refused a verb for want of its function or script (lost in a restart, flushed,
+    or not loaded yet)."""
+    return isinstance(exc, redis.exceptions.NoScriptError) or "Function not found" in str(exc)
+
+
+def _refuses_functions(exc: redis.ResponseError) -> bool:
+    """Whether Redis refused ``FCALL`` itself: a server without functions, or a user who may not
+    call them."""
+    return "'fcall'" in str(exc)
+
 
 #: clients with leases to give back when the interpreter exits
 _clients: weakref.WeakSet[AsyncBoss] = weakref.WeakSet()
@@ -57,6 +70,10 @@ class AsyncBoss:
     atomic Lua script in Redis; this client only sends them and waits. Leases it acquires renew
     themselves in one background worker until released; :meth:`aclose` (and the interpreter's
     exit) releases whatever it still holds.
+
+    The scripts run as one Redis function library (loaded on first use) where the server has
+    functions and this user may load or call them, else as ``EVALSHA`` scripts; ``functions=False``
+    always runs scripts. Clients of a Redis Cluster run scripts (see :mod:`gpuboss_client.scripts`).
     """
 
     def __init__(
@@ -69,6 +86,7 @@ class AsyncBoss:
         clock: Clock = time.monotonic,
         confirm: Confirm | None = None,
         deployment: Deployment | None = None,
+        functions: bool = True,
     ) -> None:
         self.redis = client
         self.confirm = confirm if confirm is not None else Confirm()
@@ -76,7 +94,10 @@ class AsyncBoss:
         self._by_slot = backend.is_cluster(client)  # one command reads one slot
         self.holder = Holder.of(holder, host, pid)
         self._clock = clock
-        self._scripts = {name: client.register_script(source(name)) for name in NAMES}
+        # verbs run as functions but on a cluster, whose clients route EVALSHA by its keys without
+        # asking the server (FCALL would cost them a COMMAND GETKEYS round trip per call)
+        self._functions = functions and not self._by_slot
+        self._shas = script_shas()
         self._held = core.Held(clock)
         self._max_block = core.max_block_of(client)
         self._listener: backend.Worker | None = None
@@ -141,50 +162,81 @@ class AsyncBoss:
             while True:
                 step = op.send(reply)
                 try:
-                    if self.confirm.replicas and core.confirms(step):
-                        reply = await self._confirmed(step)
-                    elif isinstance(step, Call):
-                        reply = await self._scripts[step.script](keys=step.keys, args=step.args)
-                    else:
-                        reply = await self.redis.execute_command(*step.args)  # type: ignore[no-untyped-call]
+                    reply = await self._execute(step)
                 except redis.RedisError as exc:
                     raise backend_error(exc) from exc
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    async def _confirmed(self, step: Call | Command) -> Any:
-        """Run ``step`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run Lua verb ``name`` with raw ``KEYS`` and ``ARGV`` and return Redis's reply, as the
+        operations do (for tests and tools that drive the scripts by hand)."""
+        return await self._execute(Call(name, keys, args))
+
+    async def _execute(self, step: Call | Command) -> Any:
+        """Run one step. A verb runs as ``FCALL`` of the function library, or as ``EVALSHA`` once
+        Redis refused ``FCALL`` (see :mod:`gpuboss_client.scripts`); one that Redis lacks (after a
+        restart, a flush, or on first use) is loaded and run again."""
+        for attempt in (1, 2, 3):
+            command = self._command(step)
+            try:
+                if self.confirm.replicas and core.confirms(step):
+                    return await self._confirmed(command)
+                return await self.redis.execute_command(*command)  # type: ignore[no-untyped-call]
+            except redis.ResponseError as exc:
+                if attempt == 3 or not isinstance(step, Call):
+                    raise
+                if self._functions and _refuses_functions(exc):
+                    log.info("running the Lua verbs as scripts: Redis refused FCALL (%s)", exc)
+                    self._functions = False
+                elif _lacks_verb(exc):
+                    await self._load_verb(step.script)
+                else:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _command(self, step: Call | Command) -> tuple[Any, ...]:
+        if not isinstance(step, Call):
+            return step.args
+        if self._functions:
+            return ("FCALL", function_name(step.script), len(step.keys), *step.keys, *step.args)
+        return ("EVALSHA", self._shas[step.script], len(step.keys), *step.keys, *step.args)
+
+    async def _load_verb(self, name: str) -> None:
+        """Load the function library, or verb ``name``'s script where Redis has no functions, this
+        user may not load them, or after loading it the call still finds none."""
+        if self._functions:
+            try:
+                await self.redis.execute_command("FUNCTION LOAD", library())  # type: ignore[no-untyped-call]
+                return
+            except redis.ResponseError as exc:
+                if "already exists" in str(exc):
+                    return  # another client loaded it meanwhile
+                log.info("running the Lua verbs as scripts: Redis refused FUNCTION LOAD (%s)", exc)
+                self._functions = False
+        await self.redis.execute_command("SCRIPT LOAD", source(name))  # type: ignore[no-untyped-call]
+
+    async def _confirmed(self, command: tuple[Any, ...]) -> Any:
+        """Run ``command`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
         :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover)."""
         need = self.confirm.replicas
         # WAIT blocks the connection: never as long as its read timeout
         wait_ms = (
             self.confirm.ms if self._max_block is None else min(self.confirm.ms, int(self._max_block * 1000))
         )
-        for attempt in (1, 2):
-            pipe = self.redis.pipeline(transaction=False)
-            if isinstance(step, Call):
-                script = self._scripts[step.script]
-                pipe.evalsha(script.sha, len(step.keys), *step.keys, *step.args)
-            else:
-                pipe.execute_command(*step.args)  # type: ignore[no-untyped-call,unused-ignore]
-            pipe.execute_command("WAIT", need, wait_ms)  # type: ignore[no-untyped-call,unused-ignore]
-            try:
-                reply, acked = await pipe.execute()
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-                await self.redis.script_load(script.script)  # Redis restarted or flushed its scripts
-                continue
-            if int(acked) < need:
-                # Perhaps a primary that a failover left behind: the next call connects afresh (to
-                # the primary the sentinels name now).
-                await backend.drop_idle_connections(self.redis)
-                raise BackendUnavailable(
-                    f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms: "
-                    "it would not survive a failover", replicas=int(acked),
-                )  # fmt: skip
-            return reply
-        raise AssertionError("unreachable")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call,unused-ignore]
+        pipe.execute_command("WAIT", need, wait_ms)  # type: ignore[no-untyped-call,unused-ignore]
+        reply, acked = await pipe.execute()
+        if int(acked) < need:
+            # Perhaps a primary that a failover left behind: the next call connects afresh (to the
+            # primary the sentinels name now).
+            await backend.drop_idle_connections(self.redis)
+            raise BackendUnavailable(
+                f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms: "
+                "it would not survive a failover", replicas=int(acked),
+            )  # fmt: skip
+        return reply
 
     async def acquire(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.
@@ -383,9 +435,21 @@ class AsyncBoss:
         return await self.run(core.read_events(cursors, count, block_ms, by_slot=self._by_slot))
 
     async def load_scripts(self) -> dict[str, str]:
-        """Ping Redis and make sure it has every Lua script cached; their SHAs by name (what the
-        service's ``/readyz`` reports)."""
-        return await self.run(core.load_scripts())
+        """Ping Redis and make sure it has every Lua script cached, and the function library
+        where this client uses it; the scripts' SHAs by name (what the service's ``/readyz``
+        reports)."""
+        shas = await self.run(core.load_scripts())
+        if self._functions:
+            try:
+                await self._load_verb(NAMES[0])
+            except redis.RedisError as exc:
+                raise backend_error(exc) from exc
+        return shas
+
+    @property
+    def library(self) -> str | None:
+        """The function library this client calls, or None while it runs the verbs as scripts."""
+        return LIBRARY if self._functions else None
 
     async def event_cursors(self, pool: str | None = None) -> dict[str, str]:
         """Where the event streams of ``pool`` (or of every pool) end now, for :meth:`follow`: each

@@ -235,7 +235,8 @@ class Forbidden(GpubossError):
 
 class BackendForbidden(Forbidden):
     """Redis refused a command to this client's Redis user (``NOPERM``: its ACL does not allow
-    the command, the key or the channel); the message names what was refused."""
+    the command, the key or the channel), or this client refused Redis's TLS certificate (not
+    signed by ``ssl_ca_certs``); the message names what was refused. No retry helps."""
 
     code = "backend_forbidden"
     exit_code = 24

@@ -6,6 +6,9 @@ log and any files it writes), wait until the deployment is formed and agreed, an
 reap every process they started, also when the body raised. Nothing is persisted (``save ""``,
 ``appendonly no``). Every wait polls the servers' own state against a deadline.
 
+:func:`make_certs` makes a throwaway CA with a server and a client certificate (``openssl``), and
+:func:`tls_redis_server` and :func:`tls_sentinel` start servers that speak only TLS with them.
+
 Test modules import them with ``from topology import ...`` (pytest puts ``tests/`` on ``sys.path``).
 """
 
@@ -23,22 +26,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 __all__ = [
     "HOST",
+    "Certs",
     "Cluster",
     "Node",
     "SentinelGroup",
+    "TLSUnsupported",
+    "make_certs",
     "redis_cluster",
     "redis_server",
     "restart",
     "sentinel_group",
+    "tls_redis_server",
+    "tls_sentinel",
 ]
 
 HOST = "127.0.0.1"
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
+OPENSSL = shutil.which("openssl") or "openssl"
 SLOTS = 16384
 BUS_OFFSET = 10000  # a cluster node's bus port is its port + 10000
 START_S = 10.0  # for one redis-server to answer PING
@@ -70,6 +81,7 @@ class Node:
     argv: list[str] = field(repr=False)  # how to start it again
     node_id: str = ""  # cluster nodes only
     frozen: bool = False
+    certs: Certs | None = None  # a server that speaks only TLS: the certificates it was given
 
     @property
     def addr(self) -> tuple[str, int]:
@@ -116,13 +128,27 @@ def _free_port(*, bus: bool) -> int:
     raise RuntimeError("no free loopback port (with a free bus port)")
 
 
-def _admin(host: str, port: int, *, decode: bool = True) -> redis.Redis:
+def _admin(
+    host: str, port: int, *, decode: bool = True, certs: Certs | None = None, **kwargs: Any
+) -> redis.Redis:
+    """A client of one server; with ``certs``, over TLS with the client certificate. ``kwargs`` go
+    to :class:`redis.Redis`."""
+    tls: dict[str, Any] = {}
+    if certs is not None:
+        tls = {
+            "ssl": True,
+            "ssl_ca_certs": str(certs.ca),
+            "ssl_certfile": str(certs.client_cert),
+            "ssl_keyfile": str(certs.client_key),
+        }
     return redis.Redis(
         host=host,
         port=port,
         decode_responses=decode,
         socket_timeout=ADMIN_TIMEOUT_S,
         socket_connect_timeout=ADMIN_TIMEOUT_S,
+        **tls,
+        **kwargs,
     )
 
 
@@ -138,13 +164,15 @@ def _log_tail(folder: Path, lines: int = 20) -> str:
     return "\n".join(logs[0].read_text(errors="replace").splitlines()[-lines:])
 
 
-def _started(port: int, proc: subprocess.Popen[bytes], deadline_s: float) -> bool:
-    """Wait until the server ``proc`` answers on ``port``; False if it exited first (port taken).
+def _started(port: int, proc: subprocess.Popen[bytes], deadline_s: float, certs: Certs | None = None) -> bool:
+    """Wait until the server ``proc`` answers on ``port`` (over TLS with ``certs``); False if it
+    exited first (port taken).
 
     Checks the answering server's pid, so another process that took the port is not mistaken for it.
     """
     deadline = time.monotonic() + deadline_s
-    client = _admin(HOST, port)
+    # no retries of its own: redis-py's default backs off for seconds on a port not listening yet
+    client = _admin(HOST, port, certs=certs, retry=Retry(NoBackoff(), 0))
     try:
         while True:
             if proc.poll() is not None:
@@ -161,11 +189,12 @@ def _started(port: int, proc: subprocess.Popen[bytes], deadline_s: float) -> boo
         client.close()
 
 
-def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
-    # the servers log to their own file; stdin closed so that they never read the test's terminal
-    return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def _spawn(argv: list[str], stderr: Path | None = None) -> subprocess.Popen[bytes]:
+    # the servers log to their own file (before they open it, a config error goes to ``stderr``);
+    # stdin closed so that they never read the test's terminal
+    with contextlib.ExitStack() as stack:
+        err: Any = subprocess.DEVNULL if stderr is None else stack.enter_context(stderr.open("wb"))
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _start(
@@ -176,24 +205,31 @@ def _start(
     bus: bool = False,
     sentinel: bool = False,
     extra: list[str] | None = None,
+    certs: Certs | None = None,
 ) -> Node:
-    """Start one server in ``folder`` with the config lines ``config(port)`` on a free port.
+    """Start one server in ``folder`` with the config lines ``config(port)`` on a free port (with
+    ``certs``, a server that answers only over TLS there).
 
     Picking a port and binding it are not atomic, so a start that loses the port is retried on
-    another one.
+    another one. A server built without TLS raises :class:`TLSUnsupported`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     conf = folder / ("sentinel.conf" if sentinel else "redis.conf")
+    stderr = folder / "stderr.txt"
     for _ in range(5):
         port = _free_port(bus=bus)
         (folder / "nodes.conf").unlink(missing_ok=True)  # a cluster config of a lost attempt
         conf.write_text("\n".join(config(port)) + "\n")
         argv = [REDIS_SERVER, str(conf), *(["--sentinel"] if sentinel else []), *(extra or [])]
-        proc = _spawn(argv)
-        if _started(port, proc, START_S):
-            return Node(HOST, port, proc, role, folder, argv)
+        proc = _spawn(argv, stderr)
+        if _started(port, proc, START_S, certs):
+            return Node(HOST, port, proc, role, folder, argv, certs=certs)
         proc.wait(STOP_S)
-    raise RuntimeError(f"redis-server in {folder} did not start:\n{_log_tail(folder)}")
+        if certs is not None and (why := _no_tls(stderr.read_text(errors="replace"), _log_tail(folder))):
+            raise TLSUnsupported(f"{REDIS_SERVER} cannot serve TLS: {why}")
+    raise RuntimeError(
+        f"redis-server in {folder} did not start:\n{stderr.read_text(errors='replace')}{_log_tail(folder)}"
+    )
 
 
 def _base_config(folder: Path, port: int, log: str) -> list[str]:
@@ -857,5 +893,172 @@ def restart(node: Node) -> None:
     if node.alive:
         _kill(node)
     node.process = _spawn(node.argv)
-    if not _started(node.port, node.process, START_S):
+    if not _started(node.port, node.process, START_S, node.certs):
         raise RuntimeError(f"redis-server in {node.folder} did not start again:\n{_log_tail(node.folder)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS
+
+#: the extensions of each certificate :func:`make_certs` makes (an ``openssl`` config file)
+_OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+# clientAuth too: a server's certificate is also what it shows as a client (a sentinel, a replica)
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+CERT_DAYS = 2
+
+
+class TLSUnsupported(RuntimeError):
+    """The ``redis-server`` here was built without TLS (or ``openssl`` is missing)."""
+
+
+@dataclass(frozen=True)
+class Certs:
+    """A throwaway CA and two certificates it signed, each with its key (PEM files, no password):
+    the server's, for 127.0.0.1 and localhost, and a client's."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(folder: Path, *args: str) -> None:
+    try:
+        done = subprocess.run([OPENSSL, *args], cwd=folder, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise TLSUnsupported(f"no {OPENSSL} to make test certificates with") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed:\n{done.stderr}")
+
+
+def make_certs(folder: Path, name: str = "gpuboss test CA") -> Certs:
+    """Make a CA named ``name`` in ``folder`` and sign a server and a client certificate with it;
+    each call makes a CA of its own (ECDSA P-256, valid for :data:`CERT_DAYS` days)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "openssl.cnf"
+    config.write_text(_OPENSSL_CONFIG)
+    ca, ca_key = folder / "ca.crt", folder / "ca.key"
+    _openssl(
+        folder, "req", "-x509", "-config", str(config), "-extensions", "ca", *_KEY,
+        "-keyout", str(ca_key), "-out", str(ca), "-days", str(CERT_DAYS), "-subj", f"/CN={name}",
+    )  # fmt: skip
+    for serial, (who, cn) in enumerate((("server", "localhost"), ("client", "gpuboss test client")), 1):
+        csr = folder / f"{who}.csr"
+        _openssl(
+            folder, "req", "-new", "-config", str(config), *_KEY,
+            "-keyout", str(folder / f"{who}.key"), "-out", str(csr), "-subj", f"/CN={cn}",
+        )  # fmt: skip
+        _openssl(
+            folder, "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-set_serial", str(serial), "-days", str(CERT_DAYS), "-extfile", str(config),
+            "-extensions", who, "-out", str(folder / f"{who}.crt"),
+        )  # fmt: skip
+    return Certs(
+        ca, folder / "server.crt", folder / "server.key", folder / "client.crt", folder / "client.key"
+    )
+
+
+def _no_tls(stderr: str, log: str) -> str | None:
+    """Why a server that exited did so for want of TLS support, or None if it did not."""
+    for line in stderr.splitlines():
+        if line.startswith(">>> 'tls-"):  # Redis <= 7.0 built without TLS: the directives are unknown
+            return f"{line.removeprefix('>>> ')}: {stderr.strip().splitlines()[-1]}"
+    if "Failed finding TLS support" in log:  # Redis >= 7.2 without its TLS module
+        return "Failed finding TLS support"
+    return None
+
+
+def _tls_config(certs: Certs, port: int, auth_clients: bool) -> list[str]:
+    """Listen on TLS on ``port`` (and, with ``port 0`` in the base config, on nothing else); with
+    ``auth_clients``, a client must show a certificate the CA signed."""
+    return [
+        f"tls-port {port}",
+        f"tls-cert-file {_quote(str(certs.server_cert))}",
+        f"tls-key-file {_quote(str(certs.server_key))}",
+        f"tls-ca-cert-file {_quote(str(certs.ca))}",
+        f"tls-auth-clients {'yes' if auth_clients else 'no'}",
+        "tls-replication yes",  # a replica's or a sentinel's links to the primary are TLS too
+    ]
+
+
+@contextlib.contextmanager
+def tls_redis_server(folder: Path, certs: Certs, *config: str, auth_clients: bool = False) -> Iterator[Node]:
+    """One ``redis-server`` that listens only on TLS, on a free loopback port (``node.port``), with
+    the server certificate of ``certs`` and the extra config lines ``config``; with
+    ``auth_clients``, it refuses a client without a certificate the CA signed. Stopped on exit.
+    :class:`TLSUnsupported` if this redis-server was built without TLS."""
+    node = _start(
+        folder, "master",
+        lambda port: [*_data_config(folder, 0), *_tls_config(certs, port, auth_clients), *config],
+        certs=certs,
+    )  # fmt: skip
+    try:
+        yield node
+    finally:
+        _stop_all([node])
+
+
+@contextlib.contextmanager
+def tls_sentinel(
+    folder: Path, certs: Certs, primary: Node, service: str = "gpuboss", *, auth_clients: bool = False
+) -> Iterator[Node]:
+    """One Sentinel that listens only on TLS and monitors ``primary`` (a :func:`tls_redis_server`)
+    as ``service`` with quorum 1, over TLS; returns once it has read the primary's INFO (so its
+    own TLS link works). Stopped on exit."""
+
+    def config(port: int) -> list[str]:
+        return [
+            *_base_config(folder, 0, "sentinel.log"),
+            *_tls_config(certs, port, auth_clients),
+            f"sentinel monitor {service} {primary.host} {primary.port} 1",
+            f"sentinel down-after-milliseconds {service} 1000",
+        ]
+
+    node = _start(folder, "sentinel", config, sentinel=True, certs=certs)
+    try:
+
+        def sees_primary() -> str | None:
+            with contextlib.closing(_admin(*node.addr, certs=certs)) as c:
+                if _sentinel_primary(c, service) != primary.addr:
+                    return f"it does not name {primary.addr}"
+                seen = _sentinel_master(c, service)
+            if set(seen["flags"].split(",")) != {"master"}:
+                return f"it flags the primary {seen['flags']}"
+            # the run id comes from the primary's INFO: the sentinel has reached it over TLS
+            return None if seen.get("runid") else "it has not read the primary's INFO yet"
+
+        _wait("the TLS sentinel to see the primary", sees_primary, FORM_S)
+        yield node
+    finally:
+        _stop_all([node])
+
+
+def _sentinel_master(sentinel: redis.Redis, service: str) -> dict[str, str]:
+    """What ``SENTINEL MASTER`` says of ``service``'s primary (``flags``, ``runid``, ...)."""
+    reply = _call(sentinel, "SENTINEL", "MASTER", service)
+    fields = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+    return {str(k): str(v) for k, v in fields.items()}

@@ -3,8 +3,9 @@
 Run it from the repository root::
 
     .venv/bin/python tests/chaos.py --seed 7 --duration 60 [--workers 6] [--devices 3] [--json out.json]
+    .venv/bin/python tests/chaos.py --topology sentinel --seed 7 --duration 30
 
-What one run does:
+What one run does (``--topology single``, the default):
 
 - starts its own ``redis-server`` on a free loopback port in a temporary directory, with
   ``appendonly yes`` and ``appendfsync always`` (a restart loses nothing acknowledged), and
@@ -29,6 +30,36 @@ It prints figures (run length, grants, faults by kind, violations by kind, recla
 kill -9, eviction latency against the grace deadline) and exits 1 on any violation, else 0.
 ``--json`` writes the same as a document; ``--keep DIR`` keeps the histories, the Redis log and
 ``recording.json``, which ``--check recording.json`` judges again without running anything.
+
+With ``--topology sentinel`` the run starts a primary, two replicas and three Sentinels instead
+(``tests/topology.sentinel_group``: loopback, no persistence, ``failover-timeout`` 5000; the run
+sets ``down-after-milliseconds`` to 1000, 1300 and 1600, see :data:`SENTINEL_DOWN_MS`), and the
+workers and the reaper connect with
+``redis+sentinel://...`` (each state change confirmed by every replica with ``WAIT``, the
+default; a 1 s read timeout, so a frozen primary holds no call for long). Faults of that mode (see
+:data:`FAULTS`, each kind's ``topologies``): the worker faults (``kill``, ``stop``, ``pubsub``), and
+three failovers, each only once the deployment has settled from the last (every sentinel names
+one primary, both other data nodes replicate it with their link up and the sentinels see them
+healthy): ``failover`` (``SENTINEL FAILOVER``), ``primary_kill`` (SIGKILL, restarted later as a
+replica of the new primary) and ``primary_stop`` (SIGSTOP until a replica is promoted, then SIGCONT:
+the old primary wakes up still a primary). Sentinel demotes a primary that a failover left behind
+about 10 s after it is reachable again; the run sends it ``REPLICAOF`` the new primary itself
+1.5-3 s after the failover (or the SIGCONT) instead, so that a short run fails over often. Skipped
+in that mode: ``delay`` and ``drop`` (the workers reach the data nodes directly, as the sentinels
+name them, not through the proxy) and ``restart`` (a data node without persistence that restarts
+as a primary comes back empty; ``primary_kill`` is the restart of that mode).
+
+A failover can leave writes behind: what an old primary wrote and no promoted replica received.
+The event recorder follows the primary the sentinels name and, each time it (re)connects and at
+the end, matches what it recorded against the stream of the primary it reads (see
+:func:`merge_stream`); the run also reads a left-behind primary's stream just before it demotes
+it (what it wrote after the sentinels named another, which the recorder did not read). The
+surviving history is what :func:`check` judges; the entries that did not survive are kept apart
+(``lost_events``, in the figures), and the checker names the violations they explain (cause
+``lost_in_failover``: a lost grant or renewal that a worker was told about). Workers also record
+when the client renewed their lease (``renewed``). The figures add the failovers by kind, the time
+from each to the promotion of a replica (the harness sees its ``ROLE`` turn master), and to the
+first grant on the new primary (the first ``granted`` entry the new primary wrote itself).
 
 The checker's rules are in :func:`check`'s docstring.
 """
@@ -57,10 +88,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from topology import Node, SentinelGroup, sentinel_group
 
 from gpuboss_client import (
     BackendUnavailable,
@@ -87,6 +120,19 @@ TERMINAL = frozenset({"released", "expired", "revoked", "force_released", "cance
 ENDS_HELD = frozenset({"released", "expired", "revoked", "force_released"})
 ENDS_WAITING = frozenset({"cancelled", "abandoned", "force_released"})
 REDIS_SERVER = shutil.which("redis-server")
+TOPOLOGIES = ("single", "sentinel")
+#: the Sentinel service the sentinel mode's group monitors
+SERVICE = "gpuboss"
+#: the sentinel mode's connection options (workers and reaper): every replica confirms each state
+#: change (WAIT, at most 500 ms and half the read timeout); a frozen primary holds a call 1 s at most
+SENTINEL_OPTIONS = "confirm_ms=500&socket_timeout=1&socket_connect_timeout=0.5"  # confirm_replicas=all
+#: how far back (ms before the last entry recorded) the recorder matches its record against the
+#: stream of a primary it (re)connects to: a failover's divergence is seconds old at most
+RECONCILE_MS = 30_000
+#: a failover's replica must be promoted within this long (down-after 1 s, then the election)
+PROMOTE_S = 20.0
+#: the sentinels' down-after-milliseconds (sentinel_group sets 1000 for each): staggered
+SENTINEL_DOWN_MS = (1000, 1300, 1600)
 
 
 def mono_ns() -> int:
@@ -106,6 +152,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def connect_boss(url: str, holder: str, **defaults: float) -> Boss:
+    """``Boss.from_url(url)``, with the connection options ``defaults`` where the URL's query does
+    not set them (a keyword argument would override the URL's)."""
+    query = parse_qs(urlsplit(url).query)
+    return Boss.from_url(url, holder=holder, **{k: v for k, v in defaults.items() if k not in query})
+
+
 # --------------------------------------------------------------------------------------------
 # The worker: one lease holder process
 # --------------------------------------------------------------------------------------------
@@ -119,10 +172,13 @@ class History:
     (``rid``, ``code``: a retryable failure, tried again with the same request id); ``ok``
     (``rid``, ``lease``, ``token``, ``device``, ``mib``); ``fail`` (``rid``, ``code``);
     ``evict_notice`` (``rid``, ``deadline_ms``: Redis time, ``fence``: the client's local fence,
-    ns); ``unloaded`` (``rid``); ``held`` (``rid``, ``lease``, ``device``, ``mib``, ``from``,
-    ``until``: ns, ``why``: released/lost/evicted/stopped, ``noticed``: when the worker saw it,
-    ``reason``: the client's lost reason); ``release`` (``rid``, ``outcome``); ``error`` (``rid``,
-    ``error``: an exception outside gpuboss's error tree); ``exit``.
+    ns); ``unloaded`` (``rid``); ``renewed`` (``rid``, ``deadline``: the lease's new local deadline,
+    ns, seen by the worker between two units of work); ``held`` (``rid``, ``lease``, ``device``,
+    ``mib``, ``from``, ``until``: ns, ``why``: released/lost/evicted/stopped/error, ``noticed``: when
+    the worker saw it, ``reason``: the client's lost reason); ``release`` (``rid``, ``outcome``);
+    ``error`` (``rid``, ``error``: an exception the client does not document there: outside
+    gpuboss's error tree, or one where another is promised; during a hold, the belief ends then);
+    ``exit``.
     """
 
     def __init__(self, path: Path, slot: int) -> None:
@@ -216,9 +272,9 @@ class Worker:
         self.hist = History(Path(args.out), self.slot)
         self.stop = threading.Event()
         self.parent = os.getppid()
-        self.boss = Boss.from_url(
+        self.boss = connect_boss(
             args.url,
-            holder=f"chaos-s{self.slot}-p{os.getpid()}",
+            f"chaos-s{self.slot}-p{os.getpid()}",
             socket_timeout=WORKER_SOCKET_TIMEOUT_S,
             socket_connect_timeout=2.0,
         )
@@ -261,7 +317,12 @@ class Worker:
         else:
             fake = False
         start = mono_ns()
-        why, noticed = self.hold(lease, att, start)
+        try:
+            why, noticed = self.hold(lease, att, start)
+        except Exception as exc:  # not what the client documents: the workload stops using the memory
+            noticed = mono_ns()
+            self.hist.write("error", rid=req.rid, error=repr(exc), t=noticed)
+            why = "error"
         until = min(noticed, lease_fence_ns(lease))
         if why == "evicted" and att.unloaded_at is not None:
             until = min(until, att.unloaded_at)
@@ -318,8 +379,16 @@ class Worker:
         idle_at = start + secs_to_ns(req.hold_s * 0.3) if req.idle else None
         busy_at = start + secs_to_ns(req.hold_s * 0.7)
         idle = False
+        deadline = [lease.deadline]
+
+        def renewed(now: int) -> None:
+            if lease.deadline > deadline[0]:  # the client renewed it (in sentinel mode: confirmed it)
+                deadline[0] = lease.deadline
+                self.hist.write("renewed", rid=req.rid, deadline=secs_to_ns(deadline[0]), t=now)
+
         while True:
             now = mono_ns()
+            renewed(now)
             if lease.lost:
                 return "lost", now
             if att.evicted.is_set():
@@ -343,6 +412,7 @@ class Worker:
         # Asked back: the memory is in use until on_evict has unloaded, or the client's fence passed.
         while not att.unloaded.is_set() and not lease.lost:
             att.unloaded.wait(UNIT_S)
+            renewed(mono_ns())
         return "evicted", mono_ns() if att.unloaded_at is None else att.unloaded_at
 
     def release(self, lease: Lease) -> str:
@@ -546,6 +616,175 @@ class RedisServer:
             self.proc.wait(30)
 
 
+Entry = tuple[str, dict[str, str]]  # one entry of the event stream: id, fields
+
+
+def entry_id(eid: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``, or ``ms``) as numbers, for comparing."""
+    ms, _, seq = eid.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def merge_stream(
+    recorded: Sequence[Entry], fetched: Sequence[Entry], since: tuple[int, int]
+) -> tuple[list[Entry], list[Entry]]:
+    """Match what the recorder read against a primary's stream: ``fetched``, its entries from id
+    ``since`` on. Returns the record as that primary has it (the entries recorded before ``since``,
+    then ``fetched``) and the recorded entries from ``since`` on that it does not have: writes of an
+    earlier primary that no replica received before it was promoted (lost in the failover). An
+    entry counts as the same by its id and its fields (two primaries can write one id)."""
+    have = {(i, tuple(sorted(f.items()))) for i, f in fetched}
+    kept = [e for e in recorded if entry_id(e[0]) < since]
+    lost = [
+        e for e in recorded if entry_id(e[0]) >= since and (e[0], tuple(sorted(e[1].items()))) not in have
+    ]
+    return kept + list(fetched), lost
+
+
+def admin(port: int, timeout: float = 2.0) -> redis.Redis:
+    """A client of one loopback server for the harness, without retries: a dead or frozen node fails
+    the call at once or after ``timeout``."""
+    return redis.Redis(
+        port=port, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )  # fmt: skip
+
+
+def call(client: redis.Redis, *args: Any) -> Any:
+    """``client.execute_command(*args)`` (redis-py leaves it untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _fields(reply: Any) -> dict[str, str]:
+    """A Sentinel reply's entry as a dict (RESP3 sends maps, RESP2 flat lists)."""
+    pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+    return {str(k): str(v) for k, v in pairs}
+
+
+def _flags(entry: Mapping[str, str]) -> set[str]:
+    return set(entry.get("flags", "").split(","))
+
+
+class Sentinels:
+    """The sentinel mode's deployment (:func:`topology.sentinel_group`: a primary, two replicas, three
+    sentinels) and what the faults and the recorder ask of it. Each call opens its own short
+    connections (the injector, the recorder and the end call from their own threads)."""
+
+    def __init__(self, group: SentinelGroup) -> None:
+        self.group = group
+        #: what the workers and the reaper connect with
+        self.url = f"{group.url}?{SENTINEL_OPTIONS}"
+        # On loopback the sentinels find a primary down at the same moment, each asks for votes for
+        # itself, and none is elected: the election is tried again 2 x failover-timeout (10 s)
+        # later. Across hosts they drift apart; here each waits 300 ms longer than the last.
+        for i, s in enumerate(group.sentinels):
+            with contextlib.closing(admin(s.port)) as c:
+                call(c, "SENTINEL", "SET", SERVICE, "down-after-milliseconds", str(SENTINEL_DOWN_MS[i % 3]))
+
+    def named(self) -> tuple[str, int] | None:
+        """The primary that the first sentinel to answer names, or None."""
+        for s in self.group.sentinels:
+            try:
+                with contextlib.closing(admin(s.port)) as c:
+                    reply = call(c, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+            except redis.RedisError:
+                continue
+            if reply:
+                return str(reply[0]), int(reply[1])
+        return None
+
+    def settled(self) -> Node | str:
+        """The primary, once the deployment has settled from the last failover: every sentinel names
+        it and has no failover under way, it says it is master, and each other data node runs,
+        replicates it with its link up and every sentinel sees it as a healthy replica. Else why not."""
+        g = self.group
+        named: set[tuple[str, int]] = set()
+        try:
+            for s in g.sentinels:
+                with contextlib.closing(admin(s.port)) as c:
+                    master = _fields(call(c, "SENTINEL", "MASTER", SERVICE))
+                    replicas = [_fields(e) for e in call(c, "SENTINEL", "REPLICAS", SERVICE)]
+                if _flags(master) != {"master"}:
+                    return f"sentinel {s.port} flags the primary {master.get('flags')}"
+                named.add((master["ip"], int(master["port"])))
+                healthy = {(e["ip"], int(e["port"])) for e in replicas if _flags(e) == {"slave"}}
+                want = {n.addr for n in g.data_nodes} - {(master["ip"], int(master["port"]))}
+                if not want <= healthy:
+                    return f"sentinel {s.port} sees healthy replicas {sorted(healthy)}, not {sorted(want)}"
+            if len(named) != 1:
+                return f"the sentinels name {sorted(named)}"
+            primary = g.node_at(named.pop())
+            for node in g.data_nodes:
+                if not node.reachable:
+                    return f"{node.port} is down or frozen"
+                with contextlib.closing(admin(node.port)) as c:
+                    info = c.info("replication")
+                if node is primary:
+                    if info.get("role") != "master":
+                        return f"the named primary {node.port} is {info.get('role')}"
+                elif (info.get("role"), int(info.get("master_port", 0)), info.get("master_link_status")) != (
+                    "slave", primary.port, "up",
+                ):  # fmt: skip
+                    return f"{node.port} is {info.get('role')} of {info.get('master_port')}"
+        except (redis.RedisError, KeyError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return primary
+
+    def promotion(self, old: Node) -> tuple[Node, int, str | None] | None:
+        """Wait (:data:`PROMOTE_S` at most) until a data node other than ``old`` says (``ROLE``) it is
+        a primary: returns it, when the harness saw it (CLOCK_MONOTONIC ns), and the id of its
+        stream's last entry then, the last one it has from the old primary (no client knows the new
+        primary before a sentinel names it, after reading its INFO: up to a second later)."""
+        clients = [(n, admin(n.port, 0.5)) for n in self.group.data_nodes if n is not old and n.reachable]
+        deadline = time.monotonic() + PROMOTE_S
+        try:
+            while time.monotonic() < deadline:
+                for node, c in clients:
+                    with contextlib.suppress(redis.RedisError):
+                        if call(c, "ROLE")[0] == "master":
+                            seen = mono_ns()
+                            last = cast(list[Any], c.xrevrange(KEYS.events, "+", "-", count=1))
+                            return node, seen, str(last[0][0]) if last else None
+                time.sleep(0.01)  # polling another process's state: nothing to block on
+        finally:
+            for _, c in clients:
+                c.close()
+        return None
+
+    def demote(self, old: Node, after: str | None) -> tuple[str, list[Entry]]:
+        """Send ``old``, a primary that a failover left behind, ``REPLICAOF`` the primary the
+        sentinels name (once they name another: up to a second after the promotion), as Sentinel
+        does itself some 10 s after it is reachable again. Says who demoted it (``run``, or
+        ``sentinel`` if it follows already), and returns what its stream had after entry id
+        ``after`` (the new primary's last one from it) just before: what it wrote that the new
+        primary never had, also what the recorder (following the primary the sentinels name) did not
+        read. The read and ``REPLICAOF`` go in one pipeline: Redis runs them back to back."""
+        deadline = time.monotonic() + PROMOTE_S
+        while (named := self.named()) in (None, old.addr) and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling the sentinels
+        if not old.reachable or named is None or named == old.addr:
+            return "not demoted: it is down, or still the primary", []
+        with contextlib.closing(admin(old.port)) as c:
+            if call(c, "ROLE")[0] != "master":
+                return "sentinel", []
+            pipe = c.pipeline(transaction=False)
+            pipe.xrange(KEYS.events, "-" if after is None else f"({after}", "+")
+            pipe.execute_command("REPLICAOF", named[0], str(named[1]))  # type: ignore[no-untyped-call]
+            entries, _ = pipe.execute()
+        old.role = "replica"
+        return "run", [(str(i), dict(f)) for i, f in entries]
+
+    def kill_pubsub(self) -> int:
+        """CLIENT KILL TYPE pubsub on every data node that answers (a listener stays connected to a
+        primary that became a replica)."""
+        killed = 0
+        for node in self.group.data_nodes:
+            if node.reachable:
+                with contextlib.suppress(redis.RedisError), contextlib.closing(admin(node.port)) as c:
+                    killed += int(c.client_kill_filter(_type="pubsub"))
+        return killed
+
+
 # --------------------------------------------------------------------------------------------
 # Faults
 # --------------------------------------------------------------------------------------------
@@ -557,27 +796,30 @@ FaultFn = Callable[["ChaosRun", random.Random], "dict[str, Any] | None"]
 
 @dataclass(frozen=True)
 class FaultKind:
-    """A registered fault: its name (the ``--faults`` and report key), what applies it, its doc."""
+    """A registered fault: its name (the ``--faults`` and report key), what applies it, its doc, and
+    the ``--topology`` modes it applies to."""
 
     name: str
     apply: FaultFn
     doc: str
+    topologies: tuple[str, ...] = TOPOLOGIES
 
 
-#: Every fault kind the injector knows, by name. A new kind is one decorated function. Hook for
-#: Sentinel failover (out of scope for now): start replicas and sentinels in ChaosRun.start when
-#: asked, point the workers at ``redis+sentinel://`` (see gpuboss_client.urls), and register
-#: ``@fault("failover")`` calling ``SENTINEL FAILOVER`` (or killing the primary); the checker
-#: needs nothing new, since it judges histories and the event stream only.
+#: Every fault kind the injector knows, by name. A new kind is one decorated function.
 FAULTS: dict[str, FaultKind] = {}
 
 
-def fault(name: str) -> Callable[[FaultFn], FaultFn]:
+def fault(name: str, *, topologies: tuple[str, ...] = TOPOLOGIES) -> Callable[[FaultFn], FaultFn]:
     def register(fn: FaultFn) -> FaultFn:
-        FAULTS[name] = FaultKind(name, fn, (fn.__doc__ or "").strip())
+        FAULTS[name] = FaultKind(name, fn, (fn.__doc__ or "").strip(), topologies)
         return fn
 
     return register
+
+
+def faults_for(topology: str) -> list[str]:
+    """The fault kinds that apply to a ``--topology`` mode, sorted."""
+    return sorted(k for k, f in FAULTS.items() if topology in f.topologies)
 
 
 @fault("kill")
@@ -610,7 +852,10 @@ def stop_worker(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
 
 @fault("pubsub")
 def kill_pubsub(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
-    """CLIENT KILL TYPE pubsub: every eviction-notice listener loses its connection."""
+    """CLIENT KILL TYPE pubsub: every eviction-notice listener loses its connection (in sentinel
+    mode, on every data node)."""
+    if run.sentinels is not None:
+        return {"killed": run.sentinels.kill_pubsub()}
     try:
         killed = run.direct.client_kill_filter(_type="pubsub")
     except (redis.ConnectionError, redis.TimeoutError):
@@ -618,30 +863,77 @@ def kill_pubsub(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
     return {"killed": killed}
 
 
-@fault("delay")
+@fault("delay", topologies=("single",))
 def delay_replies(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
     """The proxy holds every reply 50-800 ms for 0.5-2 s."""
+    proxy = run.proxy
+    assert proxy is not None
     ms = rng.randint(50, 800)
     span = rng.uniform(0.5, 2.0)
-    run.proxy.delay_s = ms / 1000
-    run.later(span, lambda: setattr(run.proxy, "delay_s", 0.0), "proxy pass")
+    proxy.delay_s = ms / 1000
+    run.later(span, lambda: setattr(proxy, "delay_s", 0.0), "proxy pass")
     return {"ms": ms, "for_s": round(span, 3)}
 
 
-@fault("drop")
+@fault("drop", topologies=("single",))
 def drop_connections(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
     """The proxy aborts every worker connection (requests and replies in flight are lost)."""
+    assert run.proxy is not None
     return {"dropped": run.proxy.drop()}
 
 
-@fault("restart")
+@fault("restart", topologies=("single",))
 def restart_redis(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
     """Stop Redis (SHUTDOWN NOSAVE or SIGKILL) and start it again on the same port and AOF."""
+    assert run.server is not None
     how = rng.choice(("shutdown", "sigkill"))
     down = mono_ns()
     run.server.stop(how)
     run.server.start()
     return {"how": how, "down_ms": round((mono_ns() - down) / 1e6, 1)}
+
+
+@fault("failover", topologies=("sentinel",))
+def sentinel_failover(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
+    """``SENTINEL FAILOVER``: a replica is promoted at once, and the old primary goes on as a
+    primary (with the replica not moved yet) until it is told to follow the new one."""
+    assert run.sentinels is not None
+    old = run.sentinels.settled()
+    if isinstance(old, str):
+        return None  # still settling from the last failover
+    t = mono_ns()
+    try:
+        with contextlib.closing(admin(rng.choice(run.sentinels.group.sentinels).port)) as c:
+            call(c, "SENTINEL", "FAILOVER", SERVICE)
+    except redis.RedisError:
+        return None  # INPROG, NOGOODSLAVE: later
+    return run.failed_over("failover", t, old, rng)
+
+
+@fault("primary_kill", topologies=("sentinel",))
+def kill_primary(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
+    """SIGKILL the primary: the sentinels promote a replica after down-after; 0.3-1.5 s after the
+    promotion the old primary starts again as a replica of the new one."""
+    assert run.sentinels is not None
+    old = run.sentinels.settled()
+    if isinstance(old, str):
+        return None
+    t = mono_ns()
+    run.sentinels.group.kill(old)
+    return run.failed_over("primary_kill", t, old, rng)
+
+
+@fault("primary_stop", topologies=("sentinel",))
+def stop_primary(run: ChaosRun, rng: random.Random) -> dict[str, Any] | None:
+    """SIGSTOP the primary until a replica is promoted, then SIGCONT it 0-1.2 s later: it wakes up a
+    primary still (a partition that heals), with the clients that reached it meanwhile."""
+    assert run.sentinels is not None
+    old = run.sentinels.settled()
+    if isinstance(old, str):
+        return None
+    t = mono_ns()
+    run.sentinels.group.freeze(old)
+    return run.failed_over("primary_stop", t, old, rng)
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,7 +951,13 @@ class Recording:
     not stop; ``clock``: samples ``[CLOCK_MONOTONIC ns, Redis TIME ms]``; ``final_used``: the
     devices' ``used_mib`` after the pool drained; ``events_added``: how many entries the stream
     ever had (None: unknown); ``harness``: problems of the run itself (a worker that crashed, a
-    pool that did not drain).
+    pool that did not drain). Sentinel mode: ``events`` is the history that survived the failovers,
+    ``lost_events`` the entries that the recorder, or the run just before it demoted a primary that
+    a failover left behind, read there and that the last primary does not have (see
+    :func:`merge_stream`), ``failovers`` one record per failover fault (``kind``, ``t``, ``old``
+    and ``new`` primary ports, ``promoted_t`` ns, ``boundary``: the new primary's last entry id
+    when promoted, and what followed: ``thawed_t``, ``restarted_t``, ``demoted`` and
+    ``demoted_t``).
     """
 
     capacities: dict[str, int]
@@ -673,29 +971,46 @@ class Recording:
     seed: int = 0
     duration_s: float = 0.0
     workers: int = 0
+    topology: str = "single"
+    lost_events: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    failovers: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> Recording:
         doc = json.loads(path.read_text(encoding="utf-8"))
         doc["events"] = [(str(i), dict(f)) for i, f in doc["events"]]
+        doc["lost_events"] = [(str(i), dict(f)) for i, f in doc.get("lost_events", [])]
         doc["clock"] = [(int(a), float(b)) for a, b in doc["clock"]]
         return cls(**doc)
 
 
 class ChaosRun:
-    """One chaos run: Redis, the proxy, the workers, the injector and the recorders."""
+    """One chaos run: Redis (one server, or a Sentinel group), the proxy (one server only), the
+    workers, the injector and the recorders."""
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.seed: int = args.seed
         self.workdir = workdir
+        self.topology: str = args.topology
         self.devices = [f"gpu{i}" for i in range(args.devices)]
-        self.kinds = sorted(FAULTS) if args.faults == "all" else [k for k in args.faults.split(",") if k]
+        applicable = faults_for(self.topology)
+        self.kinds = applicable if args.faults == "all" else [k for k in args.faults.split(",") if k]
         unknown = set(self.kinds) - set(FAULTS) - {"none"}
         if unknown:
             raise SystemExit(f"unknown fault kinds: {sorted(unknown)} (known: {sorted(FAULTS)})")
         self.kinds = [k for k in self.kinds if k != "none"]
-        self.server = RedisServer(workdir)
+        if wrong := sorted(set(self.kinds) - set(applicable)):
+            raise SystemExit(
+                f"fault kinds {wrong} do not apply to --topology {self.topology} ({applicable} do)"
+            )
+        self.server: RedisServer | None = None
+        self.proxy: Proxy | None = None
+        self.sentinels: Sentinels | None = None
+        self._stack = contextlib.ExitStack()  # the Sentinel group
+        self.failovers: list[dict[str, Any]] = []
+        self.lost_events: list[Entry] = []
+        self.stale_events: list[Entry] = []  # read from primaries that failovers left behind
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.generation: dict[int, int] = defaultdict(int)
         self.stopped: dict[int, subprocess.Popen[bytes]] = {}
@@ -713,11 +1028,20 @@ class ChaosRun:
     # --- set-up and tear-down --------------------------------------------------------------
 
     def start(self) -> None:
-        self.server.start()
-        self.direct = redis.Redis(port=self.server.port, decode_responses=True, socket_timeout=5.0)
-        self.proxy = Proxy(self.server.port)
-        self.proxy_url = f"redis://127.0.0.1:{self.proxy.port}/0"
-        boss = Boss.from_url(self.server.url, holder="chaos-main")
+        if self.topology == "sentinel":
+            group = self._stack.enter_context(sentinel_group(self.workdir / "sentinel", 2, 3, SERVICE))
+            self.sentinels = Sentinels(group)
+            #: the primary the sentinels name, for the harness (drain, figures): no confirmation
+            self.direct = group.client(socket_timeout=5.0)
+            self.worker_url = self.admin_url = self.sentinels.url
+        else:
+            self.server = RedisServer(self.workdir)
+            self.server.start()
+            self.direct = redis.Redis(port=self.server.port, decode_responses=True, socket_timeout=5.0)
+            self.proxy = Proxy(self.server.port)
+            self.worker_url = f"redis://127.0.0.1:{self.proxy.port}/0"
+            self.admin_url = self.server.url
+        boss = connect_boss(self.admin_url, "chaos-main")
         for name in self.devices:
             boss.add_device(name, DEVICE_MIB, pool=POOL, cuda_index=self.devices.index(name))
         boss.close()
@@ -733,7 +1057,7 @@ class ChaosRun:
     def spawn(self, slot: int) -> None:
         self.generation[slot] += 1
         gen = self.generation[slot]
-        cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--url", self.proxy_url,
+        cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--url", self.worker_url,
                "--out", str(self.workdir / f"history-s{slot}-g{gen}.jsonl"), "--slot", str(slot),
                "--seed", str(self.seed * 1_000_003 + slot * 1009 + gen), "--devices", ",".join(self.devices),
                "--capacity", str(DEVICE_MIB), "--until-ns", str(self.hard_end_ns)]  # fmt: skip
@@ -755,6 +1079,58 @@ class ChaosRun:
         for _, action, _what in sorted(due, key=lambda p: p[0]):
             action()
 
+    def failed_over(self, kind: str, t: int, old: Node, rng: random.Random) -> dict[str, Any]:
+        """After a failover fault on the primary ``old`` at ``t``: wait for a replica's promotion,
+        record the failover, and schedule what follows its kind (the old primary restarted, thawed,
+        demoted). Returns the fault's record."""
+        assert self.sentinels is not None
+        sentinels = self.sentinels
+        got = sentinels.promotion(old)
+        info: dict[str, Any] = {"kind": kind, "t": t, "old": old.port, "new": None}
+        self.failovers.append(info)
+        if got is None:
+            self.harness.append(f"{kind} at {t}: no replica was promoted within {PROMOTE_S} s")
+        else:
+            new, seen, boundary = got
+            info |= {"new": new.port, "promoted_t": seen, "boundary": boundary}
+
+        def demote() -> None:
+            info["demoted"], entries = sentinels.demote(old, info.get("boundary"))
+            info["demoted_t"] = mono_ns()
+            self.stale_events += entries
+
+        def thaw() -> None:
+            sentinels.group.thaw(old)
+            info["thawed_t"] = mono_ns()
+
+        def restart() -> None:
+            try:
+                sentinels.group.restart(old)
+            except (RuntimeError, TimeoutError, redis.RedisError) as exc:
+                self.harness.append(f"{kind}: the old primary {old.port} did not rejoin: {exc}")
+            info["restarted_t"] = mono_ns()
+
+        if kind == "primary_kill":
+            self.later(rng.uniform(0.3, 1.5), restart, f"restart {old.port}")
+        elif kind == "primary_stop":
+            thaw_in = 0.0 if got is None else rng.uniform(0.0, 1.2)
+            self.later(thaw_in, thaw, f"SIGCONT {old.port}")
+            self.later(thaw_in + rng.uniform(1.5, 3.0), demote, f"demote {old.port}")
+        else:
+            self.later(rng.uniform(1.5, 3.0), demote, f"demote {old.port}")
+        promoted = None if got is None else round((got[1] - t) / 1e6, 1)
+        return {"old": old.port, "new": info["new"], "promoted_ms": promoted}
+
+    def settle(self) -> None:
+        """Sentinel mode: wait until the deployment has settled (see :meth:`Sentinels.settled`)."""
+        assert self.sentinels is not None
+        deadline = time.monotonic() + 60
+        while isinstance(why := self.sentinels.settled(), str):
+            if time.monotonic() > deadline:
+                self.harness.append(f"the Sentinel group did not settle: {why}")
+                return
+            time.sleep(0.05)  # polling other processes' state
+
     def _watch_workers(self) -> None:
         """A worker that exited without being killed crashed: note it and start another."""
         for slot, proc in list(self.workers.items()):
@@ -769,7 +1145,8 @@ class ChaosRun:
 
     def inject(self) -> None:
         """Apply faults at seeded random moments until the run's time is up. The first faults go
-        round every kind once (in a random order), so that every kind happens in a short run."""
+        round every kind once (in a random order), so that every kind happens in a short run; a kind
+        of that round that cannot apply yet (a failover while the last one settles) goes to its end."""
         rng = random.Random(self.seed)
         kinds = list(self.kinds)
         first = rng.sample(kinds, len(kinds))
@@ -791,6 +1168,8 @@ class ChaosRun:
                         first.pop(0)
                     next_at = mono_ns() + secs_to_ns(rng.uniform(0.5, 1.0) * span)
                 else:
+                    if first:
+                        first.append(first.pop(0))
                     next_at = mono_ns() + secs_to_ns(0.2)
             wake = min(
                 [next_at if kinds else end, end, now + secs_to_ns(0.1)] + [p[0] for p in self._pending]
@@ -801,26 +1180,67 @@ class ChaosRun:
 
     # --- background: events, reaping, clock --------------------------------------------------
 
+    def _primary(self) -> tuple[str, int] | None:
+        """Where the primary is: the one server, or the one a sentinel names (None: none does)."""
+        if self.sentinels is not None:
+            return self.sentinels.named()
+        assert self.server is not None
+        return "127.0.0.1", self.server.port
+
     def _record_events(self) -> None:
-        """Read the pool's event stream as it grows (the stream is capped: nothing may be missed)."""
-        r = redis.Redis(port=self.server.port, decode_responses=True, socket_timeout=5.0)
+        """Read the pool's event stream as it grows (the stream is capped: nothing may be missed),
+        from the primary; in sentinel mode, on each (re)connection, first match the record against
+        the stream of the primary it reaches (a failover may have left entries behind)."""
+        r: redis.Redis | None = None
+        at: tuple[str, int] | None = None
         last = "0-0"
         while not self._done.is_set():
             try:
+                addr = self._primary()
+                if addr is None:
+                    raise redis.ConnectionError("no sentinel names a primary")
+                if r is None or addr != at:
+                    if r is not None:
+                        r.close()
+                    r, at = admin(addr[1], 5.0), addr
+                    if self.sentinels is not None and self.events:
+                        since = entry_id(self.events[-1][0])[0] - RECONCILE_MS
+                        last = self._reconcile(r, str(max(0, since)))
                 got = cast(list[Any], r.xread({KEYS.events: last}, count=1000, block=200) or [])
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                self.server.up.wait(1.0)
-                self._done.wait(0.05)  # back off while Redis restarts
+            except (
+                redis.ConnectionError,
+                redis.TimeoutError,
+                redis.BusyLoadingError,
+                redis.ResponseError,
+            ) as exc:
+                if isinstance(exc, redis.ResponseError) and not str(exc).startswith("UNBLOCKED"):
+                    raise  # UNBLOCKED: the node it read from was demoted while it blocked there
+                if r is not None:
+                    r.close()
+                r = None
+                if self.server is not None:
+                    self.server.up.wait(1.0)
+                self._done.wait(0.05)  # back off while Redis restarts or fails over
                 continue
             for _key, entries in got:
-                for entry_id, fields in entries:
-                    self.events.append((str(entry_id), dict(fields)))
-                    last = str(entry_id)
-        r.close()
+                for eid, fields in entries:
+                    self.events.append((str(eid), dict(fields)))
+                    last = str(eid)
+        if r is not None:
+            r.close()
+
+    def _reconcile(self, r: redis.Redis, since: str) -> str:
+        """Match the record against ``r``'s stream from ``since`` (an id, or ``-``) on; see
+        :func:`merge_stream`. Returns the id to read on from."""
+        fetched = [(str(i), dict(f)) for i, f in cast(list[Any], r.xrange(KEYS.events, since, "+"))]
+        first = fetched[0][0] if fetched else "0-0"  # "-": the whole stream, as far as its cap kept it
+        self.events, lost = merge_stream(self.events, fetched, entry_id(first if since == "-" else since))
+        self.lost_events += lost
+        return self.events[-1][0] if self.events else "0-0"
 
     def _reap(self) -> None:
         """What the boss service's reaper does: reap now and then; also sample Redis's clock."""
-        boss = Boss.from_url(self.server.url, holder="chaos-reaper", socket_timeout=2.0)
+        boss = connect_boss(self.admin_url, "chaos-reaper", socket_timeout=2.0)
         while not self._done.wait(REAP_EVERY_S):
             with contextlib.suppress(GpubossError):
                 self.reaped += boss.reap(POOL)
@@ -842,8 +1262,9 @@ class ChaosRun:
 
     def finish(self) -> None:
         """Resume and stop the workers, let every lease end, and catch up with the event stream."""
-        self._run_due(mono_ns(), everything=True)  # SIGCONT the stopped, the proxy passes
-        self.proxy.delay_s = 0.0
+        self._run_due(mono_ns(), everything=True)  # SIGCONT the stopped, the proxy passes, ...
+        if self.proxy is not None:
+            self.proxy.delay_s = 0.0
         for proc in self.workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -858,15 +1279,24 @@ class ChaosRun:
             if proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM) and proc.pid not in self.exited:
                 log = self.workdir / f"worker-s{slot}-g{self.generation[slot]}.log"
                 self.harness.append(f"worker s{slot} exited {proc.returncode}: {log.read_text()[-2000:]}")
+        if self.sentinels is not None:
+            self.settle()  # the old primaries restarted, thawed and demoted: one primary again
         self.drain()
         for _ in range(5):
             self.sample_clock(self.direct)
         self._done.set()
         for t in self._threads:
             t.join(30)
-        last = self.events[-1][0] if self.events else "0-0"
-        tail = cast(list[tuple[str, dict[str, str]]], self.direct.xrange(KEYS.events, f"({last}", "+"))
-        self.events += [(str(i), dict(f)) for i, f in tail]
+        if self.sentinels is not None:
+            self._reconcile(self.direct, "-")  # the history that survived: the last primary's
+            survived = {(i, tuple(sorted(f.items()))) for i, f in [*self.events, *self.lost_events]}
+            stale = {(i, tuple(sorted(f.items()))): (i, f) for i, f in self.stale_events}
+            self.lost_events += [e for k, e in stale.items() if k not in survived]
+            self.lost_events.sort(key=lambda e: entry_id(e[0]))
+        else:
+            last = self.events[-1][0] if self.events else "0-0"
+            tail = cast(list[tuple[str, dict[str, str]]], self.direct.xrange(KEYS.events, f"({last}", "+"))
+            self.events += [(str(i), dict(f)) for i, f in tail]
         info = self.direct.xinfo_stream(KEYS.events)
         self.events_added = int(info["entries-added"]) if "entries-added" in info else None
         boss = Boss(self.direct, holder="chaos-main")
@@ -899,9 +1329,12 @@ class ChaosRun:
                     proc.send_signal(signal.SIGCONT)
                 proc.kill()
                 proc.wait(30)
-        with contextlib.suppress(Exception):
-            self.proxy.close()
-        self.server.close()
+        if self.proxy is not None:
+            with contextlib.suppress(Exception):
+                self.proxy.close()
+        if self.server is not None:
+            self.server.close()
+        self._stack.close()  # stops the Sentinel group (SIGCONT first)
 
     def recording(self) -> Recording:
         histories: list[dict[str, Any]] = []
@@ -921,6 +1354,9 @@ class ChaosRun:
             seed=self.seed,
             duration_s=self.args.duration,
             workers=self.args.workers,
+            topology=self.topology,
+            lost_events=self.lost_events,
+            failovers=self.failovers,
         )
 
 
@@ -936,7 +1372,14 @@ class Violation:
     before its holder had heard of the eviction (no ``evict_notice`` before the revocation);
     ``evict_fence``: revoked although the holder had heard, so the client's eviction fence was
     late; ``ttl_fence``: expired while the holder's local TTL deadline was still ahead;
-    otherwise how the lease ended."""
+    For ``error_tree``: ``idle_busy_not_lost``: ``lease.idle()`` or ``busy()`` raised LeaseNotFound
+    or LeaseNotHeld (not LeaseLost, and the lease not marked lost); ``unblocked_not_retryable``: Redis's
+    ``UNBLOCKED`` (a blocked ``WAIT`` or ``BLPOP`` on a primary being demoted) came as a ProtocolError.
+    ``lost_in_failover`` (also for ``history``): the holder was told of a grant that only a primary
+    a failover left behind had written (an entry of ``lost_events``; the new primary may grant the
+    same waiter again later, even with the same token), or its lease expired while
+    its local deadline was still ahead and the renewal that set that deadline was seen while such
+    a primary still took writes (a renewal lost with it); otherwise how the lease ended."""
 
     kind: str
     message: str
@@ -1063,6 +1506,8 @@ def check(rec: Recording) -> Verdict:
     - ``history``: every ``ok`` matches a ``granted`` event of the same id with the same token,
       device and MiB, on the device the request named (if it named one); no request id is ok'ed
       twice; every belief is closed (``held``), or its process was killed (it ends at the kill).
+      In sentinel mode the events are the history that survived the failovers: an ``ok`` whose
+      grant a failover left behind (in ``lost_events``) breaks this rule, with that cause.
     - ``fence`` (the client's promise, README "Safety model"): a holder believes it holds a lease
       from when ``acquire`` returned (``held.from``) until it released it, noticed it lost or
       evicted, or until the client's own fence passed, whichever came first: ``held.until`` =
@@ -1076,7 +1521,9 @@ def check(rec: Recording) -> Verdict:
       right: the TTL's margin (20%, at most 2 s) before expiry, and the grace's before revocation.
     - ``capacity_holders``: at no moment do the beliefs of the holders on one device add up past its
       budget.
-    - ``error_tree``: no exception outside gpuboss's error tree reached a worker.
+    - ``error_tree``: no exception that the client does not document reached a worker: one outside
+      gpuboss's error tree, or one where the README promises another (``lease.idle()`` and
+      ``busy()`` raise LeaseEvicted or LeaseLost for a lease that is no longer held).
 
     Run: ``events_incomplete`` (the stream had entries the recorder did not see), ``harness``
     (a worker crashed, the pool did not drain, a fault kind was never injected).
@@ -1101,12 +1548,23 @@ class _Checker:
         self.last_token: int | None = None
         self.requests: dict[str, dict[str, Any]] = {}
         self.notices: dict[str, int] = {}  # rid -> when its holder heard of its eviction (ns)
-        self.fenced: dict[str, str] = {}  # rid -> cause, for beliefs that outlived their lease
+        # rid -> cause, for beliefs that outlived their lease or that the surviving history lacks
+        self.fenced: dict[str, str] = {}
+        self.renewals: dict[str, list[int]] = defaultdict(list)  # rid -> when its holder saw renewals
         for r in rec.histories:
             if r.get("k") == "invoke":
                 self.requests[r["rid"]] = r["req"]
             elif r.get("k") == "evict_notice":
                 self.notices.setdefault(r["rid"], int(r["t"]))
+            elif r.get("k") == "renewed":
+                self.renewals[r["rid"]].append(int(r["t"]))
+        # While a primary that a failover left behind took writes (ns): after a planned failover from
+        # the promotion, after a SIGSTOP from the SIGCONT, until the old primary was demoted.
+        self.left_behind: list[tuple[int, int, str]] = []
+        for f in rec.failovers:
+            begin = {"failover": f.get("promoted_t"), "primary_stop": f.get("thawed_t")}.get(str(f["kind"]))
+            if begin is not None:
+                self.left_behind.append((int(begin), int(f.get("demoted_t") or 2**63), str(f["kind"])))
 
     def bad(self, kind: str, message: str, cause: str = "") -> None:
         self.violations.append(Violation(kind, message, cause))
@@ -1337,22 +1795,44 @@ class _Checker:
             elif k == "held":
                 helds[r["rid"]] = r
             elif k == "error":
-                self.bad("error_tree", f"pid {r['pid']} {r['rid']}: {r['error']}")
+                error = str(r["error"])
+                cause = (
+                    "idle_busy_not_lost"
+                    if error.startswith(("LeaseNotFound(", "LeaseNotHeld("))
+                    else "unblocked_not_retryable"
+                    if "UNBLOCKED" in error
+                    else ""
+                )
+                self.bad("error_tree", f"pid {r['pid']} {r['rid']}: {error}", cause)
+        # grants a failover left behind: (lease, token) -> the lost entry's id
+        lost = {
+            (f.get("lease"), f.get("token")): i
+            for i, f in self.rec.lost_events
+            if f.get("event") == "granted"
+        }
         beliefs: list[dict[str, Any]] = []
         for rid, got in sorted(oks.items()):
             if len(got) > 1:
                 self.bad("double_grant", f"{rid}: the holder was granted it {len(got)} times")
             ok = got[0]
             g = self.grants.get(ok["lease"])
+            left = lost.get((ok["lease"], str(ok["token"])))
+            why = "" if left is None else f" (granted in lost entry {left}: a failover left it behind)"
+            cause = "" if left is None else "lost_in_failover"
+            if cause and (g is None or g.token != ok["token"]):
+                self.fenced[rid] = cause
             if g is None:
                 self.bad(
-                    "history", f"{rid}: pid {ok['pid']} holds lease {ok['lease']}, which was never granted"
+                    "history",
+                    f"{rid}: pid {ok['pid']} holds lease {ok['lease']}, which was never granted{why}",
+                    cause,
                 )
             elif (g.token, g.device, g.mib) != (ok["token"], ok["device"], ok["mib"]):
                 self.bad(
                     "history",
                     f"{rid}: the holder got token {ok['token']} on {ok['device']} for {ok['mib']} MiB, "
-                    f"the stream granted token {g.token} on {g.device} for {g.mib} MiB",
+                    f"the stream granted token {g.token} on {g.device} for {g.mib} MiB{why}",
+                    cause,
                 )
             req = self.requests.get(rid)
             if req is not None and req.get("device") not in (None, ok["device"]):
@@ -1369,14 +1849,24 @@ class _Checker:
             belief |= {"from": int(ok["t"]), "until": until, "why": why, "pid": ok["pid"]}
             beliefs.append(belief)
             if g is not None and until > belief["from"]:
-                self.fence(belief, g)
+                self.fence(belief, g, left)
         return beliefs
 
-    def fence(self, belief: Mapping[str, Any], g: _Grant) -> None:
+    def fence(self, belief: Mapping[str, Any], g: _Grant, left: str | None = None) -> None:
+        """``left``: the id of a lost ``granted`` entry of the belief's lease and token, if any."""
         start, end = self.clock.ms(belief["from"]), self.clock.ms(belief["until"])
         rid = belief["rid"]
         if start + TOLERANCE_MS < g.ms:
-            self.bad("fence", f"{rid}: believed from {start:.1f}, granted only at {g.ms} (Redis ms)")
+            if left is None:
+                self.bad("fence", f"{rid}: believed from {start:.1f}, granted only at {g.ms} (Redis ms)")
+            else:  # a failover lost the grant the holder was told of; the new primary granted it later
+                self.fenced[rid] = "lost_in_failover"
+                self.bad(
+                    "fence",
+                    f"{rid}: believed from {start:.1f}, granted only at {g.ms} (Redis ms): the grant it was "
+                    f"told of is lost entry {left} (a failover left it behind), this is another",
+                    "lost_in_failover",
+                )
         if g.end_ms is not None and end > g.end_ms + 1 + TOLERANCE_MS:
             cause = str(g.end)
             if g.end == "revoked":
@@ -1388,6 +1878,10 @@ class _Checker:
                 )
             elif g.end == "expired":
                 cause = "ttl_fence"
+                seen = [t for t in self.renewals.get(rid, ()) if t <= belief["until"]]
+                windows = [w for w in self.left_behind if seen and w[0] <= seen[-1] <= w[1]]
+                if windows:  # its deadline came from a renewal that a left-behind primary confirmed
+                    cause = "lost_in_failover"
             self.fenced[rid] = cause
             self.bad(
                 "fence",
@@ -1420,7 +1914,7 @@ class _Checker:
                         "capacity_holders",
                         f"{dev} at {self.clock.ms(t):.1f} (Redis ms): holders {sorted(holders)} believe "
                         f"they hold {total} MiB, budget {cap}"
-                        + (f" (beliefs past their lease's end: {causes})" if causes else ""),
+                        + (f" (beliefs past their lease's end or lost: {causes})" if causes else ""),
                         ",".join(causes),
                     )
                 over = total > cap
@@ -1465,6 +1959,7 @@ class _Checker:
             "seed": rec.seed,
             "duration_s": rec.duration_s,
             "workers": rec.workers,
+            "topology": rec.topology,
             "devices": dict(sorted(self.caps.items())),
             "events": len(rec.events),
             "attempts": kinds["invoke"],
@@ -1487,6 +1982,34 @@ class _Checker:
             "eviction_revoked": sum(1 for e in self.evictions if e.end == "revoked"),
             "eviction_notice_delay_ms": _dist(notice_ms),
             "lost_noticed_after_fence_ms": _dist(lag),
+        } | self.failover_figures()
+
+    def failover_figures(self) -> dict[str, Any]:
+        """Per failover kind: how many, fault -> promotion (the harness saw the new primary's ROLE
+        turn master), fault -> the first grant on the new primary (the first ``granted`` entry of
+        the surviving history after the new primary's last entry from the old one), in ms; and the
+        entries failovers left behind, by event."""
+        grants = [
+            (entry_id(i), int(i.split("-")[0])) for i, f in self.rec.events if f.get("event") == "granted"
+        ]
+        kinds = sorted({str(f["kind"]) for f in self.rec.failovers})
+        promoted: dict[str, list[float]] = {k: [] for k in kinds}
+        to_grant: dict[str, list[float]] = {k: [] for k in kinds}
+        for f in self.rec.failovers:
+            kind, t = str(f["kind"]), int(f["t"])
+            if f.get("promoted_t") is not None:
+                promoted[kind].append(round((int(f["promoted_t"]) - t) / 1e6, 1))
+            if f.get("boundary") is not None:
+                after = entry_id(str(f["boundary"]))
+                first = next((ms for eid, ms in grants if eid > after), None)
+                if first is not None:
+                    to_grant[kind].append(round(first - self.clock.ms(t), 1))
+        lost = Counter(f.get("event", "?") for _, f in self.rec.lost_events)
+        return {
+            "failovers": dict(sorted(Counter(str(f["kind"]) for f in self.rec.failovers).items())),
+            "failover_to_promotion_ms": {k: _dist(v) for k, v in promoted.items()},
+            "failover_to_grant_ms": {k: _dist(v) for k, v in to_grant.items()},
+            "lost_in_failover": dict(sorted(lost.items())),
         }
 
 
@@ -1517,8 +2040,16 @@ def report(verdict: Verdict) -> str:
         f"{_fmt(f['eviction_end_before_deadline_ms'])}; holder heard it after (ms): "
         f"{_fmt(f['eviction_notice_delay_ms'])}",
         f"  lost leases noticed after the client's fence (ms): {_fmt(f['lost_noticed_after_fence_ms'])}",
-        f"  violations: {verdict.by_kind() or 'none'}",
     ]
+    if f.get("topology", "single") != "single":
+        lines.append(f"  topology: {f['topology']}; failovers: {f['failovers']}")
+        for kind in f["failovers"]:
+            lines.append(
+                f"    {kind}: fault -> promotion (ms): {_fmt(f['failover_to_promotion_ms'][kind])}; "
+                f"fault -> first grant on the new primary (ms): {_fmt(f['failover_to_grant_ms'][kind])}"
+            )
+        lines.append(f"  stream entries a failover left behind: {f['lost_in_failover'] or 'none'}")
+    lines.append(f"  violations: {verdict.by_kind() or 'none'}")
     for v in verdict.violations[:30]:
         lines.append(f"    [{v.kind}{'/' + v.cause if v.cause else ''}] {v.message}")
     if len(verdict.violations) > 30:
@@ -1556,6 +2087,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of faults and work")
     p.add_argument("--workers", type=int, default=6)
+    p.add_argument(
+        "--topology", choices=TOPOLOGIES, default="single",
+        help="one redis-server behind a proxy, or a primary, two replicas and three sentinels",
+    )  # fmt: skip
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--json", help="write the figures and violations here")
     p.add_argument("--keep", help="keep histories, logs and recording.json in this directory")

@@ -141,3 +141,40 @@ def test_a_try_once_acquire_does_not_wait_for_redis(server: Node) -> None:
             boss.acquire("1GiB", timeout=0)
         with pytest.raises((BackendUnavailable, AcquireTimeout)):
             boss.acquire("1GiB", timeout=0.3)
+
+
+def test_a_waiter_cut_short_by_unblocked_waits_on(server: Node, admin: redis.Redis) -> None:
+    """Redis answers a blocked ``BLPOP`` with ``UNBLOCKED`` when its primary becomes a replica (a
+    failover), as ``CLIENT UNBLOCK ... ERROR`` does here: a retryable outage, so the waiter asks
+    again with its request id and is granted once the memory is free."""
+    with (
+        Boss.from_url(url_of(server), holder="h") as holder,
+        Boss.from_url(url_of(server), holder="w") as waiter,
+    ):
+        holder.add_device("gpu0", 4096)
+        held = holder.acquire(4096, ttl=30)
+        thread, out = in_thread(lambda: waiter.acquire(4096, ttl=30, timeout=20))
+
+        def blocked() -> list[str]:
+            return [c["id"] for c in admin.client_list() if c["cmd"] == "blpop"]
+
+        wait_for("the waiter to block", lambda: bool(blocked()))
+        assert admin.execute_command("CLIENT", "UNBLOCK", blocked()[0], "ERROR") == 1
+        wait_for("the waiter to block again", lambda: bool(blocked()))
+        holder.release(held)
+        thread.join(20)
+        assert "error" not in out, out
+        waiter.release(out["value"])
+
+
+def test_idle_and_busy_on_a_lease_redis_lost_say_lost(server: Node, admin: redis.Redis) -> None:
+    """A lease that Redis no longer has (a failover that lost it, an operator's flush) is lost to
+    ``idle()`` and ``busy()`` as to a heartbeat: LeaseLost, and ``lease.lost``."""
+    with Boss.from_url(url_of(server), holder="h") as boss:
+        boss.add_device("gpu0", 4096)
+        for verb in ("idle", "busy"):
+            lease = boss.acquire(1024, ttl=30)
+            admin.delete(f"gpuboss:{{default}}:v1:lease:{lease.id}")
+            with pytest.raises(LeaseLost):
+                getattr(boss, verb)(lease)
+            assert lease.lost

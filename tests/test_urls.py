@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpuboss_client import BadRequest, Boss, Confirm, Deployment, parse_url
-from gpuboss_client.urls import DEFAULT_CONFIRM_MS, redact
+from gpuboss_client.urls import CONFIRM_ALL, DEFAULT_CONFIRM_MS, redact
 
 
 @pytest.mark.parametrize(
@@ -30,13 +30,16 @@ def test_a_sentinel_url_names_the_sentinels_the_service_and_the_database() -> No
     d = parse_url("redis+sentinel://app:s3cret@10.0.0.1:26379,10.0.0.2:26380/gpuboss/4?socket_timeout=2.5")
     assert d == Deployment(
         "sentinel", d.url, (("10.0.0.1", 26379), ("10.0.0.2", 26380)), service="gpuboss", db=4,
-        options={"username": "app", "password": "s3cret", "socket_timeout": 2.5}, confirm=Confirm(1),
+        options={"username": "app", "password": "s3cret", "socket_timeout": 2.5},
+        confirm=Confirm(CONFIRM_ALL),
     )  # fmt: skip
 
 
-def test_a_sentinel_url_confirms_on_one_replica_unless_told_otherwise() -> None:
-    assert parse_url("redis+sentinel://h:1/s").confirm == Confirm(1, DEFAULT_CONFIRM_MS)
+def test_a_sentinel_url_confirms_on_every_replica_unless_told_otherwise() -> None:
+    assert parse_url("redis+sentinel://h:1/s").confirm == Confirm(CONFIRM_ALL, DEFAULT_CONFIRM_MS)
     assert parse_url("redis+sentinel://h:1/s?confirm_replicas=0").confirm == Confirm(0)
+    assert parse_url("redis+sentinel://h:1/s?confirm_replicas=1").confirm == Confirm(1)
+    assert parse_url("redis://h:1/0?confirm_replicas=ALL").confirm == Confirm(CONFIRM_ALL)
 
 
 def test_sentinels_with_their_own_credentials_and_tls() -> None:

@@ -140,3 +140,22 @@ def is_cluster(client: Any) -> bool:
 async def drop_idle_connections(client: Any) -> None:
     """Close ``client``'s idle connections, so that its next call connects afresh."""
     await client.connection_pool.disconnect(inuse_connections=False)
+
+
+async def count_replicas(client: Any) -> int:
+    """How many replicas ``client``'s primary has: the fewest that any sentinel that answers knows
+    and neither thinks down nor has lost its link to (a sentinel that has not noticed yet counts a
+    dead one), or as the primary's ``ROLE`` lists them."""
+    pool = client.connection_pool
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:
+        counts = []
+        for sentinel in manager.sentinels:
+            try:
+                replicas = await sentinel.sentinel_slaves(pool.service_name)
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                continue
+            counts.append(sum(not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"]) for r in replicas))
+        return min(counts, default=0)
+    role = await client.execute_command("ROLE")
+    return len(role[2]) if role and role[0] in ("master", b"master") else 0

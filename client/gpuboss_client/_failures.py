@@ -22,7 +22,7 @@ __all__ = ["RETRY_CODES", "backend_error"]
 _SCRIPT_REFUSED = "user executing the script can't run this command"
 #: error codes of a deployment in transition or out of room: the same call succeeds later
 RETRY_CODES = frozenset(
-    {"TRYAGAIN", "CLUSTERDOWN", "READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING", "OOM", "BUSY"}
+    {"TRYAGAIN", "CLUSTERDOWN", "READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING", "OOM", "BUSY", "UNBLOCKED"}
 )
 #: why each retryable code happens, for the message
 _WHY = {
@@ -34,6 +34,7 @@ _WHY = {
     "LOADING": "Redis is loading its data",
     "OOM": "Redis is full (maxmemory); nothing was written",
     "BUSY": "Redis is busy running a script",
+    "UNBLOCKED": "a blocked call was cut short: the primary became a replica (failover)",
 }
 _UNAVAILABLE = (
     rx.RedisClusterException,

@@ -480,12 +480,16 @@ def lease_info(pool: str, lease_id: str) -> Op[LeaseInfo]:
 
 
 def release(lease: Lease) -> Op[None]:
-    """Release with the lease's token; raises LeaseLost if it had ended otherwise."""
+    """Release with the lease's token; raises LeaseLost if it had ended otherwise, or if Redis no
+    longer has it."""
     try:
         yield from release_ref(LeaseRef(lease.pool, lease.id, lease.token))
     except LeaseLost as err:
         lease._mark_lost(err.message)
         raise
+    except LeaseNotFound as exc:
+        lease._mark_lost(exc.message)
+        raise LeaseLost(f"lease {lease.id} is lost: {exc.message}", lease=lease.id) from exc
     lease._released = True
     lease._mark_lost("released")
 
@@ -522,7 +526,8 @@ def close(lease: Lease) -> Op[str | None]:
 
 def mark(lease: Lease, verb: str) -> Op[None]:
     """``idle`` or ``busy`` on a held lease; ``busy`` raises LeaseEvicted if it is being evicted,
-    and LeaseLost (changing nothing) if the lease is lost here already."""
+    and LeaseLost (changing nothing) if the lease is lost here already. A lease Redis no longer
+    has is lost (LeaseLost), as to a heartbeat."""
     if verb == "busy":
         lease.check()
     try:
@@ -530,6 +535,9 @@ def mark(lease: Lease, verb: str) -> Op[None]:
     except LeaseLost as err:
         lease._mark_lost(err.message)
         raise
+    except LeaseNotFound as exc:  # Redis lost it (a failover): lost, as to a heartbeat
+        lease._mark_lost(exc.message)
+        raise LeaseLost(f"lease {lease.id} is lost: {exc.message}", lease=lease.id) from exc
     if beat.evict_deadline_ms is not None:
         lease._evict_notice(beat.evict_deadline_ms)
         if verb == "busy":

@@ -39,7 +39,7 @@ from ._core import (
 from ._failures import backend_error
 from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, LeaseNotHeld
 from .scripts import LIBRARY, NAMES, function_name, library, script_shas, source
-from .urls import Confirm, Deployment, parse_url, redact
+from .urls import CONFIRM_ALL, Confirm, Deployment, parse_url, redact
 
 __all__ = ["AsyncBoss", "AsyncLeaseContext"]
 
@@ -58,6 +58,9 @@ def _refuses_functions(exc: redis.ResponseError) -> bool:
     call them."""
     return "'fcall'" in str(exc)
 
+
+#: how often a client with ``confirm_replicas=all`` counts the replicas again (seconds)
+RECOUNT_REPLICAS_S = 60.0
 
 #: clients with leases to give back when the interpreter exits
 _clients: weakref.WeakSet[AsyncBoss] = weakref.WeakSet()
@@ -98,6 +101,8 @@ class AsyncBoss:
         # asking the server (FCALL would cost them a COMMAND GETKEYS round trip per call)
         self._functions = functions and not self._by_slot
         self._shas = script_shas()
+        self._replicas = 0  # for confirm_replicas=all: how many, counted when
+        self._replicas_counted_at: float | None = None
         self._held = core.Held(clock)
         self._max_block = core.max_block_of(client)
         self._listener: backend.Worker | None = None
@@ -216,10 +221,23 @@ class AsyncBoss:
                 self._functions = False
         await self.redis.execute_command("SCRIPT LOAD", source(name))  # type: ignore[no-untyped-call]
 
+    async def _replicas_needed(self) -> int:
+        """How many replicas must confirm a write: :attr:`confirm`'s number, or for
+        :data:`~gpuboss_client.urls.CONFIRM_ALL` every replica that is not down, counted again
+        every minute and after a write they did not all confirm."""
+        if self.confirm.replicas != CONFIRM_ALL:
+            return self.confirm.replicas
+        now = self._clock()
+        if self._replicas_counted_at is None or now - self._replicas_counted_at >= RECOUNT_REPLICAS_S:
+            self._replicas = await backend.count_replicas(self.redis)
+            self._replicas_counted_at = now
+            log.info("writes count once %d replicas confirm them", self._replicas)
+        return self._replicas
+
     async def _confirmed(self, command: tuple[Any, ...]) -> Any:
         """Run ``command`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
         :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover)."""
-        need = self.confirm.replicas
+        need = await self._replicas_needed()
         # WAIT blocks the connection: never as long as its read timeout
         wait_ms = (
             self.confirm.ms if self._max_block is None else min(self.confirm.ms, int(self._max_block * 1000))
@@ -228,6 +246,11 @@ class AsyncBoss:
         pipe.execute_command(*command)  # type: ignore[no-untyped-call,unused-ignore]
         pipe.execute_command("WAIT", need, wait_ms)  # type: ignore[no-untyped-call,unused-ignore]
         reply, acked = await pipe.execute()
+        if int(acked) < need and self.confirm.replicas == CONFIRM_ALL:
+            # Perhaps a replica is down for good (a failover after a crash): count them again, and
+            # the write counts if every replica left has it.
+            self._replicas_counted_at = None
+            need = await self._replicas_needed()
         if int(acked) < need:
             # Perhaps a primary that a failover left behind: the next call connects afresh (to the
             # primary the sentinels name now).

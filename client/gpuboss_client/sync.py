@@ -38,7 +38,7 @@ from ._core import (
 from ._failures import backend_error
 from .errors import BackendUnavailable, BadRequest, GpubossError, LeaseLost, LeaseNotHeld
 from .scripts import LIBRARY, NAMES, function_name, library, script_shas, source
-from .urls import Confirm, Deployment, parse_url, redact
+from .urls import CONFIRM_ALL, Confirm, Deployment, parse_url, redact
 
 __all__ = ["Boss", "LeaseContext"]
 
@@ -57,6 +57,9 @@ def _refuses_functions(exc: redis.ResponseError) -> bool:
     call them."""
     return "'fcall'" in str(exc)
 
+
+#: how often a client with ``confirm_replicas=all`` counts the replicas again (seconds)
+RECOUNT_REPLICAS_S = 60.0
 
 #: clients with leases to give back when the interpreter exits
 _clients: weakref.WeakSet[Boss] = weakref.WeakSet()
@@ -97,6 +100,8 @@ class Boss:
         # asking the server (FCALL would cost them a COMMAND GETKEYS round trip per call)
         self._functions = functions and not self._by_slot
         self._shas = script_shas()
+        self._replicas = 0  # for confirm_replicas=all: how many, counted when
+        self._replicas_counted_at: float | None = None
         self._held = core.Held(clock)
         self._max_block = core.max_block_of(client)
         self._listener: backend.Worker | None = None
@@ -215,10 +220,23 @@ class Boss:
                 self._functions = False
         self.redis.execute_command("SCRIPT LOAD", source(name))  # type: ignore[no-untyped-call]
 
+    def _replicas_needed(self) -> int:
+        """How many replicas must confirm a write: :attr:`confirm`'s number, or for
+        :data:`~gpuboss_client.urls.CONFIRM_ALL` every replica that is not down, counted again
+        every minute and after a write they did not all confirm."""
+        if self.confirm.replicas != CONFIRM_ALL:
+            return self.confirm.replicas
+        now = self._clock()
+        if self._replicas_counted_at is None or now - self._replicas_counted_at >= RECOUNT_REPLICAS_S:
+            self._replicas = backend.count_replicas(self.redis)
+            self._replicas_counted_at = now
+            log.info("writes count once %d replicas confirm them", self._replicas)
+        return self._replicas
+
     def _confirmed(self, command: tuple[Any, ...]) -> Any:
         """Run ``command`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
         :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover)."""
-        need = self.confirm.replicas
+        need = self._replicas_needed()
         # WAIT blocks the connection: never as long as its read timeout
         wait_ms = (
             self.confirm.ms if self._max_block is None else min(self.confirm.ms, int(self._max_block * 1000))
@@ -227,6 +245,11 @@ class Boss:
         pipe.execute_command(*command)  # type: ignore[no-untyped-call,unused-ignore]
         pipe.execute_command("WAIT", need, wait_ms)  # type: ignore[no-untyped-call,unused-ignore]
         reply, acked = pipe.execute()
+        if int(acked) < need and self.confirm.replicas == CONFIRM_ALL:
+            # Perhaps a replica is down for good (a failover after a crash): count them again, and
+            # the write counts if every replica left has it.
+            self._replicas_counted_at = None
+            need = self._replicas_needed()
         if int(acked) < need:
             # Perhaps a primary that a failover left behind: the next call connects afresh (to the
             # primary the sentinels name now).

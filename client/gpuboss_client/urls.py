@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .errors import BadRequest
 
-__all__ = ["Confirm", "Deployment", "parse_url", "redact"]
+__all__ = ["CONFIRM_ALL", "Confirm", "Deployment", "parse_url", "redact"]
 
 Kind = Literal["single", "sentinel", "cluster"]
 
@@ -44,6 +44,8 @@ _STRINGS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path", "ssl_p
 _CERT_REQS = ("none", "optional", "required")
 _SENTINEL_AUTH = ("sentinel_username", "sentinel_password")
 _CONFIRM = ("confirm_replicas", "confirm_ms")
+#: ``Confirm.replicas`` for every replica (``confirm_replicas=all``)
+CONFIRM_ALL = -1
 _PASSWORD = re.compile(r"(?<=://)([^:@/]*):[^@/]*@")
 #: how long a write waits for its replicas by default, where replicas are asked for
 DEFAULT_CONFIRM_MS = 500
@@ -57,12 +59,20 @@ def redact(url: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Confirm:
     """Writes count once ``replicas`` replicas have them (``WAIT replicas ms`` after each script
-    that changes state and each grant taken from a wake list); 0: once the primary has them. A
-    call not confirmed in ``ms`` milliseconds raises :class:`BackendUnavailable` (it may or may
-    not survive a failover): a holder renews only what a promoted replica would know, and
-    otherwise fences itself by its local deadline. ``redis+sentinel://`` asks for one replica by
-    default. ``WAIT`` blocks its connection at most half the read timeout (``socket_timeout``),
-    whatever ``ms`` says."""
+    that changes state and each grant taken from a wake list); 0: once the primary has them;
+    :data:`CONFIRM_ALL` (``confirm_replicas=all``, the default of ``redis+sentinel://``): once every
+    replica that is not down has them, counted as the sentinels know them (or as the primary's
+    ``ROLE`` lists them) when the client first writes, every minute, and after a write they did
+    not all confirm. A call not confirmed in ``ms``
+    milliseconds raises :class:`BackendUnavailable` (it may or may not survive a failover): a
+    holder renews only what a promoted replica would know, and otherwise fences itself by its
+    local deadline. ``WAIT`` blocks its connection at most half the read timeout
+    (``socket_timeout``), whatever ``ms`` says.
+
+    Fewer than all is not safe against a failover: Sentinel promotes a replica without regard to
+    which replicas confirmed a write, and a primary left behind keeps the others attached (and
+    confirming) until it is demoted, then they resynchronise from the new primary and drop what
+    it confirmed."""
 
     replicas: int = 0
     ms: int = DEFAULT_CONFIRM_MS
@@ -100,7 +110,7 @@ def parse_url(url: str) -> Deployment:
     kind, tls = _SCHEMES[scheme]
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    confirm = _confirm(url, query, default_replicas=1 if kind == "sentinel" else 0)
+    confirm = _confirm(url, query, default_replicas=CONFIRM_ALL if kind == "sentinel" else 0)
     if kind == "single":
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         if any(k in _CONFIRM for k, _ in pairs):  # redis-py does not know them
@@ -158,9 +168,14 @@ def _nodes(url: str, hosts: str) -> tuple[tuple[str, int], ...]:
 
 def _confirm(url: str, query: dict[str, str], default_replicas: int) -> Confirm:
     replicas, ms = query.pop("confirm_replicas", None), query.pop("confirm_ms", None)
-    for name, value in (("confirm_replicas", replicas), ("confirm_ms", ms)):
-        if value is not None and not (value.isdigit() and int(value) < 100_000):
-            raise BadRequest(f"bad Redis URL {redact(url)!r}: {name} must be a whole number, not {value!r}")
+    if replicas is not None and replicas.lower() == "all":
+        replicas = str(CONFIRM_ALL)
+    elif replicas is not None and not (replicas.isdigit() and int(replicas) < 100_000):
+        raise BadRequest(
+            f"bad Redis URL {redact(url)!r}: confirm_replicas must be a whole number or all, not {replicas!r}"
+        )
+    if ms is not None and not (ms.isdigit() and int(ms) < 100_000):
+        raise BadRequest(f"bad Redis URL {redact(url)!r}: confirm_ms must be a whole number, not {ms!r}")
     confirm = Confirm(default_replicas if replicas is None else int(replicas))
     if ms is not None:
         if int(ms) == 0:

@@ -49,6 +49,7 @@ from gpuboss_client.ops import Findings
 from . import agent as agent_cmd
 from . import run as run_cmd
 from . import serve as serve_cmd
+from . import simulate as simulate_cmd
 from .common import Backend, Options, connect, exit_with, load_settings, target
 from .http import HttpBoss
 from .render import (
@@ -744,6 +745,7 @@ def _live(
 # Commands that live in modules of their own.
 app.command("serve")(serve_cmd.serve)
 app.command("agent")(agent_cmd.agent)
+app.command("simulate")(simulate_cmd.simulate)
 # Everything from the command's name on is the command's: its options are not run's.
 app.command(
     "run",

@@ -482,7 +482,7 @@ def test_victim_that_does_not_give_back_by_its_deadline_is_revoked(boss: Boss) -
     boss.add_device("gpu0", "8GiB")
     stuck_client = other(boss, "stuck")
     # (a short TTL: the server revokes no earlier than the victim's expiry)
-    stuck = stuck_client.acquire("8GiB", priority="low", ttl=0.3, grace=0.2, request_id="stuck")
+    stuck = stuck_client.acquire("8GiB", priority="low", ttl=1.0, grace=0.2, request_id="stuck")
     stuck.idle()
     log = Events(r)
 

@@ -142,20 +142,25 @@ async def drop_idle_connections(client: Any) -> None:
     await client.connection_pool.disconnect(inuse_connections=False)
 
 
-async def count_replicas(client: Any) -> int:
-    """How many replicas ``client``'s primary has: the fewest that any sentinel that answers knows
-    and neither thinks down nor has lost its link to (a sentinel that has not noticed yet counts a
-    dead one), or as the primary's ``ROLE`` lists them."""
+async def count_replicas(client: Any, known: int) -> int:
+    """How many replicas ``client``'s primary has. Behind Sentinel: the most that any sentinel that
+    answers knows and neither thinks down nor has lost its link to, and ``known`` (the last count)
+    while the sentinels do not yet agree on one primary (mid-failover, a view that counts fewer
+    may be the new primary's, not the one this client still writes to). Else as the primary's
+    ``ROLE`` lists them."""
     pool = client.connection_pool
     manager = getattr(pool, "sentinel_manager", None)
     if manager is not None:
-        counts = []
+        counts, primaries = [], set()
         for sentinel in manager.sentinels:
             try:
+                primaries.add(tuple(await sentinel.sentinel_get_master_addr_by_name(pool.service_name) or ()))
                 replicas = await sentinel.sentinel_slaves(pool.service_name)
             except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
                 continue
             counts.append(sum(not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"]) for r in replicas))
-        return min(counts, default=0)
+        if len(primaries) > 1:
+            return max(known, *counts)
+        return max(counts, default=known)
     role = await client.execute_command("ROLE")
     return len(role[2]) if role and role[0] in ("master", b"master") else 0

@@ -229,9 +229,8 @@ class AsyncBoss:
             return self.confirm.replicas
         now = self._clock()
         if self._replicas_counted_at is None or now - self._replicas_counted_at >= RECOUNT_REPLICAS_S:
-            self._replicas = await backend.count_replicas(self.redis)
+            self._replicas = await backend.count_replicas(self.redis, self._replicas)
             self._replicas_counted_at = now
-            log.info("writes count once %d replicas confirm them", self._replicas)
         return self._replicas
 
     async def _confirmed(self, command: tuple[Any, ...]) -> Any:

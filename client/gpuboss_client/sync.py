@@ -228,9 +228,8 @@ class Boss:
             return self.confirm.replicas
         now = self._clock()
         if self._replicas_counted_at is None or now - self._replicas_counted_at >= RECOUNT_REPLICAS_S:
-            self._replicas = backend.count_replicas(self.redis)
+            self._replicas = backend.count_replicas(self.redis, self._replicas)
             self._replicas_counted_at = now
-            log.info("writes count once %d replicas confirm them", self._replicas)
         return self._replicas
 
     def _confirmed(self, command: tuple[Any, ...]) -> Any:

@@ -206,6 +206,15 @@ def clients(secured: Service) -> Iterator[dict[Who, httpx.Client]]:
         client.close()
 
 
+@pytest.fixture(autouse=True)
+def sleeper_unloaded(clients: dict[Who, httpx.Client]) -> Iterator[None]:
+    """After each case, the module's consumer gives back what a case made it load: otherwise the
+    next case's flush takes its lease away, and the consumer's own unload event lands in the
+    middle of that case's before-and-after comparison."""
+    yield
+    clients["root"].post("/v1/consumers/sleeper/release", json={}).raise_for_status()
+
+
 @pytest.fixture
 def scene(real_redis: redis.Redis, clients: dict[Who, httpx.Client]) -> Scene:
     """A flushed Redis with gpu0 and a spare device, and a lease that alice holds."""

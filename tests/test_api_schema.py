@@ -103,13 +103,14 @@ def test_no_server_errors_and_replies_match_the_schema(
 ) -> None:
     operation = api_schema[path][method]
 
-    # An event stream never ends by itself: each reply is cut at the read timeout.
+    # An event stream never ends by itself: each reply is cut at the read timeout, which must still
+    # leave a loaded machine time to start the reply (headers that come later fail the case).
     stream = path == "/v1/events/stream"
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=10 if stream else EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=6 if stream else EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
     def check(case: schemathesis.Case) -> None:
-        response = case.call(headers={"Authorization": f"Bearer {SECRET}"}, timeout=0.3 if stream else 10)
+        response = case.call(headers={"Authorization": f"Bearer {SECRET}"}, timeout=1.0 if stream else 10)
         strict = mode is GenerationMode.POSITIVE and (method, path) not in REFUSES_SOME_VALID_INPUT
         case.validate_response(response, checks=[*CHECKS, positive_data_acceptance] if strict else CHECKS)
 

@@ -200,6 +200,36 @@ def test_a_primary_a_planned_failover_left_behind_confirms_no_grant(
             wait_for("the old primary to follow the new one", lambda: _following(group, old), timeout=40)
 
 
+def test_a_replica_back_after_the_count_must_confirm_writes_too(
+    group: SentinelGroup, url: str, pool: str
+) -> None:
+    """A replica that was down when the client counted them (a primary killed earlier, back as a
+    replica) is one that the next failover may promote. Once a write finds it attached, every write
+    waits for it too: one that only the other replica confirms does not count, since a failover
+    that promotes this one would lose it."""
+    replica = group.replicas()[0]
+    group.kill(replica)
+    try:
+        group.wait_seen_down(replica)
+        with Boss.from_url(url, holder="h") as holder:
+            holder.release(holder.acquire(1024, pool=pool, timeout=5))  # one replica, counted
+            group.restart(replica)
+            holder.release(holder.acquire(1024, pool=pool, timeout=5))  # finds two attached
+            group.freeze(replica)
+            try:
+                with pytest.raises(BackendUnavailable, match="1 of 2 replicas"):
+                    holder.acquire(1024, pool=pool, timeout=0)
+            finally:
+                group.thaw(replica)
+            lease = holder.acquire(1024, pool=pool, timeout=10)
+            assert group.node_client(replica).hget(f"gpuboss:{{{pool}}}:v1:leases", lease.id) is not None
+            holder.release(lease)
+    finally:
+        if not replica.alive:
+            group.restart(replica)
+        group.wait_healthy()
+
+
 def _is_master(group: SentinelGroup, node: Node) -> bool:
     try:
         return group.node_client(node, socket_timeout=1).execute_command("ROLE")[0] == "master"

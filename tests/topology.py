@@ -728,6 +728,34 @@ class SentinelGroup:
 
         _wait(f"{node.addr} to rejoin", rejoined, timeout)
 
+    def wait_seen_down(self, node: Node, timeout: float = 30.0) -> None:
+        """Wait until every reachable sentinel flags replica ``node`` as down (``s_down``)."""
+
+        def check() -> str | None:
+            for s in self.sentinels:
+                if not s.reachable:
+                    continue
+                with contextlib.closing(_admin(*s.addr)) as c:
+                    entries = _sentinel_list(c, "REPLICAS", self.service)
+                flags = [set(e["flags"].split(",")) for e in entries if (e["ip"], int(e["port"])) == node.addr]
+                if not flags or "s_down" not in flags[0]:
+                    return f"sentinel {s.addr} does not flag {node.addr} down yet"
+            return None
+
+        _wait(f"{node.addr} to be seen down", check, timeout)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every live data node but the primary replicates it with its link up, and every
+        reachable sentinel sees them all healthy."""
+        primary = self.primary()
+
+        def check() -> str | None:
+            if (lagging := self._unlinked(primary)) is not None:
+                return lagging
+            return self._sentinels_see(primary, [n for n in self.data_nodes if n.reachable])
+
+        _wait("the group to be healthy", check, timeout)
+
     def freeze(self, node: Node) -> None:
         """SIGSTOP ``node`` (a data node or a sentinel): it holds its connections but answers nothing."""
         _freeze(node)

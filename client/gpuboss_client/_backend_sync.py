@@ -5,9 +5,10 @@ The same names as :mod:`gpuboss_client._backend_aio`, for the client generated f
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import redis
@@ -15,7 +16,7 @@ import redis.client
 import redis.cluster
 import redis.sentinel
 
-from ._connect import Classes
+from ._connect import Address, Classes, Replicas, address, address_of, replicas_of
 from ._connect import connect as _connect
 from .urls import Deployment
 
@@ -111,25 +112,71 @@ def drop_idle_connections(client: Any) -> None:
     client.connection_pool.disconnect(inuse_connections=False)
 
 
-def count_replicas(client: Any, known: int) -> int:
+def drop_connections(client: Any) -> None:
+    """Close every connection of ``client``, those in use too (their commands fail, retryably), so
+    that no call goes on through a connection made before."""
+    client.connection_pool.disconnect(inuse_connections=True)
+
+
+def count_replicas(client: Any, known: int) -> Replicas:
     """How many replicas ``client``'s primary has. Behind Sentinel: the most that any sentinel that
-    answers knows and neither thinks down nor has lost its link to, and ``known`` (the last count)
-    while the sentinels do not yet agree on one primary (mid-failover, a view that counts fewer
-    may be the new primary's, not the one this client still writes to). Else as the primary's
-    ``ROLE`` lists them."""
+    answers knows and neither thinks down nor has lost its link to, with the primary they all
+    name; and ``known`` (the last count) while the sentinels do not yet agree on one primary
+    (mid-failover, a view that counts fewer may be the new primary's, not the one this client
+    still writes to). Else as the primary's ``ROLE`` lists them."""
     pool = client.connection_pool
     manager = getattr(pool, "sentinel_manager", None)
-    if manager is not None:
-        counts, primaries = [], set()
-        for sentinel in manager.sentinels:
+    if manager is None:
+        return Replicas(replicas_of(client.execute_command("ROLE")))
+    counts, primaries = [], set()
+    for sentinel in manager.sentinels:
+        try:
+            named = sentinel.sentinel_get_master_addr_by_name(pool.service_name)
+            replicas = sentinel.sentinel_slaves(pool.service_name)
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            continue
+        primaries.add(None if named is None else address(*named))
+        counts.append(sum(not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"]) for r in replicas))
+    if len(primaries) != 1:
+        return Replicas(max(known, *counts), sentinels=True)
+    return Replicas(max(counts), sentinels=True, primary=primaries.pop())
+
+
+class Held:
+    """One connection taken from a client's pool: its commands' replies come back on it, and a
+    ``WAIT`` sent on it confirms the writes made on it."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    @property
+    def address(self) -> Address | None:
+        """The server it is connected to."""
+        return address_of(self._connection)
+
+    def run(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send ``commands`` at once; their replies in order, an error reply as its exception."""
+        conn = self._connection
+        conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
             try:
-                primaries.add(tuple(sentinel.sentinel_get_master_addr_by_name(pool.service_name) or ()))
-                replicas = sentinel.sentinel_slaves(pool.service_name)
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-                continue
-            counts.append(sum(not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"]) for r in replicas))
-        if len(primaries) > 1:
-            return max(known, *counts)
-        return max(counts, default=known)
-    role = client.execute_command("ROLE")
-    return len(role[2]) if role and role[0] in ("master", b"master") else 0
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+
+@contextlib.contextmanager
+def held_connection(client: Any) -> Iterator[Held]:
+    """A connection of ``client``'s pool for a sequence of commands; closed if the sequence fails
+    half-way (its replies may be half read), given back to the pool either way."""
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        yield Held(connection)
+    except BaseException:
+        connection.disconnect()
+        raise
+    finally:
+        pool.release(connection)

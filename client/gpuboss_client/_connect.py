@@ -4,11 +4,15 @@ Cluster. Replies are decoded to text."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .urls import Deployment
 
-__all__ = ["Classes", "connect"]
+__all__ = ["Address", "Classes", "Replicas", "address", "address_of", "connect", "replicas_of"]
+
+#: ``(host, port)`` of a Redis server
+Address = tuple[str, int]
 
 #: connection options that also apply to the connections to the sentinels
 _TO_SENTINELS = ("socket_timeout", "socket_connect_timeout")
@@ -39,3 +43,38 @@ def connect(deployment: Deployment, classes: Classes, **options: Any) -> Any:
     to_sentinels |= {k: v for k, v in d.sentinel_options.items() if k.startswith("ssl")}
     sentinel = classes.Sentinel(list(d.nodes), sentinel_kwargs=to_sentinels, **kwargs)
     return sentinel.master_for(d.service, db=d.db, decode_responses=True)
+
+
+def replicas_of(role: Any) -> int:
+    """How many replicas a ``ROLE`` reply lists (none where the node is not a primary)."""
+    return len(role[2]) if role and role[0] in ("master", b"master") else 0
+
+
+def address(host: str | bytes, port: int | str | bytes) -> Address:
+    """``(host, port)`` from a reply (sentinels' connections do not decode theirs)."""
+    return (host.decode() if isinstance(host, bytes) else host, int(port))
+
+
+def address_of(connection: Any) -> Address | None:
+    """Where a redis-py connection is connected to (None for a Unix socket)."""
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return None if host is None or port is None else address(host, port)
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """How many replicas a primary has, as the backends' ``count_replicas`` counts them."""
+
+    count: int
+    #: whether Sentinel counted them
+    sentinels: bool = False
+    #: behind Sentinel, the primary that every sentinel that answered names (None while they differ)
+    primary: Address | None = None
+
+    def confirm(self, acked: int, written_to: Address | None) -> bool:
+        """Whether a write that ``acked`` replicas of the node at ``written_to`` confirmed counts:
+        each replica counted has it, and behind Sentinel that node is the primary they all name
+        (not one that a failover is leaving behind, whose replicas still confirm its writes)."""
+        return acked >= self.count and (
+            not self.sentinels or (self.primary is not None and self.primary == written_to)
+        )

@@ -22,6 +22,7 @@ import redis
 
 from . import _backend_aio as backend
 from . import _core as core
+from ._connect import Address, replicas_of
 from ._core import (
     AcquireOptions,
     Call,
@@ -224,41 +225,69 @@ class AsyncBoss:
     async def _replicas_needed(self) -> int:
         """How many replicas must confirm a write: :attr:`confirm`'s number, or for
         :data:`~gpuboss_client.urls.CONFIRM_ALL` every replica that is not down, counted again
-        every minute and after a write they did not all confirm."""
+        every minute, after a write they did not all confirm, and whenever a write finds more."""
         if self.confirm.replicas != CONFIRM_ALL:
             return self.confirm.replicas
         now = self._clock()
-        if self._replicas_counted_at is None or now - self._replicas_counted_at >= RECOUNT_REPLICAS_S:
-            self._replicas = await backend.count_replicas(self.redis, self._replicas)
+        if self._replicas_counted_at is None:
+            self._replicas = (await backend.count_replicas(self.redis, self._replicas)).count
             self._replicas_counted_at = now
+        elif now - self._replicas_counted_at >= RECOUNT_REPLICAS_S:
+            await self._recount(self._replicas)
         return self._replicas
 
     async def _confirmed(self, command: tuple[Any, ...]) -> Any:
         """Run ``command`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
-        :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover)."""
+        :class:`BackendUnavailable` if fewer acknowledge it in time (it may be lost in a failover).
+
+        With ``confirm_replicas=all``, the primary's ``ROLE`` comes back with it: a replica that
+        came (back) since the count may be the one a failover promotes, so the write, and every
+        later one, waits for it too."""
         need = await self._replicas_needed()
         # WAIT blocks the connection: never as long as its read timeout
         wait_ms = (
             self.confirm.ms if self._max_block is None else min(self.confirm.ms, int(self._max_block * 1000))
         )
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.execute_command(*command)  # type: ignore[no-untyped-call,unused-ignore]
-        pipe.execute_command("WAIT", need, wait_ms)  # type: ignore[no-untyped-call,unused-ignore]
-        reply, acked = await pipe.execute()
-        if int(acked) < need and self.confirm.replicas == CONFIRM_ALL:
-            # Perhaps a replica is down for good (a failover after a crash): count them again, and
-            # the write counts if every replica left has it.
-            self._replicas_counted_at = None
-            need = await self._replicas_needed()
-        if int(acked) < need:
-            # Perhaps a primary that a failover left behind: the next call connects afresh (to the
-            # primary the sentinels name now).
-            await backend.drop_idle_connections(self.redis)
-            raise BackendUnavailable(
-                f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms: "
-                "it would not survive a failover", replicas=int(acked),
-            )  # fmt: skip
-        return reply
+        every = self.confirm.replicas == CONFIRM_ALL
+        async with backend.held_connection(self.redis) as conn:
+            reply, acked, *role = await conn.run(
+                command, ("WAIT", need, wait_ms), *([("ROLE",)] if every else [])
+            )
+            if (
+                every
+                and not isinstance(reply, redis.ResponseError)
+                and (attached := replicas_of(role[0])) > need
+            ):
+                self._replicas = need = attached
+                if acked < need:
+                    [acked] = await conn.run(("WAIT", need, wait_ms))
+            written_to = conn.address
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        if acked >= need or (every and await self._recount(need, acked, written_to)):
+            return reply
+        # Perhaps a primary that a failover left behind: the next call connects afresh (to the
+        # primary the sentinels name now).
+        await backend.drop_idle_connections(self.redis)
+        raise BackendUnavailable(
+            f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms: "
+            "it would not survive a failover", replicas=acked,
+        )  # fmt: skip
+
+    async def _recount(self, need: int, acked: int = 0, written_to: Address | None = None) -> bool:
+        """Count the replicas again, after a write that fewer than ``need`` confirmed (one may be
+        down for good, or the write went to a primary that a failover is leaving behind, where the
+        promoted replica no longer confirms) or a minute after the last count. Whether that write,
+        which ``acked`` replicas of the node at ``written_to`` confirmed, counts: see
+        :meth:`~gpuboss_client._connect.Replicas.confirm`. A lower count is taken only after every
+        connection is closed: no later write reaches a deposed primary, whose remaining replicas
+        would meet the lower bar; the next calls connect to the primary the sentinels name."""
+        fresh = await backend.count_replicas(self.redis, need)
+        self._replicas_counted_at = self._clock()
+        if fresh.count < need:
+            await backend.drop_connections(self.redis)
+        self._replicas = fresh.count
+        return fresh.confirm(acked, written_to)
 
     async def acquire(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.

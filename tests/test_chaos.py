@@ -34,14 +34,7 @@ CHAOS = Path(__file__).with_name("chaos.py")
 #: ones of these causes is an expected failure (xfail, with the checker's findings); any other
 #: violation fails the test.
 #: Delete an entry when its bug is fixed.
-KNOWN_BUGS = {
-    "lost_in_failover": (
-        "a grant or renewal confirmed by WAIT on every replica the sentinels count is still lost now "
-        "and then within a second of a SENTINEL FAILOVER (a 60 s run finds a few): the count is read "
-        "from the sentinels' view, which mid-failover can be the new primary's, not that of the node "
-        "the client still writes to; confirming against the node written to is not built yet"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}
 MS = 1_000_000  # ns per ms: the hand-made histories use an identity clock (Redis ms = ns / 1e6)
 
 Event = tuple[str, dict[str, str]]

@@ -4,8 +4,10 @@ each, and the typed error (password masked) for each malformed one."""
 from __future__ import annotations
 
 import pytest
+import redis
 
 from gpuboss_client import BadRequest, Boss, Confirm, Deployment, parse_url
+from gpuboss_client._connect import Replicas, address, address_of, replicas_of
 from gpuboss_client.urls import CONFIRM_ALL, DEFAULT_CONFIRM_MS, redact
 
 
@@ -98,3 +100,43 @@ def test_from_url_refuses_a_malformed_url_before_connecting() -> None:
 def test_redact_masks_only_the_password() -> None:
     assert redact("redis+sentinel://app:pw@h:1/s") == "redis+sentinel://app:***@h:1/s"
     assert redact("redis://h:1/0") == "redis://h:1/0"
+
+
+PRIMARY, DEPOSED = ("10.0.0.1", 6379), ("10.0.0.2", 6379)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "acked", "written_to", "counts"),
+    [
+        (Replicas(1, 1, sentinels=True, primary=PRIMARY), 1, PRIMARY, True),
+        (Replicas(1, 1, sentinels=True, primary=PRIMARY), 2, PRIMARY, True),
+        (Replicas(2, 2, sentinels=True, primary=PRIMARY), 1, PRIMARY, False),  # one replica lacks it
+        # the old primary of a planned failover, its other replica still attached and confirming
+        (Replicas(1, 1, sentinels=True, primary=PRIMARY), 1, DEPOSED, False),
+        (Replicas(1, 1, sentinels=True, primary=None), 1, PRIMARY, False),  # the sentinels disagree
+        (Replicas(1, 1, sentinels=True, primary=PRIMARY), 1, None, False),  # a Unix socket: not it
+        (Replicas(1, 1), 1, None, True),  # no Sentinel: the one primary there is
+        (Replicas(0, 0), 0, PRIMARY, True),
+        (Replicas(2, 2), 1, PRIMARY, False),
+    ],
+)
+def test_a_write_counts_on_every_replica_counted_and_only_on_the_named_primary(
+    replicas: Replicas, acked: int, written_to: tuple[str, int] | None, counts: bool
+) -> None:
+    assert replicas.confirm(acked, written_to) is counts
+
+
+def test_a_replica_found_attached_counts_from_then_on() -> None:
+    counted = Replicas(1, 2, sentinels=True, primary=PRIMARY)  # one of two listed is down
+    assert counted.attached(2) == Replicas(2, 2, sentinels=True, primary=PRIMARY)
+    assert counted.attached(3) == Replicas(3, 3, sentinels=True, primary=PRIMARY)
+
+
+def test_addresses_read_from_sentinel_replies_and_connections() -> None:
+    assert address(b"127.0.0.1", b"26379") == ("127.0.0.1", 26379)
+    assert address("::1", 6379) == ("::1", 6379)
+    conn = redis.Connection(host="127.0.0.1", port=7000)
+    assert address_of(conn) == ("127.0.0.1", 7000)
+    assert address_of(redis.UnixDomainSocketConnection(path="/tmp/redis.sock")) is None
+    assert replicas_of(["master", 10, [["127.0.0.1", "7001", "10"]]]) == 1
+    assert replicas_of(["slave", "127.0.0.1", 7000, "connected", 10]) == 0

@@ -737,7 +737,9 @@ class SentinelGroup:
                     continue
                 with contextlib.closing(_admin(*s.addr)) as c:
                     entries = _sentinel_list(c, "REPLICAS", self.service)
-                flags = [set(e["flags"].split(",")) for e in entries if (e["ip"], int(e["port"])) == node.addr]
+                flags = [
+                    set(e["flags"].split(",")) for e in entries if (e["ip"], int(e["port"])) == node.addr
+                ]
                 if not flags or "s_down" not in flags[0]:
                     return f"sentinel {s.addr} does not flag {node.addr} down yet"
             return None

@@ -4,12 +4,21 @@ Cluster. Replies are decoded to text."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from .urls import Deployment
 
-__all__ = ["Address", "Classes", "Replicas", "address", "address_of", "connect", "replicas_of"]
+__all__ = [
+    "Address",
+    "Classes",
+    "Replicas",
+    "address",
+    "address_of",
+    "connect",
+    "replicas_of",
+    "sentinel_view",
+]
 
 #: ``(host, port)`` of a Redis server
 Address = tuple[str, int]
@@ -50,6 +59,19 @@ def replicas_of(role: Any) -> int:
     return len(role[2]) if role and role[0] in ("master", b"master") else 0
 
 
+#: flags a sentinel gives a replica it cannot count on: down, or its link lost
+_DOWN = frozenset({"s_down", "o_down", "disconnected"})
+#: flags a sentinel gives replicas while it fails their primary over (one is being promoted)
+_FAILING_OVER = frozenset({"promoted", "reconf_sent", "reconf_inprog", "reconf_done"})
+
+
+def sentinel_view(replicas: list[dict[str, Any]]) -> tuple[int, bool]:
+    """From one sentinel's ``SENTINEL REPLICAS``: how many it thinks up, and whether it is failing
+    their primary over (their primary may then already be another node than the one it names)."""
+    flags = [set(f.split(",")) if isinstance(f := r.get("flags", ""), str) else set(f) for r in replicas]
+    return sum(not f & _DOWN for f in flags), any(f & _FAILING_OVER for f in flags)
+
+
 def address(host: str | bytes, port: int | str | bytes) -> Address:
     """``(host, port)`` from a reply (sentinels' connections do not decode theirs)."""
     return (host.decode() if isinstance(host, bytes) else host, int(port))
@@ -65,11 +87,18 @@ def address_of(connection: Any) -> Address | None:
 class Replicas:
     """How many replicas a primary has, as the backends' ``count_replicas`` counts them."""
 
+    #: the replicas that must confirm a write: those not down
     count: int
+    #: every replica known, down or not (behind Sentinel: as the sentinels list them)
+    listed: int
     #: whether Sentinel counted them
     sentinels: bool = False
     #: behind Sentinel, the primary that every sentinel that answered names (None while they differ)
     primary: Address | None = None
+
+    def attached(self, replicas: int) -> Replicas:
+        """This count, after a write found ``replicas`` attached to the primary (more than counted)."""
+        return replace(self, count=replicas, listed=max(self.listed, replicas))
 
     def confirm(self, acked: int, written_to: Address | None) -> bool:
         """Whether a write that ``acked`` replicas of the node at ``written_to`` confirmed counts:

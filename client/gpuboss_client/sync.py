@@ -21,7 +21,7 @@ import redis
 
 from . import _backend_sync as backend
 from . import _core as core
-from ._connect import Address, replicas_of
+from ._connect import Address, Replicas, replicas_of
 from ._core import (
     AcquireOptions,
     Call,
@@ -57,6 +57,18 @@ def _refuses_functions(exc: redis.ResponseError) -> bool:
     """Whether Redis refused ``FCALL`` itself: a server without functions, or a user who may not
     call them."""
     return "'fcall'" in str(exc)
+
+
+def _unconfirmed(
+    acked: int, need: int, fresh: Replicas | None, written_to: Address | None, wait_ms: int
+) -> str:
+    """Why a write that ``acked`` replicas of ``written_to`` confirmed does not count."""
+    need = need if fresh is None else max(need, fresh.count)
+    if acked < need or fresh is None:
+        return f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms"
+    if fresh.primary is None:
+        return f"the write went to {written_to} while the sentinels fail the primary over"
+    return f"the write went to {written_to}, not to the primary the sentinels name ({fresh.primary})"
 
 
 #: how often a client with ``confirm_replicas=all`` counts the replicas again (seconds)
@@ -101,7 +113,7 @@ class Boss:
         # asking the server (FCALL would cost them a COMMAND GETKEYS round trip per call)
         self._functions = functions and not self._by_slot
         self._shas = script_shas()
-        self._replicas = 0  # for confirm_replicas=all: how many, counted when
+        self._replicas = Replicas(0, 0)  # for confirm_replicas=all: the last count, taken when
         self._replicas_counted_at: float | None = None
         self._held = core.Held(clock)
         self._max_block = core.max_block_of(client)
@@ -229,11 +241,11 @@ class Boss:
             return self.confirm.replicas
         now = self._clock()
         if self._replicas_counted_at is None:
-            self._replicas = (backend.count_replicas(self.redis, self._replicas)).count
+            self._replicas = backend.count_replicas(self.redis, 0)
             self._replicas_counted_at = now
         elif now - self._replicas_counted_at >= RECOUNT_REPLICAS_S:
-            self._recount(self._replicas)
-        return self._replicas
+            self._recount(self._replicas.count)
+        return self._replicas.count
 
     def _confirmed(self, command: tuple[Any, ...]) -> Any:
         """Run ``command`` and ``WAIT`` for :attr:`confirm` replicas on the same connection; raise
@@ -241,7 +253,9 @@ class Boss:
 
         With ``confirm_replicas=all``, the primary's ``ROLE`` comes back with it: a replica that
         came (back) since the count may be the one a failover promotes, so the write, and every
-        later one, waits for it too."""
+        later one, waits for it too. While the sentinels list a replica that did not confirm (one
+        down, or back and not counted yet), a write counts only once a fresh count finds that it
+        went to the primary they all name (:meth:`_recount`)."""
         need = self._replicas_needed()
         # WAIT blocks the connection: never as long as its read timeout
         wait_ms = (
@@ -255,36 +269,37 @@ class Boss:
                 and not isinstance(reply, redis.ResponseError)
                 and (attached := replicas_of(role[0])) > need
             ):
-                self._replicas = need = attached
+                self._replicas, need = self._replicas.attached(attached), attached
                 if acked < need:
                     [acked] = conn.run(("WAIT", need, wait_ms))
             written_to = conn.address
         if isinstance(reply, redis.ResponseError):
             raise reply
-        if acked >= need or (every and self._recount(need, acked, written_to)):
+        if acked >= need and (not every or acked >= self._replicas.listed):
+            return reply
+        fresh = self._recount(need) if every else None
+        if fresh is not None and fresh.confirm(acked, written_to):
             return reply
         # Perhaps a primary that a failover left behind: the next call connects afresh (to the
         # primary the sentinels name now).
         backend.drop_idle_connections(self.redis)
-        raise BackendUnavailable(
-            f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms: "
-            "it would not survive a failover", replicas=acked,
-        )  # fmt: skip
+        why = _unconfirmed(acked, need, fresh, written_to, wait_ms)
+        raise BackendUnavailable(f"{why}: it would not survive a failover", replicas=acked)
 
-    def _recount(self, need: int, acked: int = 0, written_to: Address | None = None) -> bool:
-        """Count the replicas again, after a write that fewer than ``need`` confirmed (one may be
-        down for good, or the write went to a primary that a failover is leaving behind, where the
-        promoted replica no longer confirms) or a minute after the last count. Whether that write,
-        which ``acked`` replicas of the node at ``written_to`` confirmed, counts: see
-        :meth:`~gpuboss_client._connect.Replicas.confirm`. A lower count is taken only after every
-        connection is closed: no later write reaches a deposed primary, whose remaining replicas
-        would meet the lower bar; the next calls connect to the primary the sentinels name."""
+    def _recount(self, need: int) -> Replicas:
+        """Count the replicas again (from ``need``), after a write that not every replica listed
+        confirmed (one may be down for good, or the write went to a primary that a failover is
+        leaving behind, where the promoted replica no longer confirms), or a minute after the last
+        count; whether that write counts is the count's :meth:`~gpuboss_client._connect.Replicas.confirm`.
+        A lower count is taken only after every connection is closed: no later write reaches a
+        deposed primary, whose remaining replicas would meet the lower bar; the next calls connect
+        to the primary the sentinels name."""
         fresh = backend.count_replicas(self.redis, need)
         self._replicas_counted_at = self._clock()
         if fresh.count < need:
             backend.drop_connections(self.redis)
-        self._replicas = fresh.count
-        return fresh.confirm(acked, written_to)
+        self._replicas = fresh
+        return fresh
 
     def acquire(self, vram: int | str | None = None, **options: Unpack[AcquireOptions]) -> Lease:
         """Lease ``vram`` (MiB, or "8GiB") on ``device`` or the best fit in ``pool``.

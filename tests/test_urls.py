@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import redis
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from gpuboss_client import BadRequest, Boss, Confirm, Deployment, parse_url
+from gpuboss_client import BadRequest, Boss, Confirm, Deployment, _backend_sync, parse_url
 from gpuboss_client._connect import Replicas, address, address_of, replicas_of
 from gpuboss_client.urls import CONFIRM_ALL, DEFAULT_CONFIRM_MS, redact
 
@@ -140,3 +143,11 @@ def test_addresses_read_from_sentinel_replies_and_connections() -> None:
     assert address_of(redis.UnixDomainSocketConnection(path="/tmp/redis.sock")) is None
     assert replicas_of(["master", 10, [["127.0.0.1", "7001", "10"]]]) == 1
     assert replicas_of(["slave", "127.0.0.1", 7000, "connected", 10]) == 0
+
+
+def test_without_an_answering_sentinel_the_count_stays_and_names_no_primary() -> None:
+    no_retry = {"retry": Retry(NoBackoff(), 0)}
+    sentinel = redis.sentinel.Sentinel([("127.0.0.1", 1)], sentinel_kwargs=no_retry)  # nothing listens
+    counted = _backend_sync.count_replicas(sentinel.master_for("nowhere"), 2)
+    assert counted == Replicas(2, 2, sentinels=True)
+    assert not counted.confirm(2, ("127.0.0.1", 6379))

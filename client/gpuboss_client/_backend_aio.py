@@ -174,7 +174,7 @@ async def count_replicas(client: Any, known: int) -> Replicas:
         listed.append(len(replicas))
         failing_over |= failing
     if failing_over or len(primaries) != 1:
-        return Replicas(max(known, *counts), max(known, *listed), sentinels=True)
+        return Replicas(max([known, *counts]), max([known, *listed]), sentinels=True)
     return Replicas(max(counts), max(listed), sentinels=True, primary=primaries.pop())
 
 

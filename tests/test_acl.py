@@ -36,7 +36,15 @@ from typer.testing import CliRunner, Result
 from gpuboss.api import create_app
 from gpuboss.settings import ServiceSettings
 from gpuboss_cli.main import app as cli_app
-from gpuboss_client import BackendUnavailable, Boss, Forbidden, Lease, PoolKeys, ProtocolError
+from gpuboss_client import (
+    BackendForbidden,
+    BackendUnavailable,
+    Boss,
+    Forbidden,
+    Lease,
+    PoolKeys,
+    ProtocolError,
+)
 from gpuboss_client import ops as gops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,6 +354,33 @@ def test_a_holder_may_wait_for_replicas(acl: AclRedis, clients: Callable[[str, s
     finally:
         holder.close(release=False)
     assert acl.acl_log() == []
+
+
+def test_a_holder_may_count_replicas_with_role(acl: AclRedis, clients: Callable[[str, str], Boss]) -> None:
+    """``confirm_replicas=all`` (the default behind Sentinel) reads the primary's ``ROLE`` with
+    each write: the holder user may; a user from an ACL file without ``+role`` is refused by name,
+    before anything is written."""
+    clients("gpuboss-boss", "svc").add_device("gpu0", 1024)
+    holder = Boss.from_url(acl.url("gpuboss-holder") + "?confirm_replicas=all", holder="h")
+    try:
+        holder.release(holder.acquire(512, ttl=30, timeout=0))  # no replica: nothing to wait for
+    finally:
+        holder.close(release=False)
+    assert acl.acl_log() == []
+    rules = [r for r in acl_users()["gpuboss-holder"] if r != "+role"]
+    acl.root.execute_command("ACL", "SETUSER", "old-holder", *rules)
+    before = dump_all(acl.root)
+    old = Boss.from_url(
+        acl.url("gpuboss-holder").replace("gpuboss-holder", "old-holder") + "?confirm_replicas=all",
+        holder="h",
+    )
+    try:
+        with pytest.raises(BackendForbidden, match="role"):
+            old.acquire(512, ttl=30, timeout=0)
+        assert dump_all(acl.root) == before
+    finally:
+        old.close(release=False)
+        acl.root.execute_command("ACL", "DELUSER", "old-holder")
 
 
 def test_an_observer_reads_state_and_events(acl: AclRedis, clients: Callable[[str, str], Boss]) -> None:

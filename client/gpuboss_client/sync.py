@@ -263,18 +263,17 @@ class Boss:
         )
         every = self.confirm.replicas == CONFIRM_ALL
         with backend.held_connection(self.redis) as conn:
-            reply, acked, *role = conn.run(command, ("WAIT", need, wait_ms), *([("ROLE",)] if every else []))
-            if (
-                every
-                and not isinstance(reply, redis.ResponseError)
-                and (attached := replicas_of(role[0])) > need
-            ):
+            replies = conn.run(command, ("WAIT", need, wait_ms), *([("ROLE",)] if every else []))
+            # the first error reply: the script's, or a refused WAIT or ROLE (an older ACL file)
+            error = next((r for r in replies if isinstance(r, redis.ResponseError)), None)
+            reply, acked, *role = replies
+            if error is None and every and (attached := replicas_of(role[0])) > need:
                 self._replicas, need = self._replicas.attached(attached), attached
                 if acked < need:
                     [acked] = conn.run(("WAIT", need, wait_ms))
             written_to = conn.address
-        if isinstance(reply, redis.ResponseError):
-            raise reply
+        if error is not None:
+            raise error
         if acked >= need and (not every or acked >= self._replicas.listed):
             return reply
         fresh = self._recount(need) if every else None

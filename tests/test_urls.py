@@ -151,3 +151,19 @@ def test_without_an_answering_sentinel_the_count_stays_and_names_no_primary() ->
     counted = _backend_sync.count_replicas(sentinel.master_for("nowhere"), 2)
     assert counted == Replicas(2, 2, sentinels=True)
     assert not counted.confirm(2, ("127.0.0.1", 6379))
+
+
+def _replica(port: int, flags: str) -> dict[str, str]:
+    return {"ip": "10.0.0.9", "port": str(port), "flags": flags}
+
+
+def test_the_sentinels_views_make_one_count() -> None:
+    up, down = _replica(1, "slave"), _replica(2, "s_down,slave,disconnected")
+    agreed = [(PRIMARY, [up, down]), (("10.0.0.1", b"6379"), [up, _replica(2, "slave")])]
+    assert Replicas.from_sentinels(agreed, 0) == Replicas(2, 2, sentinels=True, primary=PRIMARY)
+    # a sentinel promoting a replica: its primary is in flux, whatever the others name
+    promoting = [(PRIMARY, [up, down]), (PRIMARY, [_replica(1, "slave,promoted"), up])]
+    assert Replicas.from_sentinels(promoting, 3) == Replicas(3, 3, sentinels=True)
+    # the sentinels name two primaries: the last count holds; RESP3 replies give flags as sets
+    split = [(PRIMARY, [up]), (DEPOSED, [{"flags": {"slave"}}])]
+    assert Replicas.from_sentinels(split, 0) == Replicas(1, 1, sentinels=True)

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.cluster
 import redis.asyncio.sentinel
 
-from ._connect import Address, Classes, Replicas, address, address_of, replicas_of, sentinel_view
+from ._connect import Address, Classes, Replicas, address_of, replicas_of
 from ._connect import connect as _connect
 from .urls import Deployment
 
@@ -150,32 +150,22 @@ async def drop_connections(client: Any) -> None:
 
 
 async def count_replicas(client: Any, known: int) -> Replicas:
-    """How many replicas ``client``'s primary has. Behind Sentinel: the most that any sentinel that
-    answers knows and neither thinks down nor has lost its link to, how many they list (down or
-    not) and the primary they all name; ``known`` (the last count), and no primary, while one is
-    failing it over or they do not yet agree on one (mid-failover, the primary named may be
-    deposed already, and a view that counts fewer may be the new primary's, not the one this
-    client still writes to). Else as the primary's ``ROLE`` lists them."""
+    """How many replicas ``client``'s primary has: behind Sentinel, from what the sentinels say
+    (:meth:`~gpuboss_client._connect.Replicas.from_sentinels`, ``known`` the last count); else as
+    the primary's ``ROLE`` lists them."""
     pool = client.connection_pool
     manager = getattr(pool, "sentinel_manager", None)
     if manager is None:
         attached = replicas_of(await client.execute_command("ROLE"))
         return Replicas(attached, attached)
-    counts, listed, primaries, failing_over = [], [], set(), False
+    views = []
     for sentinel in manager.sentinels:
         try:
             named = await sentinel.sentinel_get_master_addr_by_name(pool.service_name)
-            replicas = await sentinel.sentinel_slaves(pool.service_name)
+            views.append((named, await sentinel.sentinel_slaves(pool.service_name)))
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
             continue
-        primaries.add(None if named is None else address(*named))
-        up, failing = sentinel_view(replicas)
-        counts.append(up)
-        listed.append(len(replicas))
-        failing_over |= failing
-    if failing_over or len(primaries) != 1:
-        return Replicas(max([known, *counts]), max([known, *listed]), sentinels=True)
-    return Replicas(max(counts), max(listed), sentinels=True, primary=primaries.pop())
+    return Replicas.from_sentinels(views, known)
 
 
 class Held:

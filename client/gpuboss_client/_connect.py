@@ -17,7 +17,7 @@ __all__ = [
     "address_of",
     "connect",
     "replicas_of",
-    "sentinel_view",
+    "unconfirmed",
 ]
 
 #: ``(host, port)`` of a Redis server
@@ -65,13 +65,6 @@ _DOWN = frozenset({"s_down", "o_down", "disconnected"})
 _FAILING_OVER = frozenset({"promoted", "reconf_sent", "reconf_inprog", "reconf_done"})
 
 
-def sentinel_view(replicas: list[dict[str, Any]]) -> tuple[int, bool]:
-    """From one sentinel's ``SENTINEL REPLICAS``: how many it thinks up, and whether it is failing
-    their primary over (their primary may then already be another node than the one it names)."""
-    flags = [set(f.split(",")) if isinstance(f := r.get("flags", ""), str) else set(f) for r in replicas]
-    return sum(not f & _DOWN for f in flags), any(f & _FAILING_OVER for f in flags)
-
-
 def address(host: str | bytes, port: int | str | bytes) -> Address:
     """``(host, port)`` from a reply (sentinels' connections do not decode theirs)."""
     return (host.decode() if isinstance(host, bytes) else host, int(port))
@@ -107,3 +100,37 @@ class Replicas:
         return acked >= self.count and (
             not self.sentinels or (self.primary is not None and self.primary == written_to)
         )
+
+    @classmethod
+    def from_sentinels(cls, views: list[tuple[Any, list[dict[str, Any]]]], known: int) -> Replicas:
+        """The count from what each sentinel that answered says: ``(GET-MASTER-ADDR-BY-NAME,
+        REPLICAS)``. The most replicas any of them thinks neither down nor cut off, the most it
+        lists, and the primary they all name; ``known`` (the last count), and no primary, while
+        one is failing it over or they do not agree on one (mid-failover, the primary named may be
+        deposed already, and a view that counts fewer may be the new primary's, not the one a
+        client still writes to)."""
+        counts, listed, primaries, failing_over = [], [], set(), False
+        for named, replicas in views:
+            flags = [
+                set(f.split(",")) if isinstance(f := r.get("flags", ""), str) else set(f) for r in replicas
+            ]
+            counts.append(sum(not f & _DOWN for f in flags))
+            listed.append(len(replicas))
+            failing_over |= any(f & _FAILING_OVER for f in flags)
+            primaries.add(None if named is None else address(*named))
+        if failing_over or len(primaries) != 1:
+            return cls(max([known, *counts]), max([known, *listed]), sentinels=True)
+        return cls(max(counts), max(listed), sentinels=True, primary=primaries.pop())
+
+
+def unconfirmed(
+    acked: int, need: int, fresh: Replicas | None, written_to: Address | None, wait_ms: int
+) -> str:
+    """Why a write that ``acked`` replicas of ``written_to`` confirmed does not count (``fresh``:
+    the count taken after it, with ``confirm_replicas=all``)."""
+    need = need if fresh is None else max(need, fresh.count)
+    if acked < need or fresh is None:
+        return f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms"
+    if fresh.primary is None:
+        return f"the write went to {written_to} while the sentinels fail the primary over"
+    return f"the write went to {written_to}, not to the primary the sentinels name ({fresh.primary})"

@@ -22,7 +22,7 @@ import redis
 
 from . import _backend_aio as backend
 from . import _core as core
-from ._connect import Address, Replicas, replicas_of
+from ._connect import Replicas, replicas_of, unconfirmed
 from ._core import (
     AcquireOptions,
     Call,
@@ -58,18 +58,6 @@ def _refuses_functions(exc: redis.ResponseError) -> bool:
     """Whether Redis refused ``FCALL`` itself: a server without functions, or a user who may not
     call them."""
     return "'fcall'" in str(exc)
-
-
-def _unconfirmed(
-    acked: int, need: int, fresh: Replicas | None, written_to: Address | None, wait_ms: int
-) -> str:
-    """Why a write that ``acked`` replicas of ``written_to`` confirmed does not count."""
-    need = need if fresh is None else max(need, fresh.count)
-    if acked < need or fresh is None:
-        return f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms"
-    if fresh.primary is None:
-        return f"the write went to {written_to} while the sentinels fail the primary over"
-    return f"the write went to {written_to}, not to the primary the sentinels name ({fresh.primary})"
 
 
 #: how often a client with ``confirm_replicas=all`` counts the replicas again (seconds)
@@ -283,7 +271,7 @@ class AsyncBoss:
         # Perhaps a primary that a failover left behind: the next call connects afresh (to the
         # primary the sentinels name now).
         await backend.drop_idle_connections(self.redis)
-        why = _unconfirmed(acked, need, fresh, written_to, wait_ms)
+        why = unconfirmed(acked, need, fresh, written_to, wait_ms)
         raise BackendUnavailable(f"{why}: it would not survive a failover", replicas=acked)
 
     async def _recount(self, need: int) -> Replicas:

@@ -21,7 +21,7 @@ import redis
 
 from . import _backend_sync as backend
 from . import _core as core
-from ._connect import Address, Replicas, replicas_of
+from ._connect import Replicas, replicas_of, unconfirmed
 from ._core import (
     AcquireOptions,
     Call,
@@ -57,18 +57,6 @@ def _refuses_functions(exc: redis.ResponseError) -> bool:
     """Whether Redis refused ``FCALL`` itself: a server without functions, or a user who may not
     call them."""
     return "'fcall'" in str(exc)
-
-
-def _unconfirmed(
-    acked: int, need: int, fresh: Replicas | None, written_to: Address | None, wait_ms: int
-) -> str:
-    """Why a write that ``acked`` replicas of ``written_to`` confirmed does not count."""
-    need = need if fresh is None else max(need, fresh.count)
-    if acked < need or fresh is None:
-        return f"Redis confirmed the write on {acked} of {need} replicas within {wait_ms} ms"
-    if fresh.primary is None:
-        return f"the write went to {written_to} while the sentinels fail the primary over"
-    return f"the write went to {written_to}, not to the primary the sentinels name ({fresh.primary})"
 
 
 #: how often a client with ``confirm_replicas=all`` counts the replicas again (seconds)
@@ -282,7 +270,7 @@ class Boss:
         # Perhaps a primary that a failover left behind: the next call connects afresh (to the
         # primary the sentinels name now).
         backend.drop_idle_connections(self.redis)
-        why = _unconfirmed(acked, need, fresh, written_to, wait_ms)
+        why = unconfirmed(acked, need, fresh, written_to, wait_ms)
         raise BackendUnavailable(f"{why}: it would not survive a failover", replicas=acked)
 
     def _recount(self, need: int) -> Replicas:

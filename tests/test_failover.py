@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from gpuboss.api import create_app
 from gpuboss.settings import ServiceSettings
 from gpuboss_cli.main import app as cli
-from gpuboss_client import BackendUnavailable, Boss, Lease
+from gpuboss_client import BackendUnavailable, Boss, Lease, LeaseLost
 from gpuboss_client.urls import CONFIRM_ALL
 
 pytestmark = pytest.mark.slow
@@ -242,6 +242,31 @@ def test_a_replica_back_after_the_count_must_confirm_writes_too(
     finally:
         if not replica.alive:
             group.restart(replica)
+        group.wait_healthy()
+
+
+def test_a_grant_that_expired_unconfirmed_is_asked_for_again(
+    group: SentinelGroup, url: str, pool: str
+) -> None:
+    """While a replica is frozen, no write is confirmed: the first grant of a short lease expires
+    before its client could believe in it, and a retry finds it ended. Nobody believed in it, so
+    the client asks again under a new id, within its timeout, rather than failing the acquire with
+    ``LeaseLost``; a caller who chose the request id gets ``LeaseLost`` (its request did end)."""
+    replica = group.replicas()[0]
+    for chosen in (None, "mine"):
+        with Boss.from_url(url, holder="h") as holder:
+            holder.release(holder.acquire(1024, pool=pool, timeout=5))  # counts both replicas
+            group.freeze(replica)
+            try:
+                if chosen is None:
+                    # granted once the sentinels see the replica down (the count then drops)
+                    lease = holder.acquire(1024, pool=pool, ttl=0.4, timeout=20)
+                    assert lease.info.granted_at_ms is not None
+                else:
+                    with pytest.raises(LeaseLost, match="mine has ended: expired"):
+                        holder.acquire(1024, pool=pool, ttl=0.4, timeout=20, request_id=chosen)
+            finally:
+                group.thaw(replica)
         group.wait_healthy()
 
 

@@ -187,6 +187,12 @@ class AcquireRequest:
     max_hold_ms: int = 0
     max_queue: int = 0
     take_over: bool = False
+    #: the caller chose :attr:`id` (``request_id``): it is never replaced by another
+    id_chosen: bool = False
+
+    def anew(self) -> AcquireRequest:
+        """The same request under a new id (for a grant that ended before its client heard of it)."""
+        return dataclasses.replace(self, id=secrets.token_hex(8))
 
     @classmethod
     def build(
@@ -244,6 +250,7 @@ class AcquireRequest:
             max_hold_ms=0 if max_hold is None else parse_ttl_ms(max_hold, "max_hold"),
             max_queue=max_queue or 0,
             take_over=bool(take_over),
+            id_chosen=request_id is not None,
         )
 
 

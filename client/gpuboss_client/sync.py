@@ -554,15 +554,6 @@ class Boss:
         self._held.acquiring(+1)
         try:
             lease = self._held.add(self._acquire_retrying(ask))
-        except GpubossError as err:
-            if isinstance(err, BackendUnavailable):  # it may be queued, or granted unconfirmed
-                with contextlib.suppress(Exception):
-                    self.run(core.withdraw(ask.request, self.holder))
-            raise
-        except BaseException:  # cancelled or interrupted while waiting: leave the queue
-            with contextlib.suppress(Exception):
-                self.run(core.withdraw(ask.request, self.holder))
-            raise
         finally:
             self._held.acquiring(-1)
         lease._boss = self
@@ -576,22 +567,46 @@ class Boss:
     def _acquire_retrying(self, ask: core.Ask) -> Lease:
         """The acquire operation, tried again while Redis is unavailable (restarting, failing over,
         migrating the pool's slot, full) until the request's own timeout: the same request id
-        each time, so a grant whose reply was lost is returned, never granted twice."""
+        each time, so a grant whose reply was lost is returned, never granted twice.
+
+        A grant this client never heard of (its reply lost, or not confirmed by the replicas) may
+        end before a retry finds it, say expired while a failover kept it unconfirmed: nobody
+        believed in it, so the client asks again under a new id (not one the caller chose). On
+        failure or cancellation the request leaves the queue (it may be queued, or granted
+        unconfirmed)."""
         req = ask.request
         deadline = None if req.timeout is None else self._clock() + req.timeout
         pause = core.RETRY_FIRST_S
-        while True:
-            op = core.acquire(req, self.holder, self._clock, max_block=self._max_block, on_wait=ask.on_wait)
-            try:
-                return self.run(op)
-            except BackendUnavailable as exc:
-                if deadline is not None and deadline - self._clock() <= pause:
-                    raise
-                log.info("acquire %s: %s; trying again in %.2f s", req.id, exc.message, pause)
-            backend.sleep(pause)
-            pause = min(2 * pause, core.RETRY_MAX_S)
-            if deadline is not None:
-                req = dataclasses.replace(req, timeout=max(0.0, deadline - self._clock()))
+        unheard = False  # a try's reply did not count: the request may be granted unknown to us
+        try:
+            while True:
+                if deadline is not None:
+                    req = dataclasses.replace(req, timeout=max(0.0, deadline - self._clock()))
+                op = core.acquire(
+                    req, self.holder, self._clock, max_block=self._max_block, on_wait=ask.on_wait
+                )
+                try:
+                    return self.run(op)
+                except BackendUnavailable as exc:
+                    if deadline is not None and deadline - self._clock() <= pause:
+                        raise
+                    log.info("acquire %s: %s; trying again in %.2f s", req.id, exc.message, pause)
+                    unheard = True
+                except LeaseLost as exc:
+                    if not unheard or req.id_chosen:
+                        raise
+                    log.info(
+                        "acquire %s: %s before this client heard of it; asking again", req.id, exc.message
+                    )
+                    req, unheard = req.anew(), False
+                    continue
+                backend.sleep(pause)
+                pause = min(2 * pause, core.RETRY_MAX_S)
+        except BaseException as err:
+            if isinstance(err, BackendUnavailable) or not isinstance(err, GpubossError):
+                with contextlib.suppress(Exception):
+                    self.run(core.withdraw(req, self.holder))
+            raise
 
     def _give_back(self, lease: Lease) -> str | None:
         """Release on leaving a lease's context; returns why it was lost, or None."""

@@ -583,8 +583,6 @@ class AsyncBoss:
         unheard = False  # a try's reply did not count: the request may be granted unknown to us
         try:
             while True:
-                if deadline is not None:
-                    req = dataclasses.replace(req, timeout=max(0.0, deadline - self._clock()))
                 op = core.acquire(
                     req, self.holder, self._clock, max_block=self._max_block, on_wait=ask.on_wait
                 )
@@ -595,6 +593,8 @@ class AsyncBoss:
                         raise
                     log.info("acquire %s: %s; trying again in %.2f s", req.id, exc.message, pause)
                     unheard = True
+                    await backend.sleep(pause)
+                    pause = min(2 * pause, core.RETRY_MAX_S)
                 except LeaseLost as exc:
                     if not unheard or req.id_chosen:
                         raise
@@ -602,9 +602,8 @@ class AsyncBoss:
                         "acquire %s: %s before this client heard of it; asking again", req.id, exc.message
                     )
                     req, unheard = req.anew(), False
-                    continue
-                await backend.sleep(pause)
-                pause = min(2 * pause, core.RETRY_MAX_S)
+                if deadline is not None:
+                    req = dataclasses.replace(req, timeout=max(0.0, deadline - self._clock()))
         except BaseException as err:
             if isinstance(err, BackendUnavailable) or not isinstance(err, GpubossError):
                 with contextlib.suppress(Exception):

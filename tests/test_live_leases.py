@@ -113,7 +113,7 @@ def test_a_revoked_victim_leaves_the_hash(boss: Boss) -> None:
     assert live(r)["stuck"].split()[-2] == "evicting"
     deadline = int(field(r, "stuck", "evict_deadline") or 0)
     wait_for("the eviction deadline", lambda: redis_ms(r) > deadline)
-    assert boss.reap() == 1
+    assert boss.reap() <= 1  # the waiter's own poll may have reaped it first, in passing
     assert state(r, "stuck") == "revoked"
     assert live(r) == {"big": expected(r, "big")}  # granted once the victim was revoked
 

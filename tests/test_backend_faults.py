@@ -5,8 +5,10 @@ half-writes anything."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,25 +113,72 @@ def test_a_blocking_acquire_waits_through_a_redis_restart(
         boss.add_device("gpu0", "24GiB")
         server.process.kill()
         server.process.wait()
-        retrying = threading.Event()
-
-        class Heard(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if "trying again" in record.getMessage():
-                    retrying.set()
-
-        handler = Heard()
-        logging.getLogger("gpuboss_client").addHandler(handler)
-        caplog.set_level(logging.INFO, logger="gpuboss_client")
-        try:
+        with _heard("trying again") as retrying:
+            caplog.set_level(logging.INFO, logger="gpuboss_client")
             worker, out = in_thread(lambda: boss.acquire("1GiB", timeout=30))
             assert retrying.wait(10), "the acquire did not wait for Redis"
             restart(server)  # appendonly: the device is still there
             worker.join(30)
-        finally:
-            logging.getLogger("gpuboss_client").removeHandler(handler)
         assert isinstance(out.get("value"), Lease), out
         assert boss.status()[0].devices[0].used_mib == 1024
+
+
+@pytest.mark.parametrize("verb", ["release", "idle", "busy"])
+def test_release_idle_and_busy_go_through_a_redis_restart(
+    server: Node, admin: redis.Redis, verb: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each is idempotent for its lease and token, so the client tries it again while Redis is
+    unavailable (a failover, a restart) instead of failing a holder that did nothing wrong."""
+    with Boss.from_url(url_of(server), holder="t") as boss:
+        boss.add_device("gpu0", "24GiB")
+        lease = boss.acquire("1GiB", ttl=60, keepalive=False)
+        if verb == "busy":
+            boss.idle(lease)
+        server.process.kill()
+        server.process.wait()
+        with _heard("trying again") as retrying:
+            caplog.set_level(logging.INFO, logger="gpuboss_client")
+            worker, out = in_thread(lambda: getattr(boss, verb)(lease))
+            assert retrying.wait(10), f"{verb} did not wait for Redis"
+            restart(server)  # appendonly: the lease is still there
+            worker.join(30)
+        assert "error" not in out, out
+        state = admin.hget(f"gpuboss:{{default}}:v1:lease:{lease.id}", "state")
+        assert state == {"release": "released", "idle": "idle", "busy": "active"}[verb]
+
+
+def test_a_release_gives_up_after_a_while_and_keeps_the_lease(server: Node) -> None:
+    with Boss.from_url(url_of(server), holder="t") as boss:
+        boss.add_device("gpu0", "24GiB")
+        lease = boss.acquire("1GiB", ttl=60, keepalive=False)
+        server.process.kill()
+        server.process.wait()
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            boss.release(lease)
+        assert 4 <= time.monotonic() - started < 10
+        assert boss.held() == [lease]  # still held: the caller may try again
+        restart(server)
+        boss.release(lease)
+        assert boss.held() == []
+
+
+@contextlib.contextmanager
+def _heard(words: str) -> Iterator[threading.Event]:
+    """An event set once the client logs ``words``."""
+    heard = threading.Event()
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if words in record.getMessage():
+                heard.set()
+
+    handler = Heard()
+    logging.getLogger("gpuboss_client").addHandler(handler)
+    try:
+        yield heard
+    finally:
+        logging.getLogger("gpuboss_client").removeHandler(handler)
 
 
 def test_a_try_once_acquire_does_not_wait_for_redis(server: Node) -> None:

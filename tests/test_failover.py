@@ -125,15 +125,9 @@ def _renewed_then_handed_over(
     assert not held.lease.lost, held.lease.lost_reason
     assert got == []
     held.released_at = time.monotonic()  # it stops using the memory, then gives it back
-    # Retryable: a recount that lowers the replica count closes every connection of the client,
-    # the one this release is using too.
-    for attempt in range(3):
-        try:
-            holder.release(held.lease)
-            break
-        except BackendUnavailable:
-            if attempt == 2:
-                raise
+    # A recount that lowers the replica count closes every connection of the client, the one
+    # this release is using too: the release tries again by itself.
+    holder.release(held.lease)
     thread.join(60)
     assert len(got) == 1
     assert got[0].start >= held.end

@@ -60,6 +60,7 @@ from ._ops import (
     MAX_SEQ as MAX_SEQ,
     RETRY_FIRST_S as RETRY_FIRST_S,
     RETRY_MAX_S as RETRY_MAX_S,
+    RETRY_VERB_S as RETRY_VERB_S,
     AcquireOptions as AcquireOptions,
     AcquireRequest as AcquireRequest,
     Ask as Ask,

@@ -403,6 +403,11 @@ def acquire(
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
 
+#: release, idle and busy that find Redis unavailable (a failover, a restart, a connection closed
+#: under them) try again the same way for this long, about the time a Sentinel failover takes;
+#: each is idempotent for its lease and token, so a try that went through unheard changes nothing
+RETRY_VERB_S = 5.0
+
 #: the scripts that only read (they may reap what expired, which any later call repeats)
 READING_SCRIPTS = frozenset({"devices", "leases", "plan"})
 

@@ -346,10 +346,13 @@ class AsyncBoss:
 
     async def release(self, lease: Lease | str) -> None:
         """Release a lease (or the id of one this client holds); raises :class:`LeaseLost` if it
-        had already ended otherwise, and :class:`LeaseNotHeld` for an id this client does not hold."""
+        had already ended otherwise, and :class:`LeaseNotHeld` for an id this client does not hold.
+        While Redis is unavailable (a failover, a restart) it tries again for up to 5 s, and not
+        past the lease's local deadline, as :meth:`idle` and :meth:`busy` do; then it raises
+        :class:`BackendUnavailable` with the lease still held."""
         lease = self._lease(lease)
         try:
-            await self.run(core.release(lease))
+            await self._run_retrying(lambda: core.release(lease), lease, "release")
         except BackendUnavailable:
             raise  # still held: the caller may try again
         except GpubossError:
@@ -378,10 +381,11 @@ class AsyncBoss:
             self._dispatch(lease)
 
     async def idle(self, lease: Lease | str) -> None:
-        """Keep a lease warm: resident but not in use, evictable least recently used first."""
+        """Keep a lease warm: resident but not in use, evictable least recently used first. Tries
+        again while Redis is unavailable, as :meth:`release` does."""
         lease = self._lease(lease)
         try:
-            await self.run(core.mark(lease, "idle"))
+            await self._run_retrying(lambda: core.mark(lease, "idle"), lease, "idle")
         finally:
             self._dispatch(lease)
 
@@ -390,7 +394,7 @@ class AsyncBoss:
         and :class:`LeaseLost` if it is lost."""
         lease = self._lease(lease)
         try:
-            await self.run(core.mark(lease, "busy"))
+            await self._run_retrying(lambda: core.mark(lease, "busy"), lease, "busy")
         finally:
             self._dispatch(lease)
 
@@ -610,10 +614,28 @@ class AsyncBoss:
                     await self.run(core.withdraw(req, self.holder))
             raise
 
+    async def _run_retrying(self, make: Callable[[], Op[T]], lease: Lease, verb: str) -> T:
+        """Run the operation ``make`` builds for ``lease``, built and run again while Redis is
+        unavailable (a failover, a restart, a recount that closed the connection under it) for up
+        to ``RETRY_VERB_S``, and not past the lease's local deadline (it is lost by then anyway).
+        Only for release, idle and busy: each is idempotent for its lease and token, so a try that
+        went through although its reply was lost changes nothing."""
+        deadline = min(self._clock() + core.RETRY_VERB_S, lease.deadline)
+        pause = core.RETRY_FIRST_S
+        while True:
+            try:
+                return await self.run(make())
+            except BackendUnavailable as exc:
+                if deadline - self._clock() <= pause:
+                    raise
+                log.info("%s %s: %s; trying again in %.2f s", verb, lease.id, exc.message, pause)
+                await backend.sleep(pause)
+                pause = min(2 * pause, core.RETRY_MAX_S)
+
     async def _give_back(self, lease: Lease) -> str | None:
         """Release on leaving a lease's context; returns why it was lost, or None."""
         try:
-            reason = await self.run(core.close(lease))
+            reason = await self._run_retrying(lambda: core.close(lease), lease, "release")
         except BackendUnavailable as err:
             log.warning("could not release lease %s (it expires by itself): %s", lease.id, err)
             reason = lease.lost_reason

@@ -21,15 +21,19 @@
 -- call, from KEYS (a script) or from a function's keys (the library).
 -- A library's top level may read no global (Redis defines them only once its functions run), so
 -- `unpack` (Lua 5.1's, or 5.4's table.unpack under fakeredis) is looked up then too.
+-- A function runs with its flags (allow-oom where it must run while Redis is full); a script has
+-- none, and `in_function` is false.
 local PREFIX, K_DEVICES, K_QUEUE, K_EXPIRY, K_EVENTS, K_SEQ, K_CONFIG
 local unpack
-local function bind(keys)
+local in_function = false
+local function bind(keys, as_function)
   unpack = unpack or table.unpack or _G.unpack
+  in_function = as_function == true
   PREFIX, K_DEVICES, K_QUEUE, K_EXPIRY, K_EVENTS = keys[1], keys[2], keys[3], keys[4], keys[5]
   K_SEQ, K_CONFIG = keys[6], keys[7]
 end
 
-local EVENTS_MAXLEN = 10000 -- about this many events are kept per pool
+local EVENTS_MAXLEN = '10000' -- about this many events are kept per pool
 local LINGER_MS = 120000 -- an ended lease stays readable this long, so retries and beats learn its fate
 local WALK_LIMIT = 64 -- queue entries one call examines at most
 local REAP_LIMIT = 64 -- expired entries one call reaps in passing
@@ -57,8 +61,11 @@ local function int(n) return string.format('%d', n) end
 -- memory, and lets the script finish once it has written anything. The scripts that end leases or
 -- keep them alive (release, heartbeat, cancel, reap) first call this: PERSIST of the pool's
 -- sequence counter, which never has a TTL, changes nothing and cannot grow memory; so they work
--- when Redis is full, and every other script is refused before it has written anything.
-local function writes_even_when_full() redis.call('PERSIST', K_SEQ) end
+-- when Redis is full, and every other script is refused before it has written anything. Their
+-- functions need no such write: they carry the allow-oom flag.
+local function writes_even_when_full()
+  if not in_function then redis.call('PERSIST', K_SEQ) end
+end
 
 -- The scripts' only clock. A pool whose config sets `clock_ms` runs on that virtual time instead
 -- (`gpuboss simulate` replays a day through these scripts on a private Redis that way); no other
@@ -84,9 +91,7 @@ local function valid_name(s)
 end
 
 local function event(name, fields)
-  local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', name}
-  for i = 1, #fields do args[#args + 1] = fields[i] end
-  redis.call(unpack(args))
+  redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'event', name, unpack(fields))
 end
 
 local TERMINAL = {released = true, expired = true, revoked = true, force_released = true,
@@ -113,6 +118,7 @@ end
 
 -- The devices a granted lease holds: one name, or a gang's names joined by commas.
 local function lease_devices(l)
+  if not string.find(l.device, ',', 1, true) then return {l.device} end
   local names = {}
   for name in string.gmatch(l.device, '[^,]+') do names[#names + 1] = name end
   return names
@@ -234,6 +240,18 @@ end
 -- one device, or for a gang of n, n devices on one host (the host whose n best add up least).
 local function best_fit(cands, blocked, l)
   local n = l.gang or 1
+  if n == 1 then
+    local best, best_left = nil, nil
+    for _, d in ipairs(cands) do
+      local left = room(d, l) - l.mib
+      if l.claim_device == d.name and left >= 0 then return {d} end
+      if not blocked[d.name] and left >= 0
+          and (best == nil or left < best_left or (left == best_left and d.name < best.name)) then
+        best, best_left = d, left
+      end
+    end
+    return best and {best} or nil
+  end
   local by_host, best, best_left = {}, nil, nil
   for _, d in ipairs(cands) do
     local left = room(d, l) - l.mib

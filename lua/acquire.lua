@@ -169,11 +169,13 @@ if want ~= '' and redis.call('SISMEMBER', K_DEVICES, want) == 0 then
   return fail('device_not_found', 'no device ' .. want .. ' in this pool')
 end
 local cands = candidates(devs, want, mib)
-local hosts = {}
-for _, d in ipairs(cands) do hosts[d.host] = (hosts[d.host] or 0) + 1 end
-local enough = false
-for _, n in pairs(hosts) do enough = enough or n >= gang end
-if not enough then cands = {} end
+if gang > 1 then
+  -- A gang needs that many candidates on one host.
+  local hosts, enough = {}, false
+  for _, d in ipairs(cands) do hosts[d.host] = (hosts[d.host] or 0) + 1 end
+  for _, n in pairs(hosts) do enough = enough or n >= gang end
+  if not enough then cands = {} end
+end
 if #cands == 0 then
   local largest = 0
   for _, d in ipairs(devs) do

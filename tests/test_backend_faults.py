@@ -40,10 +40,13 @@ def admin(server: Node) -> Iterator[redis.Redis]:
     client.close()
 
 
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "scripts"])
 def test_a_full_redis_refuses_an_acquire_cleanly_and_still_releases_and_renews(
-    server: Node, admin: redis.Redis
+    server: Node, admin: redis.Redis, functions: bool
 ) -> None:
-    with Boss.from_url(url_of(server), holder="t") as boss:
+    """Functions that must run when Redis is full carry allow-oom; scripts write first what cannot
+    grow memory (``writes_even_when_full``)."""
+    with Boss(redis.Redis(port=server.port, socket_timeout=2), holder="t", functions=functions) as boss:
         boss.add_device("gpu0", "24GiB")
         held = boss.acquire("8GiB", keepalive=False)
         before = dump_all(admin)

@@ -76,7 +76,7 @@ def _library_body() -> str:
         flags = "'allow-oom'" if name in _ALLOW_OOM else ""
         parts.append(
             f"redis.register_function{{function_name = '@_{name}', flags = {{{flags}}},\n"
-            f"  callback = function(KEYS, ARGV)\nbind(KEYS)\n{_text(name)}\nend}}\n"
+            f"  callback = function(KEYS, ARGV)\nbind(KEYS, true)\n{_text(name)}\nend}}\n"
         )
     return "\n".join(parts)
 

@@ -6,7 +6,9 @@ loopback port in a temporary directory and measures, section by section:
 
 1. uncontended acquire + release pairs from one client process: pairs/s, per-pair latency p50/p99,
    and where the time goes: client CPU (``process_time``), server main-thread CPU (``INFO cpu``)
-   and time inside scripts (``INFO commandstats``), per pair;
+   and time inside scripts (``INFO commandstats``), per pair. Beside them the floor under a gpuboss
+   pair: the same Redis commands (checked: the same ones, as many) from two functions that compute
+   nothing, called from the thinnest client;
 2. hand-off under contention: 8 processes loop acquire (blocking) / hold / release on one lock, or
    on one device that fits one lease at a time. Hand-off latency is the time from just before a
    release to the return of the next holder's acquire, on the system-wide monotonic clock; fairness
@@ -93,6 +95,7 @@ from gpuboss_client.scripts import script_shas, source
 
 GPUBOSS = "gpuboss"
 GPUBOSS_SCRIPTS = "gpuboss, scripts"  # the verbs as EVALSHA, where a server has no functions
+COMMANDS_FLOOR = "floor: a pair's commands"  # the Redis commands of a gpuboss pair, no logic, no client
 REDIS_PY = "redis-py Lock"
 REDIS_PY_FAST = "redis-py Lock sleep=0.001"
 PRLOCK = "python-redis-lock"
@@ -241,6 +244,71 @@ def gpuboss_pair(
     def pair() -> None:
         lease = boss.acquire(mib, pool=pool, timeout=0, keepalive=keepalive)
         boss.release(lease)
+
+    return pair
+
+
+#: The floor under a gpuboss pair: the Redis commands an uncontended acquire and release make (the
+#: same keys, fields and events), from two functions that compute nothing. What a gpuboss pair costs
+#: above it is the verbs' logic and the client's; what it costs above a lock is the data model.
+FLOOR_LIBRARY = """#!lua name=bench_floor
+redis.register_function('bench_floor_acquire', function(keys, args)
+  local prefix, id = keys[1], args[1]
+  local lease, device = prefix .. 'lease:' .. id, prefix .. 'device:gpu0'
+  redis.call('HGET', keys[7], 'clock_ms')
+  local now = redis.call('TIME')[1] .. '000'
+  redis.call('ZRANGEBYSCORE', keys[4], '-inf', now, 'LIMIT', 0, 64)
+  redis.call('HGETALL', lease)
+  redis.call('SMEMBERS', keys[2])
+  redis.call('HMGET', device, 'total_mib', 'reserved_mib', 'unmanaged_mib', 'used_mib', 'cuda_index',
+             'host', 'claimed_mib', 'exclusive')
+  redis.call('ZRANGEBYSCORE', keys[3], '-inf', '(55000000000000', 'LIMIT', 0, 64)
+  local token = redis.call('INCR', keys[6])
+  redis.call('HINCRBY', device, 'used_mib', 1)
+  redis.call('SADD', device .. ':leases', id)
+  redis.call('HSET', lease, 'state', 'active', 'device', 'gpu0', 'token', token, 'granted_at', now,
+             'used_at', now, 'expires_at', now, 'cuda_index', '0', 'device_host', 'host', 'holder',
+             'bench', 'holder_host', 'host', 'holder_pid', '1', 'mib', '1', 'priority', '50', 'want', '',
+             'ttl_ms', '3000', 'requested_at', now)
+  redis.call('ZADD', keys[4], now, id)
+  redis.call('HSET', prefix .. 'leases', id, 'bench host:1 1MiB gpu0 active granted=' .. now)
+  redis.call('XADD', keys[5], 'MAXLEN', '~', '10000', '*', 'event', 'granted', 'lease', id, 'holder',
+             'bench', 'device', 'gpu0', 'mib', '1', 'priority', '50', 'token', token)
+  return {'granted', 'now', now, 'token', token}
+end)
+redis.register_function('bench_floor_release', function(keys, args)
+  local prefix, id = keys[1], args[1]
+  local lease, device = prefix .. 'lease:' .. id, prefix .. 'device:gpu0'
+  redis.call('HGET', keys[7], 'clock_ms')
+  local now = redis.call('TIME')[1] .. '000'
+  redis.call('ZRANGEBYSCORE', keys[4], '-inf', now, 'LIMIT', 0, 64)
+  redis.call('HGETALL', lease)
+  redis.call('HINCRBY', device, 'used_mib', -1)
+  redis.call('SREM', device .. ':leases', id)
+  redis.call('HDEL', prefix .. 'leases', id)
+  redis.call('ZREM', keys[4], id)
+  redis.call('HSET', lease, 'state', 'released', 'ended_at', now, 'reason', '')
+  redis.call('PEXPIRE', lease, 120000)
+  redis.call('XADD', keys[5], 'MAXLEN', '~', '10000', '*', 'event', 'released', 'lease', id, 'holder',
+             'bench', 'mib', '1', 'device', 'gpu0')
+  redis.call('ZRANGEBYSCORE', keys[3], '-inf', '+inf', 'LIMIT', 0, 64)
+  return {'released', 'now', now}
+end)
+"""
+
+
+def floor_pair(client: redis.Redis, pool: str) -> Pair:
+    """The commands of a gpuboss pair without its logic (:data:`FLOOR_LIBRARY`), from the thinnest
+    client: one ``FCALL`` each, replies unparsed."""
+    client.function_load(FLOOR_LIBRARY, replace=True)
+    keys = PoolKeys(pool).script_keys()
+    ids = (f"floor-{i}" for i in itertools.count())
+    fcall = client.fcall
+
+    def pair() -> None:
+        lease_id = next(ids)
+        fcall("bench_floor_acquire", len(keys), *keys, lease_id)
+        fcall("bench_floor_release", len(keys), *keys, lease_id)
 
     return pair
 
@@ -1060,6 +1128,7 @@ def section_uncontended(args: argparse.Namespace, client: redis.Redis, boss: Bos
         GPUBOSS_SCRIPTS: gpuboss_pair(client, "solo", functions=False),
         REDIS_PY: redis_py_pair(client, "bench:solo"),
         PRLOCK: prlock_pair(client, "bench-solo"),
+        COMMANDS_FLOOR: floor_pair(client, "floor"),
     }
     stats = interleaved(pairs, args.pairs, args.rounds, args.warmup, client)
     solo = {k: v.summary() for k, v in stats.items()}
@@ -1069,20 +1138,32 @@ def section_uncontended(args: argparse.Namespace, client: redis.Redis, boss: Bos
     print("server CPU µs: redis-server main-thread CPU per pair (INFO cpu), socket I/O included")
     print("Lua µs: server time inside FCALL/EVALSHA per pair (INFO commandstats), part of server CPU")
     print(f"{GPUBOSS_SCRIPTS}: the same verbs run as EVALSHA scripts (servers without functions)")
+    print(f"{COMMANDS_FLOOR}: the Redis commands of a gpuboss pair from two functions that compute nothing")
     ratio_mean = solo[GPUBOSS]["mean_us"] / solo[REDIS_PY]["mean_us"]
     ratio_p50 = solo[GPUBOSS]["p50_us"] / solo[REDIS_PY]["p50_us"]
     print(f"gpuboss / redis-py Lock per pair: {ratio_mean:.2f}x (mean), {ratio_p50:.2f}x (p50); aim <= 1.25x")
     cpu_ratio = solo[GPUBOSS]["server_cpu_us_per_pair"] / solo[REDIS_PY]["server_cpu_us_per_pair"]
     print(f"gpuboss / redis-py Lock Redis CPU per pair: {cpu_ratio:.2f}x; aim <= 1.25x")
+    floor_cpu = solo[COMMANDS_FLOOR]["server_cpu_us_per_pair"] / solo[REDIS_PY]["server_cpu_us_per_pair"]
+    floor_p50 = solo[COMMANDS_FLOOR]["p50_us"] / solo[REDIS_PY]["p50_us"]
+    print(f"{COMMANDS_FLOOR} / redis-py Lock: {floor_cpu:.2f}x Redis CPU, {floor_p50:.2f}x p50 (no logic)")
     costs = command_costs(pairs[GPUBOSS], max(200, args.pairs // 10), client)
     rows = [[name, fmt(c["calls_per_pair"], 2), fmt(c["us_per_pair"], 2), fmt(c["us_per_call"], 2)]
             for name, c in costs.items()]  # fmt: skip
     table("1b. What a gpuboss pair costs Redis, by command (INFO commandstats)", COST_HEADER, rows)
     print("fcall: the two verbs whole; the rest: the redis.calls inside them (counted again in fcall)")
+    floor_costs = command_costs(pairs[COMMANDS_FLOOR], max(200, args.pairs // 10), client)
+    same = per_pair_calls(costs) == per_pair_calls(floor_costs)
+    print(
+        f"{COMMANDS_FLOOR}: the same commands, as many per pair, as a gpuboss pair: {'yes' if same else 'NO'}"
+    )
     return {
         "pairs": solo,
         "ratio_gpuboss_vs_redis_py_lock": {"mean": ratio_mean, "p50": ratio_p50, "redis_cpu": cpu_ratio},
+        "ratio_floor_vs_redis_py_lock": {"p50": floor_p50, "redis_cpu": floor_cpu},
         "commands": costs,
+        "floor_commands": floor_costs,
+        "floor_makes_the_same_commands": same,
     }
 
 
@@ -1102,6 +1183,11 @@ def command_costs(pair: Pair, n: int, client: redis.Redis) -> dict[str, dict[str
         for k, v in stats.items()
     }
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["us_per_pair"]))
+
+
+def per_pair_calls(costs: dict[str, dict[str, float]]) -> dict[str, int]:
+    """Calls per pair of each command a pair makes (not those of a connection's set-up)."""
+    return {k: n for k, c in costs.items() if (n := round(c["calls_per_pair"])) > 0}
 
 
 def section_handoff(args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss) -> dict[str, Any]:

@@ -59,6 +59,7 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
         "on_evict p99:",
         "gpuboss / redis-py Lock per pair:",
         "gpuboss / redis-py Lock Redis CPU per pair:",
+        "floor: a pair's commands / redis-py Lock:",
         "## 1b. What a gpuboss pair costs Redis, by command",
         "pinning",
         "redis_server",
@@ -68,6 +69,15 @@ def test_quick_benchmark_prints_every_table(tmp_path: Path) -> None:
     results = json.loads(out.read_text(encoding="utf-8"))
     assert results["uncontended"]["commands"]["fcall"]["calls_per_pair"] == 2  # acquire and release
     assert "gpuboss, scripts" in results["uncontended"]["pairs"]
+    # The floor under a pair makes exactly the Redis commands a gpuboss pair makes, no other.
+    assert results["uncontended"]["floor_makes_the_same_commands"], (
+        results["uncontended"]["commands"],
+        results["uncontended"]["floor_commands"],
+    )
+    floor = results["uncontended"]["pairs"]["floor: a pair's commands"]
+    assert floor["pairs"] == 400
+    assert 0 < floor["lua_us_per_pair"] < floor["server_cpu_us_per_pair"]
+    assert results["uncontended"]["ratio_floor_vs_redis_py_lock"]["redis_cpu"] > 0
     confirmed = results["confirm"]["pairs"]
     assert sorted(confirmed) == ["confirmed by 0", "confirmed by 1", "confirmed by 2"]
     assert all(pair["pairs"] == 100 for pair in confirmed.values())

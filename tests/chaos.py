@@ -324,7 +324,9 @@ class Worker:
             self.hist.write("error", rid=req.rid, error=repr(exc), t=noticed)
             why = "error"
         until = min(noticed, lease_fence_ns(lease))
-        if why == "evicted" and att.unloaded_at is not None:
+        if att.unloaded_at is not None:
+            # on_evict unloaded by then, whatever the loop noticed later (it may have been inside a
+            # busy() that waited out a failover while the client released the lease after on_evict)
             until = min(until, att.unloaded_at)
         held = {"lease": lease.id, "device": lease.device, "mib": lease.mib, "from": start, "until": until}
         self.hist.write("held", rid=req.rid, why=why, noticed=noticed, reason=lease.lost_reason, **held)

@@ -89,7 +89,7 @@ import redis
 import redis_lock  # type: ignore[import-untyped]
 import uvicorn
 
-from gpuboss_client import Boss, Confirm, Lease
+from gpuboss_client import AcquireTimeout, Boss, Confirm, Lease
 from gpuboss_client.keys import PoolKeys
 from gpuboss_client.scripts import script_shas, source
 
@@ -1240,7 +1240,72 @@ def section_live(args: argparse.Namespace, client: redis.Redis, boss: Boss) -> d
     lo, hi = str(args.levels[0]), str(args.levels[-1])
     flat = {k: live[hi][k]["p50_us"] / live[lo][k]["p50_us"] for k in UNCONTENDED}
     print(f"p50 at {hi} / p50 at {lo}: " + ", ".join(f"{k} {v:.2f}x" for k, v in flat.items()))
-    return {"levels": live, "p50_ratio_last_vs_first": flat}
+    return {"levels": live, "p50_ratio_last_vs_first": flat, "waiters": queued_waiters(args, client, boss)}
+
+
+#: waiter counts of section 3b; WALK_LIMIT in lua/_common.lua is 64
+WAITER_LEVELS = (0, 16, 63, 64, 10_000)
+
+
+def queued_waiters(args: argparse.Namespace, client: redis.Redis, boss: Boss) -> dict[str, Any]:
+    """Section 3b: pairs on a free device while N waiters (priority normal) queue for another, full
+    device of the same pool; pairs of priority normal (behind them) and high (ahead of them)."""
+    pool = "queue"
+    boss.add_device("full", 1024, pool=pool)
+    boss.add_device("free", "24GiB", pool=pool)
+    boss.acquire(1024, pool=pool, device="full", ttl=3600, keepalive=False)
+    keys = PoolKeys(pool).script_keys()
+    script = client.register_script(source("acquire"))  # pipelined: EVALSHA loads it once
+    out: dict[str, Any] = {}
+    rows: list[list[str]] = []
+    for level in WAITER_LEVELS:
+        pipe = client.pipeline(transaction=False)
+        for i in range(int(client.zcard(PoolKeys(pool).queue)), level):
+            waiter: list[str | int] = [
+                f"waiter-{i}",
+                "bench",
+                "host",
+                1,
+                1024,
+                50,
+                "full",
+                3_600_000,
+                "{}",
+                1,
+            ]
+            script(keys=keys, args=waiter, client=pipe)
+        pipe.execute()
+        for priority in ("normal", "high"):
+            client.config_resetstat()
+            granted, lat = 0, []
+            for _ in range(args.live_pairs):
+                t = time.perf_counter_ns()
+                try:
+                    lease = boss.acquire(1, pool=pool, priority=priority, timeout=0, keepalive=False)
+                except AcquireTimeout:
+                    lat.append(time.perf_counter_ns() - t)
+                    continue
+                boss.release(lease)
+                lat.append(time.perf_counter_ns() - t)
+                granted += 1
+            lua = lua_usec(client) / args.live_pairs
+            p50 = pct(sorted(lat), 0.5) / 1e3
+            out[f"{level}/{priority}"] = {
+                "granted": granted,
+                "tries": args.live_pairs,
+                "p50_us": p50,
+                "lua_us": lua,
+            }
+            rows.append([f"{level:,}", priority, f"{granted:,} of {args.live_pairs:,}", fmt(p50), fmt(lua)])
+    table(
+        f"3b. Pairs on a free device while N waiters queue for another, {args.live_pairs:,} tries each",
+        ["waiters", "priority", "granted", "p50 µs", "Lua µs per try"],
+        rows,
+    )
+    print("normal: as the waiters, so behind them; each try walks the waiters ahead, at most 64, and")
+    print("behind more than 64 it is not granted (nobody behind an unfinished walk is), free device or not;")
+    print("high: ahead of them, its acquire walks none, but every release walks up to 64")
+    return out
 
 
 def section_eviction(args: argparse.Namespace, url: str, client: redis.Redis, boss: Boss) -> dict[str, Any]:

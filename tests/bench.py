@@ -252,13 +252,18 @@ def gpuboss_pair(
 #: same keys, fields and events), from two functions that compute nothing. What a gpuboss pair costs
 #: above it is the verbs' logic and the client's; what it costs above a lock is the data model.
 FLOOR_LIBRARY = """#!lua name=bench_floor
-redis.register_function('bench_floor_acquire', function(keys, args)
+-- What both verbs read first: the clock, what expired, the lease.
+local function start(keys, args)
   local prefix, id = keys[1], args[1]
-  local lease, device = prefix .. 'lease:' .. id, prefix .. 'device:gpu0'
+  local lease = prefix .. 'lease:' .. id
   redis.call('HGET', keys[7], 'clock_ms')
   local now = redis.call('TIME')[1] .. '000'
   redis.call('ZRANGEBYSCORE', keys[4], '-inf', now, 'LIMIT', 0, 64)
   redis.call('HGETALL', lease)
+  return prefix, id, lease, prefix .. 'device:gpu0', now
+end
+redis.register_function('bench_floor_acquire', function(keys, args)
+  local prefix, id, lease, device, now = start(keys, args)
   redis.call('SMEMBERS', keys[2])
   redis.call('HMGET', device, 'total_mib', 'reserved_mib', 'unmanaged_mib', 'used_mib', 'cuda_index',
              'host', 'claimed_mib', 'exclusive')
@@ -277,12 +282,7 @@ redis.register_function('bench_floor_acquire', function(keys, args)
   return {'granted', 'now', now, 'token', token}
 end)
 redis.register_function('bench_floor_release', function(keys, args)
-  local prefix, id = keys[1], args[1]
-  local lease, device = prefix .. 'lease:' .. id, prefix .. 'device:gpu0'
-  redis.call('HGET', keys[7], 'clock_ms')
-  local now = redis.call('TIME')[1] .. '000'
-  redis.call('ZRANGEBYSCORE', keys[4], '-inf', now, 'LIMIT', 0, 64)
-  redis.call('HGETALL', lease)
+  local prefix, id, lease, device, now = start(keys, args)
   redis.call('HINCRBY', device, 'used_mib', -1)
   redis.call('SREM', device .. ':leases', id)
   redis.call('HDEL', prefix .. 'leases', id)

@@ -52,6 +52,7 @@ local function live_key() return PREFIX .. 'leases' end
 local function device_key(name) return PREFIX .. 'device:' .. name end
 local function device_leases_key(name) return PREFIX .. 'device:' .. name .. ':leases' end
 local function wake_key(id) return PREFIX .. 'wake:' .. id end
+local function wants_key() return PREFIX .. 'wants' end
 local function evictable_key(name) return PREFIX .. 'device:' .. name .. ':evictable' end
 
 -- Integers as exact decimal strings: redis.call would format big numbers with only 14 digits.
@@ -78,6 +79,27 @@ local function now_ms()
 end
 
 local function fail(code, message) return {code, 'message', message} end
+
+-- The queue's census (hash `wants`): per device, how many waiters name it; `*`, how many take any
+-- device; `#`, how many wait in all (neither is a device name). A walk of the queue that stops
+-- at WALK_LIMIT learns from it which devices no waiter beyond could use (see settle). It is kept
+-- with every entry and exit of the queue, and starts afresh whenever the queue empties.
+local function enqueued(want)
+  redis.call('HINCRBY', wants_key(), want == '' and '*' or want, 1)
+  redis.call('HINCRBY', wants_key(), '#', 1)
+end
+
+local function dequeued(id, want)
+  redis.call('ZREM', K_QUEUE, id)
+  if redis.call('ZCARD', K_QUEUE) == 0 then
+    redis.call('DEL', wants_key())
+    return
+  end
+  -- An entry without its hash (want nil) leaves its device counted: that errs on the safe side.
+  local field = want and (want == '' and '*' or want)
+  if field and redis.call('HINCRBY', wants_key(), field, -1) <= 0 then redis.call('HDEL', wants_key(), field) end
+  redis.call('HINCRBY', wants_key(), '#', -1)
+end
 
 -- An integer ARGV in [lo, hi], or nil.
 local function int_arg(v, lo, hi)
@@ -324,7 +346,7 @@ local function grant(l, picked, now)
              'cuda_index', cuda_index, 'device_host', picked[1].host, unpack(l.fields or {}))
   if hold_until then redis.call('HSET', lease_key(l.id), 'hold_until', hold_until) end
   redis.call('ZADD', K_EXPIRY, expires_at, l.id)
-  if l.state == 'queued' then redis.call('ZREM', K_QUEUE, l.id) end
+  if l.state == 'queued' then dequeued(l.id, l.want) end
   release_claim(l)
   l.state, l.device, l.token, l.expires_at = 'active', device, token, expires_at
   l.cuda_index, l.device_host, l.used_at, l.granted_at = cuda_index, picked[1].host, int(now), int(now)
@@ -350,7 +372,7 @@ end
 local function end_lease(l, state, now, reason)
   local key = lease_key(l.id)
   if l.state == 'queued' then
-    redis.call('ZREM', K_QUEUE, l.id)
+    dequeued(l.id, l.want)
     release_claim(l)
   else
     for _, name in ipairs(lease_devices(l)) do
@@ -544,6 +566,22 @@ end
 -- `devs` may be nil: they are loaded only if anyone waits. With `dry`, nothing is written (the
 -- plan script): grants only count against the devices in memory.
 -- Returns the held-back set and whether the walk ended early (then treat every device as held).
+-- After a walk that stopped at WALK_LIMIT: the devices held back, with every device some waiter
+-- names, whether the walk reached it or not (the census says; a waiter the walk did not reach may
+-- be ahead of the caller). Returns the set and false; or true (treat every device as held) when
+-- a waiter may take any device, or the census does not account for the whole queue (kept by an
+-- older version, or an entry lost its hash), until the queue empties and it starts afresh.
+local function held_beyond(blocked, devs)
+  local census = {}
+  local flat = redis.call('HGETALL', wants_key())
+  for i = 1, #flat, 2 do census[flat[i]] = tonumber(flat[i + 1]) end
+  if census['#'] ~= redis.call('ZCARD', K_QUEUE) or (census['*'] or 0) > 0 then return blocked, true end
+  for _, d in ipairs(devs) do
+    if (census[d.name] or 0) > 0 then blocked[d.name] = true end
+  end
+  return blocked, false
+end
+
 local function settle(now, devs, bound, dry)
   local ids = redis.call('ZRANGEBYSCORE', K_QUEUE, '-inf', bound, 'LIMIT', 0, WALK_LIMIT)
   local blocked, nblocked = {}, 0
@@ -561,7 +599,7 @@ local function settle(now, devs, bound, dry)
       -- gone, abandoned or waiting for a removed device: it holds back nobody
       if not dry then
         if l == nil then
-          redis.call('ZREM', K_QUEUE, id)
+          dequeued(id, nil)
         elseif due_at(l) <= now then
           end_lease(l, 'abandoned', now, nil)
         else
@@ -595,7 +633,8 @@ local function settle(now, devs, bound, dry)
       end
     end
   end
-  return blocked, #ids >= WALK_LIMIT
+  if #ids < WALK_LIMIT then return blocked, false end
+  return held_beyond(blocked, devs)
 end
 
 local function settle_all(now) settle(now, nil, '+inf', false) end

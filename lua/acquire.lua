@@ -223,6 +223,7 @@ local seq = redis.call('INCR', K_SEQ)
 local expires_at = now + ttl_ms
 redis.call('HSET', key, 'state', 'queued', 'seq', seq, 'expires_at', int(expires_at), unpack(fields))
 redis.call('ZADD', K_QUEUE, int((100 - priority) * PRIO_SPAN + seq), id)
+enqueued(want)
 redis.call('ZADD', K_EXPIRY, int(expires_at), id)
 event('queued', {'lease', id, 'holder', holder, 'mib', mib, 'priority', priority, 'want', want})
 local victims = {}

@@ -1302,9 +1302,9 @@ def queued_waiters(args: argparse.Namespace, client: redis.Redis, boss: Boss) ->
         ["waiters", "priority", "granted", "p50 µs", "Lua µs per try"],
         rows,
     )
-    print("normal: as the waiters, so behind them; each try walks the waiters ahead, at most 64, and")
-    print("behind more than 64 it is not granted (nobody behind an unfinished walk is), free device or not;")
-    print("high: ahead of them, its acquire walks none, but every release walks up to 64")
+    print("normal: as the waiters, so behind them; each try walks the waiters ahead, at most 64 (past them")
+    print("the queue's census says that none waits for the free device); high: ahead of them, its acquire")
+    print("walks none, but every release walks up to 64")
     return out
 
 

@@ -99,6 +99,12 @@ class PoolKeys:
         return self.prefix + "leases"
 
     @property
+    def wants(self) -> str:
+        """The queue's census: per device, how many waiters name it; ``*``, how many take any
+        device; ``#``, how many wait in all. Gone while nobody waits."""
+        return self.prefix + "wants"
+
+    @property
     def admin(self) -> str:
         """The pool's operator capability. It never exists: every operator-only script (add and
         remove a device, configure the pool, force-release, the agent's measurements) first runs

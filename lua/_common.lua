@@ -90,7 +90,7 @@ local function enqueued(want)
 end
 
 local function dequeued(id, want)
-  redis.call('ZREM', K_QUEUE, id)
+  if redis.call('ZREM', K_QUEUE, id) == 0 then return end -- not queued: it was never counted
   if redis.call('ZCARD', K_QUEUE) == 0 then
     redis.call('DEL', wants_key())
     return
@@ -559,18 +559,11 @@ local function start_eviction(r, d, victims, now)
   redis.call('HSET', lease_key(r.id), 'claim_until', int(last))
 end
 
--- Walk the queue in order (priority, then arrival) up to `bound` (a score bound), granting
--- every waiter that fits on a device that no waiter ahead of it could use. A waiter that does not
--- fit starts evictions if that would make it fit, and holds back its candidate devices for
--- everyone behind it: nobody jumps the queue on memory that an earlier waiter is waiting for.
--- `devs` may be nil: they are loaded only if anyone waits. With `dry`, nothing is written (the
--- plan script): grants only count against the devices in memory.
--- Returns the held-back set and whether the walk ended early (then treat every device as held).
 -- After a walk that stopped at WALK_LIMIT: the devices held back, with every device some waiter
 -- names, whether the walk reached it or not (the census says; a waiter the walk did not reach may
 -- be ahead of the caller). Returns the set and false; or true (treat every device as held) when
 -- a waiter may take any device, or the census does not account for the whole queue (kept by an
--- older version, or an entry lost its hash), until the queue empties and it starts afresh.
+-- older version of the scripts), until the queue empties and it starts afresh.
 local function held_beyond(blocked, devs)
   local census = {}
   local flat = redis.call('HGETALL', wants_key())
@@ -582,6 +575,14 @@ local function held_beyond(blocked, devs)
   return blocked, false
 end
 
+-- Walk the queue in order (priority, then arrival) up to `bound` (a score bound), granting
+-- every waiter that fits on a device that no waiter ahead of it could use. A waiter that does not
+-- fit starts evictions if that would make it fit, and holds back its candidate devices for
+-- everyone behind it: nobody jumps the queue on memory that an earlier waiter is waiting for.
+-- `devs` may be nil: they are loaded only if anyone waits. With `dry`, nothing is written (the
+-- plan script): grants only count against the devices in memory.
+-- Returns the held-back set and whether to treat every device as held (a walk that stopped at
+-- WALK_LIMIT, where the census cannot tell: see held_beyond).
 local function settle(now, devs, bound, dry)
   local ids = redis.call('ZRANGEBYSCORE', K_QUEUE, '-inf', bound, 'LIMIT', 0, WALK_LIMIT)
   local blocked, nblocked = {}, 0

@@ -559,16 +559,23 @@ local function start_eviction(r, d, victims, now)
   redis.call('HSET', lease_key(r.id), 'claim_until', int(last))
 end
 
--- After a walk that stopped at WALK_LIMIT: the devices held back, with every device some waiter
--- names, whether the walk reached it or not (the census says; a waiter the walk did not reach may
--- be ahead of the caller). Returns the set and false; or true (treat every device as held) when
--- a waiter may take any device, or the census does not account for the whole queue (kept by an
--- older version of the scripts), until the queue empties and it starts afresh.
-local function held_beyond(blocked, devs)
+-- The census as numbers; nil unless it accounts for the whole queue (one an older version of the
+-- scripts kept does not, until the queue empties and it starts afresh).
+local function read_census()
   local census = {}
   local flat = redis.call('HGETALL', wants_key())
   for i = 1, #flat, 2 do census[flat[i]] = tonumber(flat[i + 1]) end
-  if census['#'] ~= redis.call('ZCARD', K_QUEUE) or (census['*'] or 0) > 0 then return blocked, true end
+  if census['#'] ~= redis.call('ZCARD', K_QUEUE) then return nil end
+  return census
+end
+
+-- After a walk that stopped at WALK_LIMIT: the devices held back, with every device some waiter
+-- names, whether the walk reached it or not (the census says; a waiter the walk did not reach may
+-- be ahead of the caller). Returns the set and false; or true (treat every device as held) when
+-- a waiter may take any device, or the census cannot be trusted (see read_census).
+local function held_beyond(blocked, devs)
+  local census = read_census()
+  if census == nil or (census['*'] or 0) > 0 then return blocked, true end
   for _, d in ipairs(devs) do
     if (census[d.name] or 0) > 0 then blocked[d.name] = true end
   end
@@ -639,6 +646,24 @@ local function settle(now, devs, bound, dry)
 end
 
 local function settle_all(now) settle(now, nil, '+inf', false) end
+
+-- Where waiter l goes when the walk cannot reach it (WALK_LIMIT waiters ahead of it): a device
+-- that fits it and that no other waiter names (the census says so), which it takes from nobody;
+-- or nil, and it waits for the queue ahead to shorten.
+local function past_the_walk(l)
+  if redis.call('ZRANK', K_QUEUE, l.id) < WALK_LIMIT then return nil end -- the walk decided
+  local census = read_census()
+  if census == nil then return nil end
+  local mine = l.want == '' and '*' or l.want
+  local function others(field) return (census[field] or 0) - (field == mine and 1 or 0) end
+  if others('*') > 0 then return nil end
+  local devs = load_devices()
+  local blocked = {}
+  for _, d in ipairs(devs) do
+    if others(d.name) > 0 then blocked[d.name] = true end
+  end
+  return best_fit(candidates(devs, l.want, l.mib), blocked, l)
+end
 
 -- The lease `id` held with `token`, or nil and the reply for a lease that is unknown, held with
 -- another token, or ended (one that fell due just now ends here, and the queue moves on).

@@ -140,11 +140,12 @@ if l then
       l = load_lease(id)
     end
     if TERMINAL[l.state] then return ended_reply(l, now) end
-    if l.state ~= 'queued' then
-      redis.call('DEL', wake_key(id))
-      return grant_reply('granted', l, now)
+    if l.state == 'queued' then
+      local dev = past_the_walk(l)
+      if dev then grant(l, dev, now) else return queued_reply(0) end
     end
-    return queued_reply(0)
+    redis.call('DEL', wake_key(id))
+    return grant_reply('granted', l, now)
   end
   -- It stopped polling and lost its place; it queues anew below.
   redis.call('DEL', key)

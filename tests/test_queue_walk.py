@@ -2,7 +2,8 @@
 
 Beyond them the queue's census (``gpuboss:{pool}:v1:wants``) says which devices some waiter names:
 a request behind a long queue for one device is still granted on a device no waiter wants, and
-never on one that a waiter it did not reach may be waiting for. Both tiers."""
+never on one that a waiter it did not reach may be waiting for; a waiter the walk does not reach
+takes, at its own poll, a device nobody else names. Both tiers."""
 
 from __future__ import annotations
 
@@ -54,6 +55,32 @@ def test_nobody_behind_takes_a_device_a_waiter_beyond_the_walk_waits_for(pool: B
     queue(pool, 1, device="free", mib=4096, first=WAITERS)  # waits for all of free; the walk stops short
     with pytest.raises(AcquireTimeout):
         pool.acquire(1024, pool=POOL.pool, device="free", timeout=0)
+
+
+def poll(boss: Boss, i: int, *, device: str, mib: int) -> str:
+    """What waiter ``w<i>``'s next poll (the acquire verb with its request again) answers."""
+    args = [f"w{i}", "waiter", "h", 1, mib, 50, device, 3_600_000, "{}", 1]
+    return str(boss.script("acquire", POOL.script_keys(), args)[0])
+
+
+def test_a_waiter_beyond_the_walk_takes_a_device_nobody_else_waits_for(
+    pool: Boss, rclient: redis.Redis
+) -> None:
+    """The release of free cannot reach it (64 waiters for full ahead), its own next poll can."""
+    queue(pool, WAITERS, device="full")
+    queue(pool, 1, device="free", mib=4096, first=WAITERS)
+    on_free = pool.held()[1]
+    pool.release(on_free)
+    assert rclient.hget(POOL.lease(f"w{WAITERS}"), "state") == "queued"
+    assert poll(pool, WAITERS, device="free", mib=4096) == "granted"
+
+
+def test_a_waiter_beyond_the_walk_leaves_a_device_another_waiter_names(pool: Boss) -> None:
+    queue(pool, WAITERS, device="full")
+    queue(pool, 1, device="free", mib=4096, first=WAITERS)
+    queue(pool, 1, device="free", mib=4096, first=WAITERS + 1)  # behind it: the census cannot tell
+    pool.release(pool.held()[1])
+    assert poll(pool, WAITERS, device="free", mib=4096) == "queued"
 
 
 def test_a_waiter_for_any_device_beyond_the_walk_holds_back_every_device(pool: Boss) -> None:

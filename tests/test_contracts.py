@@ -296,9 +296,10 @@ def test_keys_in_redis_are_the_ones_pool_keys_spells(real_redis: redis.Redis) ->
     pk = PoolKeys("pk")
     assert set(real_redis.keys("*")) == {
         keys.POOLS, pk.devices, pk.device("gpu0"), pk.device_leases("gpu0"), pk.lease("first"),
-        pk.lease("second"), pk.queue, pk.expiry, pk.events, pk.seq, pk.leases,
+        pk.lease("second"), pk.queue, pk.wants, pk.expiry, pk.events, pk.seq, pk.leases,
     }  # fmt: skip
-    boss.release(first)  # grants "second" and wakes it
+    assert real_redis.hgetall(pk.wants) == {"*": "1", "#": "1"}  # the queue's census
+    boss.release(first)  # grants "second" and wakes it; the queue and its census are gone
     assert set(real_redis.keys("*")) == {
         keys.POOLS, pk.devices, pk.device("gpu0"), pk.device_leases("gpu0"), pk.lease("first"),
         pk.lease("second"), pk.expiry, pk.events, pk.seq, pk.wake("second"), pk.leases,

@@ -651,7 +651,8 @@ local function settle_all(now) settle(now, nil, '+inf', false) end
 -- that fits it and that no other waiter names (the census says so), which it takes from nobody;
 -- or nil, and it waits for the queue ahead to shorten.
 local function past_the_walk(l)
-  if redis.call('ZRANK', K_QUEUE, l.id) < WALK_LIMIT then return nil end -- the walk decided
+  local rank = redis.call('ZRANK', K_QUEUE, l.id)
+  if not rank or rank < WALK_LIMIT then return nil end -- the walk decided
   local census = read_census()
   if census == nil then return nil end
   local mine = l.want == '' and '*' or l.want

@@ -573,12 +573,20 @@ end
 -- names, whether the walk reached it or not (the census says; a waiter the walk did not reach may
 -- be ahead of the caller). Returns the set and false; or true (treat every device as held) when
 -- a waiter may take any device, or the census cannot be trusted (see read_census).
+-- Adds to `blocked` every device of `devs` that a waiter names, by the census, not counting once
+-- the field `mine` (a waiter's own: its device, or `*`); false if a waiter may take any device.
+local function hold_named(census, devs, blocked, mine)
+  local function others(field) return (census[field] or 0) - (field == mine and 1 or 0) end
+  if others('*') > 0 then return false end
+  for _, d in ipairs(devs) do
+    if others(d.name) > 0 then blocked[d.name] = true end
+  end
+  return true
+end
+
 local function held_beyond(blocked, devs)
   local census = read_census()
-  if census == nil or (census['*'] or 0) > 0 then return blocked, true end
-  for _, d in ipairs(devs) do
-    if (census[d.name] or 0) > 0 then blocked[d.name] = true end
-  end
+  if census == nil or not hold_named(census, devs, blocked, nil) then return blocked, true end
   return blocked, false
 end
 
@@ -655,14 +663,8 @@ local function past_the_walk(l)
   if not rank or rank < WALK_LIMIT then return nil end -- the walk decided
   local census = read_census()
   if census == nil then return nil end
-  local mine = l.want == '' and '*' or l.want
-  local function others(field) return (census[field] or 0) - (field == mine and 1 or 0) end
-  if others('*') > 0 then return nil end
-  local devs = load_devices()
-  local blocked = {}
-  for _, d in ipairs(devs) do
-    if others(d.name) > 0 then blocked[d.name] = true end
-  end
+  local devs, blocked = load_devices(), {}
+  if not hold_named(census, devs, blocked, l.want == '' and '*' or l.want) then return nil end
   return best_fit(candidates(devs, l.want, l.mib), blocked, l)
 end
 

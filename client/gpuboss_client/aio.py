@@ -593,12 +593,8 @@ class AsyncBoss:
                 try:
                     return await self.run(op)
                 except BackendUnavailable as exc:
-                    if deadline is not None and deadline - self._clock() <= pause:
-                        raise
-                    log.info("acquire %s: %s; trying again in %.2f s", req.id, exc.message, pause)
+                    pause = await self._back_off(exc, deadline, pause, f"acquire {req.id}")
                     unheard = True
-                    await backend.sleep(pause)
-                    pause = min(2 * pause, core.RETRY_MAX_S)
                 except LeaseLost as exc:
                     if not unheard or req.id_chosen:
                         raise
@@ -626,11 +622,18 @@ class AsyncBoss:
             try:
                 return await self.run(make())
             except BackendUnavailable as exc:
-                if deadline - self._clock() <= pause:
-                    raise
-                log.info("%s %s: %s; trying again in %.2f s", verb, lease.id, exc.message, pause)
-                await backend.sleep(pause)
-                pause = min(2 * pause, core.RETRY_MAX_S)
+                pause = await self._back_off(exc, deadline, pause, f"{verb} {lease.id}")
+
+    async def _back_off(
+        self, exc: BackendUnavailable, deadline: float | None, pause: float, what: str
+    ) -> float:
+        """After ``exc``: raise it if ``deadline`` comes before the next try would; else wait
+        ``pause`` and return the next one (twice as long, up to ``RETRY_MAX_S``)."""
+        if deadline is not None and deadline - self._clock() <= pause:
+            raise exc
+        log.info("%s: %s; trying again in %.2f s", what, exc.message, pause)
+        await backend.sleep(pause)
+        return min(2 * pause, core.RETRY_MAX_S)
 
     async def _give_back(self, lease: Lease) -> str | None:
         """Release on leaving a lease's context; returns why it was lost, or None."""
